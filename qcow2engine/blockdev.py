@@ -1,0 +1,284 @@
+"""The guest view of one layer (qcow2 or raw): block status as runs, and reading.
+
+A *run* is a maximal range of guest bytes with one kind (see format.entries) and, for kinds
+with a host address, contiguous host offsets.  Runs are numpy arrays (starts, kinds, hosts)
+plus an end, so that whole tables are classified with vectorised operations.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CorruptImageError, UnsupportedFeatureError
+from .format import constants as C
+from .format import entries as E
+from .image import Qcow2Image, pread_full
+
+
+@dataclass
+class Runs:
+    starts: np.ndarray      # int64, first guest byte of each run
+    kinds: np.ndarray       # uint8
+    hosts: np.ndarray       # int64 host offset at the run start (or compressed descriptor)
+    end: int                # guest byte just past the last run
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.append(self.starts, self.end))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def rle(kinds: np.ndarray, hosts: np.ndarray, unit: int, first: int):
+    """Group per-unit (kind, host) arrays into runs.  Returns (starts, kinds, hosts)."""
+    n = len(kinds)
+    if n == 0:
+        return (np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64))
+    brk = np.empty(n, dtype=bool)
+    brk[0] = True
+    k0, k1 = kinds[:-1], kinds[1:]
+    h0, h1 = hosts[:-1], hosts[1:]
+    offset_kind = E.OFFSET_KINDS[k1]
+    brk[1:] = (k0 != k1) | (offset_kind & (h1 != h0 + unit)) | ((k1 == E.COMPRESSED) & (h1 != h0))
+    idx = np.flatnonzero(brk)
+    return (first + idx.astype(np.int64) * unit, kinds[idx], hosts[idx])
+
+
+class Layer:
+    """Common interface of one image in a chain."""
+    path: str
+    format: str
+    size: int
+
+    def runs(self, start: int, end: int) -> Runs:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def read_runs_into(self, out: np.ndarray, base: int, runs: Runs, select) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def clip_runs(starts, kinds, hosts, start: int, end: int) -> Runs:
+    """Cut unit-aligned runs to [start, end); the first run's host offset is shifted."""
+    i = int(np.searchsorted(starts, start, "right")) - 1
+    if i > 0:
+        starts, kinds, hosts = starts[i:], kinds[i:], hosts[i:]
+    if len(starts) and starts[0] < start:
+        delta = start - int(starts[0])
+        starts = starts.copy()
+        hosts = hosts.copy()
+        if E.OFFSET_KINDS[kinds[0]]:
+            hosts[0] += delta
+        starts[0] = start
+    return Runs(starts, kinds, hosts, end)
+
+
+class Qcow2Layer(Layer):
+    format = "qcow2"
+
+    def __init__(self, image: Qcow2Image):
+        self.image = image
+        self.path = image.path
+        self.size = image.size
+        self._prealloc = None
+
+    def close(self) -> None:
+        self.image.close()
+
+    def runs(self, start: int, end: int) -> Runs:
+        img = self.image
+        if end <= start:
+            return Runs(np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64), start)
+        cs = img.cluster_size
+        unit = img.subcluster_size
+        spc = cs // unit
+        c0 = start // cs
+        c1 = -(-end // cs)
+        per_l2 = img.l2_entries
+        l1 = img.l1_table
+        pieces = []
+        i0 = c0 // per_l2
+        i1 = (c1 - 1) // per_l2
+        for i in range(i0, i1 + 1):
+            a = max(c0, i * per_l2) - i * per_l2
+            b = min(c1, (i + 1) * per_l2) - i * per_l2
+            first = (i * per_l2 + a) * cs
+            ent = int(l1[i]) if i < len(l1) else 0
+            l2off = ent & C.L1E_OFFSET_MASK
+            if l2off == 0:
+                pieces.append((np.array([first], np.int64), np.array([E.UNALLOC_PLAIN], np.uint8),
+                               np.zeros(1, np.int64)))
+                continue
+            if l2off % cs:
+                raise CorruptImageError("L2 table offset %#x unaligned (L1 index: %#x)" % (l2off, i))
+            table = img.read_l2(l2off)
+            if img.extended_l2:
+                k, h = E.classify_extended_l2(table[2 * a:2 * b], img.has_data_file, unit)
+            else:
+                k, h = E.classify_standard_l2(table[a:b], img.has_data_file)
+            pieces.append(rle(k, h, unit, first))
+        if len(pieces) == 1:
+            s, k, h = pieces[0]
+        else:
+            s = np.concatenate([p[0] for p in pieces])
+            k = np.concatenate([p[1] for p in pieces])
+            h = np.concatenate([p[2] for p in pieces])
+            # merge across piece borders
+            if len(s) > 1:
+                lens = np.diff(np.append(s, c1 * cs))
+                brk = np.ones(len(s), bool)
+                brk[1:] = (k[1:] != k[:-1]) | (E.OFFSET_KINDS[k[1:]] & (h[1:] != h[:-1] + lens[:-1])) \
+                    | (k[1:] == E.COMPRESSED)
+                idx = np.flatnonzero(brk)
+                s, k, h = s[idx], k[idx], h[idx]
+        # clip the last run implicitly through end; clip the first explicitly
+        keep = s < end
+        s, k, h = s[keep], k[keep], h[keep]
+        if self.metadata_preallocated:
+            s, k, h = self._mark_file_holes(s, k, h, end)
+        return clip_runs(s, k, h, start, end)
+
+    # QEMU's block status reports data clusters that sit in holes of the image file as both
+    # data and zero when the image looks metadata-preallocated (more clusters referenced
+    # than the file really allocates).
+    @property
+    def metadata_preallocated(self) -> bool:
+        if self._prealloc is None:
+            img = self.image
+            if img.has_data_file:
+                self._prealloc = False
+            else:
+                real = img.allocated_size // img.cluster_size
+                threshold = max(real * 10 // 9, real + 2)
+                used = int(np.count_nonzero(img.refcounts_all()[:img.file_clusters]))
+                self._prealloc = used >= threshold
+        return self._prealloc
+
+    def _mark_file_holes(self, s, k, h, end):
+        img = self.image
+        normal = np.flatnonzero(k == E.NORMAL)
+        if not len(normal):
+            return s, k, h
+        lens = np.diff(np.append(s, end))
+        lo = int(h[normal].min())
+        hi = int((h[normal] + lens[normal]).max())
+        data = file_data_extents(img.fd, lo, hi, img.file_size)
+        if len(data) == 1 and data[0][0] <= lo and data[0][1] >= hi:
+            return s, k, h
+        # Split NORMAL runs at host hole/data borders.
+        dstart = np.array([d[0] for d in data], np.int64)
+        dend = np.array([d[1] for d in data], np.int64)
+        borders = np.unique(np.concatenate([dstart, dend]))
+        out_s, out_k, out_h = [], [], []
+        for i in range(len(s)):
+            if k[i] != E.NORMAL:
+                out_s.append(s[i]); out_k.append(k[i]); out_h.append(h[i])
+                continue
+            hs, he = int(h[i]), int(h[i] + lens[i])
+            inner = borders[(borders > hs) & (borders < he)]
+            cuts = np.concatenate([[hs], inner])
+            j = np.searchsorted(dstart, cuts, "right") - 1
+            in_data = (j >= 0) & (cuts < dend[np.maximum(j, 0)])
+            for c, dflag in zip(cuts, in_data):
+                out_s.append(int(s[i]) + int(c) - hs)
+                out_k.append(E.NORMAL if dflag else E.DATA_ZERO)
+                out_h.append(int(c))
+        return (np.array(out_s, np.int64), np.array(out_k, np.uint8), np.array(out_h, np.int64))
+
+    # ---------------------------------------------------------------- reading
+    def read_data(self, host: int, length: int) -> bytes:
+        img = self.image
+        if img.encrypted:
+            raise UnsupportedFeatureError("Encrypted images are not supported for reading")
+        return pread_full(img.data_fd_for_read(), length, host)
+
+    def read_compressed(self, desc: int) -> bytes:
+        """Decompress one compressed cluster (raw deflate or zstd) to cluster_size bytes."""
+        img = self.image
+        off, size = E.compressed_extent(desc, img.cluster_bits)
+        off, size = int(off), int(size)
+        buf = pread_full(img.fd, size, off)
+        cs = img.cluster_size
+        try:
+            if img.header.compression_type == C.COMPRESSION_ZSTD:
+                import zstandard
+                d = zstandard.ZstdDecompressor().decompressobj()
+                out = d.decompress(buf)
+            else:
+                d = zlib.decompressobj(-15)
+                out = d.decompress(buf, cs)
+        except Exception:
+            raise CorruptImageError("Could not decompress cluster at host offset %#x" % off) from None
+        if len(out) < cs:
+            raise CorruptImageError("Compressed cluster at host offset %#x is truncated" % off)
+        return out[:cs]
+
+
+class RawLayer(Layer):
+    format = "raw"
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            from .errors import InvalidImageError
+            raise InvalidImageError("Could not open '%s': %s" % (path, e.strerror)) from None
+        st = os.fstat(self.fd)
+        self.file_size = st.st_size
+        self.allocated_size = st.st_blocks * 512
+        self.size = (st.st_size + 511) // 512 * 512
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def runs(self, start: int, end: int) -> Runs:
+        ext = file_data_extents(self.fd, start, min(end, self.file_size), self.file_size)
+        s, k = [], []
+        pos = start
+        for ds, de in ext:
+            if ds > pos:
+                s.append(pos); k.append(E.ZERO_ALLOC)
+            s.append(ds); k.append(E.NORMAL)
+            pos = de
+        if pos < end:
+            if k and k[-1] == E.NORMAL and pos >= self.file_size and pos - self.file_size < 512 \
+                    and self.file_size % 512:
+                pass  # the partial last sector belongs to the data before it
+            else:
+                s.append(pos); k.append(E.ZERO_ALLOC)
+        starts = np.array(s, np.int64)
+        return Runs(starts, np.array(k, np.uint8), starts.copy(), end)
+
+    def read_data(self, host: int, length: int) -> bytes:
+        return pread_full(self.fd, length, host)
+
+
+def file_data_extents(fd: int, start: int, end: int, file_size: int) -> list:
+    """Data extents [(s, e)] of a file within [start, end) from SEEK_DATA/SEEK_HOLE."""
+    out = []
+    pos = start
+    end = min(end, file_size)
+    while pos < end:
+        try:
+            ds = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        if ds >= end:
+            break
+        try:
+            de = os.lseek(fd, ds, os.SEEK_HOLE)
+        except OSError:
+            de = end
+        de = min(de, end)
+        out.append((ds, de))
+        pos = de
+    return out

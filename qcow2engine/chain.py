@@ -1,0 +1,244 @@
+"""Backing chains: opening and resolving them, block status and reads through all layers."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blockdev import Layer, Qcow2Layer, RawLayer
+from .errors import ChainError, CorruptImageError, InvalidImageError, UnsupportedFeatureError
+from .format import entries as E
+from .image import Qcow2Image, probe_is_qcow2
+
+log = logging.getLogger(__name__)
+
+MAX_CHAIN_DEPTH = 256
+_PROTOCOL = re.compile(r"^[A-Za-z0-9+.\-_]+:")
+
+
+def has_protocol(name: str) -> bool:
+    """True if a backing name uses a protocol prefix (a ':' before any '/'), as QEMU reads it."""
+    head = name.split("/", 1)[0]
+    return ":" in head
+
+
+def resolve_backing(image_path: str, backing: str) -> str:
+    """The path of a backing file as QEMU forms it: relative names are joined to the image's dir."""
+    if os.path.isabs(backing):
+        return backing
+    d = os.path.dirname(image_path)
+    return os.path.join(d, backing) if d else backing
+
+
+def open_layer(path: str, fmt: str | None, *, lock: bool = True) -> Layer:
+    """Open one image as a layer: qcow2 or raw (probed when fmt is None)."""
+    if fmt is None:
+        if not os.path.exists(path):
+            raise InvalidImageError("Could not open '%s': No such file or directory" % path)
+        fmt = "qcow2" if probe_is_qcow2(path) else "raw"
+    if fmt == "qcow2":
+        return Qcow2Layer(Qcow2Image(path, lock=lock))
+    if fmt == "raw":
+        return RawLayer(path)
+    raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
+
+
+@dataclass
+class Extents:
+    """Resolved guest ranges of a chain: each with the depth of the layer that answers it."""
+    starts: np.ndarray
+    ends: np.ndarray
+    depth: np.ndarray
+    kinds: np.ndarray
+    hosts: np.ndarray
+
+    def __len__(self):
+        return len(self.starts)
+
+
+class Chain:
+    """A resolved backing chain, top first.  Read-only guest view and block status."""
+
+    def __init__(self, layers: list, warnings: list | None = None):
+        self.layers = layers
+        self.warnings = warnings or []
+
+    @property
+    def top(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def size(self) -> int:
+        return self.layers[0].size
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ block status
+    def window_size(self) -> int:
+        unit = min(getattr(getattr(l, "image", None), "subcluster_size", 65536) for l in self.layers)
+        return max(unit << 20, 64 << 20)
+
+    def extents(self, start: int = 0, end: int | None = None) -> Extents:
+        """Block status of [start, end) through the whole chain (see qemu-img map's model)."""
+        if end is None:
+            end = self.size
+        end = min(end, self.size)
+        parts = [self._window(w, min(w + self.window_size(), end))
+                 for w in range(start, end, self.window_size())]
+        if not parts:
+            z = np.zeros(0, np.int64)
+            return Extents(z, z, z.astype(np.int32), z.astype(np.uint8), z)
+        if len(parts) == 1:
+            return parts[0]
+        return Extents(*(np.concatenate([getattr(p, f) for p in parts])
+                         for f in ("starts", "ends", "depth", "kinds", "hosts")))
+
+    def iter_extents(self, start: int = 0, end: int | None = None):
+        """Yield Extents window by window (bounded memory on huge images)."""
+        if end is None:
+            end = self.size
+        end = min(end, self.size)
+        ws = self.window_size()
+        for w in range(start, end, ws):
+            yield self._window(w, min(w + ws, end))
+
+    def _window(self, w0: int, w1: int) -> Extents:
+        us = np.array([w0], np.int64)      # unresolved intervals
+        ue = np.array([w1], np.int64)
+        out = []
+        n = len(self.layers)
+        for d, layer in enumerate(self.layers):
+            if not len(us):
+                break
+            lo, hi = int(us[0]), min(int(ue[-1]), layer.size)
+            r = layer.runs(lo, hi) if hi > lo else None
+            nxt = self.layers[d + 1].size if d + 1 < n else None
+            pts = [us, ue]
+            if r is not None:
+                pts.append(r.starts)
+            if nxt is not None and lo < nxt < int(ue[-1]):
+                pts.append(np.array([nxt], np.int64))
+            b = np.unique(np.concatenate(pts))
+            ss, se = b[:-1], b[1:]
+            iu = np.searchsorted(us, ss, "right") - 1
+            inside = (iu >= 0) & (ss < ue[np.maximum(iu, 0)])
+            ss, se = ss[inside], se[inside]
+            if r is not None and len(r):
+                ir = np.searchsorted(r.starts, ss, "right") - 1
+                ir = np.maximum(ir, 0)
+                k = r.kinds[ir]
+                h = r.hosts[ir] + np.where(E.OFFSET_KINDS[k], ss - r.starts[ir], 0)
+                k = np.where(ss < layer.size, k, E.UNALLOC_PLAIN).astype(np.uint8)
+            else:
+                k = np.full(len(ss), E.UNALLOC_PLAIN, np.uint8)
+                h = np.zeros(len(ss), np.int64)
+            if nxt is None:
+                done = np.ones(len(ss), bool)
+            else:
+                done = E.ALLOCATED_KINDS[k] | (ss >= nxt)
+            if done.any():
+                out.append(Extents(ss[done], se[done], np.full(int(done.sum()), d, np.int32),
+                                   k[done], h[done]))
+            us, ue = ss[~done], se[~done]
+        if len(out) == 1:
+            return out[0]
+        ex = Extents(*(np.concatenate([getattr(p, f) for p in out])
+                       for f in ("starts", "ends", "depth", "kinds", "hosts")))
+        order = np.argsort(ex.starts, kind="stable")
+        return Extents(ex.starts[order], ex.ends[order], ex.depth[order], ex.kinds[order],
+                       ex.hosts[order])
+
+    # ------------------------------------------------------------ reading
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes [offset, offset+length) (zeros past the end of the disk)."""
+        out = np.zeros(length, np.uint8)
+        end = min(offset + length, self.size)
+        if end > offset:
+            for ex in self.iter_extents(offset, end):
+                self.read_extents_into(out, offset, ex)
+        return out.tobytes()
+
+    def read_extents_into(self, out: np.ndarray, base: int, ex: Extents, data_only=None) -> None:
+        """Fill out[s-base:e-base] for every extent holding data (zeros stay untouched)."""
+        kinds = ex.kinds
+        bad = np.flatnonzero(kinds == E.INVALID)
+        if len(bad):
+            i = int(bad[0])
+            raise CorruptImageError("Invalid L2 entry for guest offset %#x in %s"
+                                    % (int(ex.starts[i]), self.layers[int(ex.depth[i])].path))
+        sel = np.flatnonzero((kinds == E.NORMAL) | (kinds == E.COMPRESSED))
+        last_desc = None
+        last_data = None
+        for i in sel:
+            s = int(ex.starts[i]); e = int(ex.ends[i])
+            layer = self.layers[int(ex.depth[i])]
+            if kinds[i] == E.NORMAL:
+                buf = layer.read_data(int(ex.hosts[i]), e - s)
+                out[s - base:e - base] = np.frombuffer(buf, np.uint8)
+            else:
+                desc = int(ex.hosts[i])
+                key = (id(layer), desc)
+                if key != last_desc:
+                    last_data = layer.read_compressed(desc)
+                    last_desc = key
+                cs = layer.image.cluster_size
+                cstart = s - s % cs
+                out[s - base:e - base] = np.frombuffer(last_data, np.uint8)[s - cstart:e - cstart]
+
+
+def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
+               lock: bool = True) -> Chain:
+    """Open an image and its whole backing chain (relative names resolved per image)."""
+    layers = []
+    warnings = []
+    seen = set()
+    cur_path, cur_fmt = path, fmt
+    try:
+        while True:
+            if len(layers) >= MAX_CHAIN_DEPTH:
+                raise ChainError("Backing chain of '%s' is deeper than %d images" % (path, MAX_CHAIN_DEPTH))
+            try:
+                st = os.stat(cur_path)
+                key = (st.st_dev, st.st_ino)
+            except OSError as e:
+                if layers:
+                    raise ChainError("Could not open backing file '%s': %s" % (cur_path, e.strerror)) from None
+                raise InvalidImageError("Could not open '%s': %s" % (cur_path, e.strerror)) from None
+            if key in seen:
+                raise ChainError("Backing file loop: '%s' appears twice in the chain of '%s'" % (cur_path, path))
+            seen.add(key)
+            layer = open_layer(cur_path, cur_fmt, lock=lock)
+            layers.append(layer)
+            if not backing or not isinstance(layer, Qcow2Layer) or not layer.image.backing_file:
+                break
+            name = layer.image.backing_file
+            if has_protocol(name):
+                raise ChainError("Backing file '%s' of '%s' uses a protocol prefix; refusing to follow it"
+                                 % (name, cur_path))
+            nxt = resolve_backing(cur_path, name)
+            nfmt = layer.image.backing_format
+            if nfmt is not None and nfmt not in ("qcow2", "raw"):
+                raise UnsupportedFeatureError("Backing file format '%s' of '%s' is not supported"
+                                              % (nfmt, cur_path))
+            if nfmt is None:
+                nfmt = "qcow2" if probe_is_qcow2(nxt) else "raw"
+                msg = ("Backing file '%s' has no format; probed as %s" % (nxt, nfmt))
+                log.warning(msg)
+                warnings.append(msg)
+            cur_path, cur_fmt = nxt, nfmt
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
+    return Chain(layers, warnings)

@@ -1,0 +1,256 @@
+"""argparse front end: parse, call the engine, print human or JSON output.
+
+Exit codes follow qemu-img 7.2: 0 success, 1 error; check: 0 clean, 1 check failed,
+2 corruptions, 3 leaks only, 63 no checks for this format; compare: 0 identical,
+1 different, 2 open error, 3/4 status/read errors.  Errors are one line on stderr.
+Heavy modules (numpy) are imported lazily so that `info` starts fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "qcow2engine"
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _size(text: str) -> int:
+    """qemu-img size syntax: plain bytes or a k/M/G/T/P/E suffix (powers of 1024)."""
+    t = text.strip()
+    mult = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+    if t and t[-1].lower() in mult and t[-1].lower() != "b" or (t and t[-1] in "bB" and t[:-1].isdigit()):
+        num, m = t[:-1], mult[t[-1].lower()]
+    else:
+        num, m = t, 1
+    try:
+        v = float(num) if "." in num else int(num, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("Invalid size '%s'" % text) from None
+    v = int(v * m)
+    if v < 0:
+        raise argparse.ArgumentTypeError("Invalid size '%s'" % text)
+    return v
+
+
+def _err(msg: str) -> None:
+    msg = " ".join(str(msg).split("\n"))
+    sys.stderr.write("%s: %s\n" % (PROG, msg))
+
+
+def _output_arg(p):
+    p.add_argument("--output", choices=["human", "json"], default="human")
+
+
+def build_parser():
+    p = _Parser(prog=PROG, description="qcow2 backing-chain engine (qemu-img compatible)")
+    sub = p.add_subparsers(dest="cmd")
+
+    s = sub.add_parser("info", help="show image information")
+    s.add_argument("-f", dest="fmt")
+    _output_arg(s)
+    s.add_argument("--backing-chain", action="store_true")
+    s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("filename")
+
+    s = sub.add_parser("check", help="check image consistency")
+    s.add_argument("-f", dest="fmt")
+    _output_arg(s)
+    s.add_argument("-r", dest="repair", choices=["leaks", "all"])
+    s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("filename")
+
+    s = sub.add_parser("map", help="show the allocation map")
+    s.add_argument("-f", dest="fmt")
+    _output_arg(s)
+    s.add_argument("--start-offset", type=_size, default=0)
+    s.add_argument("--max-length", type=_size, default=None)
+    s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("filename")
+
+    s = sub.add_parser("compare", help="compare the guest contents of two images")
+    s.add_argument("-f", dest="fmt1")
+    s.add_argument("-F", dest="fmt2")
+    s.add_argument("-s", dest="strict", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("-p", dest="progress", action="store_true")
+    s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("-T", dest="src_cache")
+    s.add_argument("filename1")
+    s.add_argument("filename2")
+
+    s = sub.add_parser("convert", help="convert an image (guest view) to another format")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("-O", dest="out_fmt", default="raw")
+    s.add_argument("-S", dest="sparse", type=_size, default=4096)
+    s.add_argument("-p", dest="progress", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("-n", dest="no_create", action="store_true")
+    s.add_argument("-m", dest="coroutines", type=int, default=8)
+    s.add_argument("-W", dest="out_of_order", action="store_true")
+    s.add_argument("-t", dest="cache")
+    s.add_argument("-T", dest="src_cache")
+    s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("filename")
+    s.add_argument("output")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        _err(str(e))
+        return 1
+    if not args.cmd:
+        parser.print_help()
+        return 1
+    from ..errors import Qcow2Error
+    handler = globals()["cmd_" + args.cmd]
+    try:
+        return handler(args)
+    except Qcow2Error as e:
+        _err(str(e))
+        return getattr(args, "_error_code", 1)
+    except OSError as e:
+        _err("%s: %s" % (getattr(e, "filename", None) or "I/O error", e.strerror or e))
+        return getattr(args, "_error_code", 1)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except MemoryError:
+        _err("out of memory")
+        return 1
+
+
+def _open_chain(path, fmt, force_share, backing=True):
+    from ..chain import open_chain
+    return open_chain(path, fmt, backing=backing, lock=not force_share)
+
+
+def cmd_info(args) -> int:
+    from ..info import image_info, human_info
+    from ..qjson import dumps
+    chain = _open_chain(args.filename, args.fmt, args.force_share, backing=args.backing_chain)
+    try:
+        docs = []
+        for i, layer in enumerate(chain.layers):
+            docs.append(image_info(layer, args.filename if i == 0 else layer.path))
+    finally:
+        chain.close()
+    if args.output == "json":
+        sys.stdout.write(dumps(docs if args.backing_chain else docs[0]) + "\n")
+    else:
+        sys.stdout.write("\n".join(human_info(d) for d in docs))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from ..chain import open_layer
+    from ..qjson import dumps
+    if args.repair:
+        _err("check -r is not supported yet (read-only check only)")
+        return 1
+    layer = open_layer(args.filename, args.fmt, lock=not args.force_share)
+    try:
+        if layer.format != "qcow2":
+            _err("This image format does not support checks")
+            return 63
+        from ..refcounts import check_image
+        res = check_image(layer.image, args.filename)
+    finally:
+        layer.close()
+    for m in res.messages:
+        sys.stderr.write(m + "\n")
+    if res.messages_dropped:
+        sys.stderr.write("(%d more messages not shown)\n" % res.messages_dropped)
+    if args.output == "json":
+        sys.stdout.write(dumps(res.to_json()) + "\n")
+    elif not args.quiet:
+        sys.stdout.write(res.human())
+    if res.check_errors:
+        _err("Check failed")
+    return res.exit_code
+
+
+def cmd_map(args) -> int:
+    from ..mapping import map_entries, entry_json, entry_human
+    chain = _open_chain(args.filename, args.fmt, args.force_share)
+    out = sys.stdout
+    try:
+        if args.output == "json":
+            first = True
+            out.write("[")
+            for e in map_entries(chain, args.start_offset, args.max_length):
+                out.write(("" if first else ",\n") + entry_json(e))
+                first = False
+            out.write("]\n")
+        else:
+            out.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
+            for e in map_entries(chain, args.start_offset, args.max_length):
+                line = entry_human(e)
+                if line:
+                    out.write(line + "\n")
+    finally:
+        chain.close()
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..compare import compare_chains
+    args._error_code = 2
+    c1 = _open_chain(args.filename1, args.fmt1, args.force_share)
+    try:
+        c2 = _open_chain(args.filename2, args.fmt2, args.force_share)
+    except BaseException:
+        c1.close()
+        raise
+    try:
+        args._error_code = 4
+        res = compare_chains(c1, c2, strict=args.strict)
+    finally:
+        c1.close()
+        c2.close()
+    if not args.quiet:
+        for m in res.messages:
+            sys.stdout.write(m + "\n")
+    return res.exit_code
+
+
+def cmd_convert(args) -> int:
+    from ..convert import convert_to_raw
+    if args.out_fmt != "raw":
+        _err("convert -O %s is not supported yet (raw only)" % args.out_fmt)
+        return 1
+    chain = _open_chain(args.filename, args.fmt, args.force_share)
+    try:
+        progress = _progress_printer() if args.progress and not args.quiet else None
+        convert_to_raw(chain, args.output, min_sparse=args.sparse, progress=progress,
+                       create=not args.no_create)
+    finally:
+        chain.close()
+    return 0
+
+
+def _progress_printer():
+    state = {"last": -1.0}
+
+    def cb(done, total):
+        pct = 100.0 * done / total if total else 100.0
+        if pct - state["last"] >= 1.0 or done == total:
+            state["last"] = pct
+            sys.stdout.write("    (%.2f/100%%)\r" % pct)
+            if done == total:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+    return cb

@@ -1,0 +1,401 @@
+"""Refcounts computed from metadata (vectorised) and `check`, as qemu-img check reports it.
+
+The computation walks every L1 table (active and each snapshot's), every L2 table they reach,
+the snapshot table, the refcount structures, the bitmap directory and the encryption header,
+and counts references per host cluster with numpy; then compares with the on-disk refcounts
+and checks the COPIED flags of the active tables (docs/interop/qcow2.rst, "Host cluster
+management" and "Cluster mapping").
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .format import constants as C
+from .format.entries import compressed_extent
+from .image import Qcow2Image
+
+L2_BATCH_BYTES = 16 << 20
+MAX_MESSAGES = 1000
+
+
+@dataclass
+class CheckResult:
+    """What `check` found (the fields of qemu-img's ImageCheck)."""
+    filename: str
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list = field(default_factory=list)
+    messages_dropped: int = 0
+
+    def note(self, msg: str) -> None:
+        if len(self.messages) < MAX_MESSAGES:
+            self.messages.append(msg)
+        else:
+            self.messages_dropped += 1
+
+    @property
+    def exit_code(self) -> int:
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def to_json(self) -> dict:
+        d = {"filename": self.filename, "format": self.format, "check-errors": self.check_errors}
+        for key, val in (("image-end-offset", self.image_end_offset),
+                         ("corruptions", self.corruptions), ("leaks", self.leaks),
+                         ("corruptions-fixed", self.corruptions_fixed),
+                         ("leaks-fixed", self.leaks_fixed),
+                         ("total-clusters", self.total_clusters),
+                         ("allocated-clusters", self.allocated_clusters),
+                         ("fragmented-clusters", self.fragmented_clusters),
+                         ("compressed-clusters", self.compressed_clusters)):
+            if val:
+                d[key] = val
+        return d
+
+    def human(self) -> str:
+        out = []
+        if self.corruptions_fixed or self.leaks_fixed:
+            out.append("The following inconsistencies were found and repaired:\n\n"
+                       "    %d leaked clusters\n    %d corruptions\n\n"
+                       "Double checking the fixed image now..." % (self.leaks_fixed,
+                                                                   self.corruptions_fixed))
+        if not (self.corruptions or self.leaks or self.check_errors):
+            out.append("No errors were found on the image.")
+        else:
+            if self.corruptions:
+                out.append("\n%d errors were found on the image.\nData may be corrupted, or "
+                           "further writes to the image may corrupt it." % self.corruptions)
+            if self.leaks:
+                out.append("\n%d leaked clusters were found on the image.\nThis means waste of "
+                           "disk space, but no harm to data." % self.leaks)
+            if self.check_errors:
+                out.append("\n%d internal errors have occurred during the check." % self.check_errors)
+        if self.total_clusters and self.allocated_clusters:
+            out.append("%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters"
+                       % (self.allocated_clusters, self.total_clusters,
+                          self.allocated_clusters * 100.0 / self.total_clusters,
+                          self.fragmented_clusters * 100.0 / self.allocated_clusters,
+                          self.compressed_clusters * 100.0 / self.allocated_clusters))
+        if self.image_end_offset:
+            out.append("Image end offset: %d" % self.image_end_offset)
+        return "\n".join(out) + "\n"
+
+
+class RefcountCalculator:
+    """Counts references per host cluster; references past the end of the file are errors."""
+
+    def __init__(self, img: Qcow2Image, res: CheckResult):
+        self.img = img
+        self.res = res
+        self.cs = img.cluster_size
+        self.bits = img.cluster_bits
+        self.nb_clusters = img.file_clusters
+        self.counts = np.zeros(self.nb_clusters, dtype=np.uint32)
+
+    def inc(self, offset: int, size: int) -> None:
+        if size <= 0:
+            return
+        if offset + size - self.img.file_size >= self.cs:
+            self.res.note("ERROR: counting reference for region exceeding the end of the file by "
+                          "one cluster or more: offset 0x%x size 0x%x" % (offset, size))
+            self.res.corruptions += 1
+            return
+        first = offset >> self.bits
+        last = (offset + size - 1) >> self.bits
+        self.counts[first:last + 1] += 1
+
+    def inc_many(self, offsets: np.ndarray, sizes) -> None:
+        """Add one reference for each [offset, offset+size) range (vectorised)."""
+        if not len(offsets):
+            return
+        offsets = offsets.astype(np.int64)
+        sizes = np.broadcast_to(np.asarray(sizes, np.int64), offsets.shape)
+        bad = offsets + sizes - self.img.file_size >= self.cs
+        if bad.any():
+            for o, s in zip(offsets[bad][:MAX_MESSAGES], sizes[bad][:MAX_MESSAGES]):
+                self.res.note("ERROR: counting reference for region exceeding the end of the file "
+                              "by one cluster or more: offset 0x%x size 0x%x" % (int(o), int(s)))
+            self.res.corruptions += int(bad.sum())
+            offsets, sizes = offsets[~bad], sizes[~bad]
+        first = offsets >> self.bits
+        last = (offsets + sizes - 1) >> self.bits
+        span = last - first
+        if span.any():
+            extra = span.astype(np.int64)
+            rep = np.repeat(first, extra + 1)
+            step = np.arange(len(rep)) - np.repeat(np.cumsum(extra + 1) - (extra + 1), extra + 1)
+            first = rep + step
+        self.add_indices(first)
+
+    def add_indices(self, idx: np.ndarray) -> None:
+        if not len(idx):
+            return
+        if len(idx) == 1 or bool(np.all(idx[1:] > idx[:-1])):
+            self.counts[idx] += 1
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if hi - lo <= 4 * len(idx):
+            self.counts[lo:hi + 1] += np.bincount(idx - lo, minlength=hi - lo + 1).astype(np.uint32)
+        else:
+            u, c = np.unique(idx, return_counts=True)
+            self.counts[u] += c.astype(np.uint32)
+
+
+def _read_tables(img: Qcow2Image, offsets: list) -> np.ndarray:
+    """Read whole clusters at the given offsets; 2-D native uint64 array, one row per table."""
+    cs = img.cluster_size
+    buf = bytearray(len(offsets) * cs)
+    mv = memoryview(buf)
+    i = 0
+    n = len(offsets)
+    while i < n:
+        j = i + 1
+        while j < n and offsets[j] == offsets[j - 1] + cs and (j - i) * cs < (8 << 20):
+            j += 1
+        mv[i * cs:j * cs] = img.pread((j - i) * cs, offsets[i])
+        i = j
+    return np.frombuffer(buf, dtype=">u8").astype(np.uint64).reshape(n, cs // 8)
+
+
+def walk_l1(img: Qcow2Image, l1: np.ndarray, calc: RefcountCalculator, res: CheckResult,
+            active: bool) -> None:
+    """Count references from one L1 table and its L2 tables; with active, gather the
+    allocation statistics and the fragmentation count."""
+    cs = img.cluster_size
+    l2_off = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+    used = np.flatnonzero(l2_off)
+    if not len(used):
+        return
+    offs = l2_off[used]
+    calc.inc_many(offs, cs)
+    unaligned = offs % cs != 0
+    for o in offs[unaligned][:MAX_MESSAGES]:
+        res.note("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted" % int(o))
+    res.corruptions += int(unaligned.sum())
+    per_batch = max(1, L2_BATCH_BYTES // cs)
+    for b in range(0, len(offs), per_batch):
+        tables = _read_tables(img, [int(o) for o in offs[b:b + per_batch]])
+        _check_l2_batch(img, tables, calc, res, active)
+
+
+def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool) -> None:
+    cs = img.cluster_size
+    if img.extended_l2:
+        e = tables[:, 0::2]
+        bm = tables[:, 1::2]
+    else:
+        e = tables
+        bm = None
+    comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+    copied = (e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+    off = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+    has_off = off != 0
+    if img.has_data_file:
+        has_off |= copied
+    has_off &= ~comp
+    if bm is None:
+        zero = (e & np.uint64(1)) != 0
+        alloc = has_off                              # NORMAL or ZERO_ALLOC
+    else:
+        alloc = has_off
+        abits = bm & np.uint64(0xFFFFFFFF)
+        zbits = bm >> np.uint64(32)
+        n = int(np.count_nonzero(comp & (bm != 0)))
+        if n:
+            res.corruptions += n
+            res.note("ERROR compressed cluster with non-zero subcluster allocation bitmap")
+        n = int(np.count_nonzero(alloc & ((abits & zbits) != 0)))
+        if n:
+            res.corruptions += n
+            res.note("ERROR: Allocated cluster has corrupted subcluster allocation bitmap")
+        n = int(np.count_nonzero(~alloc & ~comp & (abits != 0)))
+        if n:
+            res.corruptions += n
+            res.note("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
+    n = int(np.count_nonzero(comp & copied))
+    if n:
+        res.corruptions += n
+        res.note("ERROR: Compressed cluster has QCOW_OFLAG_COPIED flag set")
+    if img.has_data_file:
+        n = int(np.count_nonzero(comp))
+        if n:
+            res.corruptions += n
+            res.note("ERROR compressed cluster with data file")
+    unal = alloc & (off % cs != 0)
+    n = int(np.count_nonzero(unal))
+    if n:
+        res.corruptions += n
+        for o in off[unal][:20]:
+            res.note("ERROR offset=%x: Data cluster is not properly aligned; L2 entry corrupted." % int(o))
+    if active:
+        n_alloc = int(np.count_nonzero(alloc))
+        n_comp = int(np.count_nonzero(comp))
+        res.allocated_clusters += n_alloc + n_comp
+        res.compressed_clusters += n_comp
+        res.fragmented_clusters += n_comp
+        # Fragmentation: an allocated cluster not directly after the previous one (per table).
+        rows, cols = np.nonzero(alloc)
+        if len(rows) > 1:
+            o = off[rows, cols]
+            same_table = rows[1:] == rows[:-1]
+            res.fragmented_clusters += int(np.count_nonzero(same_table & (o[1:] != o[:-1] + cs)))
+    if not img.has_data_file:
+        calc.inc_many(off[alloc], cs)
+    if comp.any():
+        co, cz = compressed_extent(e[comp], img.cluster_bits)
+        calc.inc_many(co, cz)
+
+
+def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
+    """Read-only consistency check, numerically identical to `qemu-img check`."""
+    res = CheckResult(filename=filename if filename is not None else img.path)
+    h = img.header
+    cs = img.cluster_size
+    res.total_clusters = -(-img.size // cs)
+    calc = RefcountCalculator(img, res)
+    calc.inc(0, cs)
+    # active L1
+    calc.inc(h.l1_table_offset, h.l1_size * 8)
+    walk_l1(img, img.l1_table, calc, res, active=True)
+    # snapshots
+    for sn in img.snapshots:
+        if sn.l1_size * 8 > C.MAX_L1_SIZE_BYTES:
+            res.note("ERROR snapshot %s (%s) l1_size is too big" % (sn.id_str, sn.name))
+            res.corruptions += 1
+            continue
+        if sn.l1_table_offset % cs:
+            res.note("ERROR snapshot %s (%s) l1_offset=%#x: L1 table is not cluster aligned; "
+                     "snapshot table entry corrupted" % (sn.id_str, sn.name, sn.l1_table_offset))
+            res.corruptions += 1
+            continue
+        calc.inc(sn.l1_table_offset, sn.l1_size * 8)
+        walk_l1(img, img.read_l1(sn.l1_table_offset, sn.l1_size), calc, res, active=False)
+    if h.nb_snapshots:
+        calc.inc(h.snapshots_offset, img.snapshot_table_size)
+    calc.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
+    # bitmaps
+    if img.bitmaps:
+        ext = img.bitmaps_ext
+        calc.inc(ext.bitmap_directory_offset, ext.bitmap_directory_size)
+        for bmp in img.bitmaps:
+            calc.inc(bmp.bitmap_table_offset, bmp.bitmap_table_size * 8)
+            if bmp.bitmap_table_size:
+                t = np.frombuffer(img.pread(bmp.bitmap_table_size * 8, bmp.bitmap_table_offset),
+                                  ">u8").astype(np.uint64)
+                d = (t & np.uint64(C.BME_TABLE_ENTRY_OFFSET_MASK)).astype(np.int64)
+                calc.inc_many(d[d != 0], cs)
+    if img.crypto_ext is not None:
+        calc.inc(img.crypto_ext.offset, img.crypto_ext.length)
+    # refcount blocks
+    rt = img.refcount_table
+    rb = (rt & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
+    for i in np.flatnonzero(rb):
+        o = int(rb[i])
+        if o % cs:
+            res.note("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted" % i)
+            res.corruptions += 1
+            continue
+        if (o >> img.cluster_bits) >= calc.nb_clusters:
+            res.note("ERROR refcount block %d is outside image" % i)
+            res.corruptions += 1
+            continue
+        calc.inc(o, cs)
+        if calc.counts[o >> img.cluster_bits] != 1:
+            res.note("ERROR refcount block %d refcount=%d" % (i, int(calc.counts[o >> img.cluster_bits])))
+            res.corruptions += 1
+    # compare
+    ondisk = img.refcounts_all()
+    n = calc.nb_clusters
+    disk = np.zeros(n, dtype=np.uint64)
+    m = min(n, len(ondisk))
+    disk[:m] = ondisk[:m]
+    del ondisk
+    comp = calc.counts.astype(np.uint64)
+    maxref = (1 << img.refcount_bits) - 1
+    over = comp > maxref
+    if over.any():
+        res.corruptions += int(over.sum())
+        res.note("ERROR: overflow of refcounts for %d clusters" % int(over.sum()))
+    nz = np.flatnonzero((disk > 0) | (comp > 0))
+    if len(nz):
+        res.image_end_offset = (int(nz[-1]) + 1) * cs
+    diff = np.flatnonzero(disk != comp)
+    if len(diff):
+        err = diff[disk[diff] < comp[diff]]
+        leak = diff[disk[diff] > comp[diff]]
+        for i in err[:MAX_MESSAGES]:
+            res.note("ERROR cluster %d refcount=%d reference=%d" % (i, disk[i], comp[i]))
+        for i in leak[:MAX_MESSAGES]:
+            res.note("Leaked cluster %d refcount=%d reference=%d" % (i, disk[i], comp[i]))
+        res.corruptions += len(err)
+        res.leaks += len(leak)
+    del comp
+    _check_copied(img, disk, res)
+    return res
+
+
+def _check_copied(img: Qcow2Image, disk: np.ndarray, res: CheckResult) -> None:
+    """COPIED must be set exactly where the on-disk refcount is 1 (active tables only)."""
+    cs = img.cluster_size
+    bits = img.cluster_bits
+
+    def refcount_of(offsets):
+        idx = offsets >> bits
+        out = np.zeros(len(idx), dtype=np.uint64)
+        ok = idx < len(disk)
+        out[ok] = disk[idx[ok]]
+        return out
+
+    l1 = img.l1_table
+    l2_off = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+    used = np.flatnonzero(l2_off)
+    if not len(used):
+        return
+    rc = refcount_of(l2_off[used])
+    flag = (l1[used] & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+    bad = (rc == 1) != flag
+    for i in np.flatnonzero(bad)[:MAX_MESSAGES]:
+        res.note("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d"
+                 % (used[i], int(l1[used[i]]), int(rc[i])))
+    res.corruptions += int(bad.sum())
+    offs = l2_off[used]
+    offs = offs[offs % cs == 0]
+    per_batch = max(1, L2_BATCH_BYTES // cs)
+    for b in range(0, len(offs), per_batch):
+        tables = _read_tables(img, [int(o) for o in offs[b:b + per_batch]])
+        e = tables[:, 0::2] if img.extended_l2 else tables
+        e = e.reshape(-1)
+        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+        copied = (e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+        off = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+        alloc = (off != 0) & ~comp
+        if img.has_data_file:
+            alloc = ((off != 0) | copied) & ~comp
+            rcs = np.ones(int(alloc.sum()), np.uint64)
+        else:
+            rcs = refcount_of(off[alloc])
+        bad = (rcs == 1) != copied[alloc]
+        nb = int(bad.sum())
+        if nb:
+            ents = e[alloc][bad]
+            for j in range(min(nb, MAX_MESSAGES)):
+                res.note("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d"
+                         % (int(ents[j]), int(rcs[bad][j])))
+            res.corruptions += nb

@@ -1,0 +1,1 @@
+"""qmp_bridge: drive a live QEMU over QMP (online snapshots, commit, stream).  Not built yet."""

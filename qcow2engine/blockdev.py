@@ -183,8 +183,11 @@ class Qcow2Layer(Layer):
             hs, he = int(h[i]), int(h[i] + lens[i])
             inner = borders[(borders > hs) & (borders < he)]
             cuts = np.concatenate([[hs], inner])
-            j = np.searchsorted(dstart, cuts, "right") - 1
-            in_data = (j >= 0) & (cuts < dend[np.maximum(j, 0)])
+            if len(dstart):
+                j = np.searchsorted(dstart, cuts, "right") - 1
+                in_data = (j >= 0) & (cuts < dend[np.maximum(j, 0)])
+            else:
+                in_data = np.zeros(len(cuts), bool)
             for c, dflag in zip(cuts, in_data):
                 out_s.append(int(s[i]) + int(c) - hs)
                 out_k.append(E.NORMAL if dflag else E.DATA_ZERO)

@@ -71,13 +71,16 @@ def compare_chains(c1, c2, strict: bool = False) -> CompareResult:
         ss, se, ia, ib = _segments(a, b)
         pa, za, da, oa = _status(a)
         pb, zb, db, ob = _status(b)
+        limit = len(ss)
+        status_off = None
         if strict:
             bad = np.flatnonzero((pa[ia] != pb[ib]) | (za[ia] != zb[ib]) | (da[ia] != db[ib])
                                  | (oa[ia] != ob[ib]))
             if len(bad):
-                off = int(ss[bad[0]])
-                return CompareResult(False, ["Strict mode: Offset %d block status mismatch!" % off], off)
+                limit = int(bad[0])
+                status_off = int(ss[limit])
         need = ~(za[ia] & zb[ib])
+        need[limit:] = False
         idx = np.flatnonzero(need)
         # compare the needed segments in chunks
         i = 0
@@ -100,6 +103,9 @@ def compare_chains(c1, c2, strict: bool = False) -> CompareResult:
                 ss[idx[i]] = ce
                 continue
             i = j
+        if status_off is not None:
+            return CompareResult(False, ["Strict mode: Offset %d block status mismatch!" % status_off],
+                                 status_off)
     msgs = []
     if s1 != s2:
         msgs.append("Warning: Image size mismatch!")

@@ -102,8 +102,6 @@ class Qcow2Image:
                 raise InvalidImageError("qcow2 header too short")
             if hdr.header_length > cs:
                 raise InvalidImageError("qcow2 header exceeds cluster size")
-            if hdr.header_length % 8:
-                raise InvalidImageError("qcow2 header length is not a multiple of 8")
         else:
             hdr.header_length = C.V2_HEADER_SIZE
         cluster0 = pread_full(self.fd, cs, 0)
@@ -203,6 +201,8 @@ class Qcow2Image:
             raise InvalidImageError("Image size too large: %d" % hdr.size)
         l2_coverage = self.l2_entries * cs
         needed_l1 = -(-hdr.size // l2_coverage)
+        if needed_l1 > 0x7FFFFFFF:
+            raise InvalidImageError("Image is too big")
         if hdr.l1_size * 8 > C.MAX_L1_SIZE_BYTES:
             raise InvalidImageError("Active L1 table too large")
         if hdr.l1_size < needed_l1:

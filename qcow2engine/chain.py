@@ -198,8 +198,11 @@ class Chain:
 
 
 def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
-               lock: bool = True) -> Chain:
-    """Open an image and its whole backing chain (relative names resolved per image)."""
+               lock: bool = True, for_io: bool = True) -> Chain:
+    """Open an image and its whole backing chain (relative names resolved per image).
+
+    With for_io (the default) encrypted layers are refused: their data cannot be read.
+    """
     layers = []
     warnings = []
     seen = set()
@@ -220,6 +223,9 @@ def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
             seen.add(key)
             layer = open_layer(cur_path, cur_fmt, lock=lock)
             layers.append(layer)
+            if for_io and isinstance(layer, Qcow2Layer) and layer.image.encrypted:
+                raise UnsupportedFeatureError(
+                    "'%s' is encrypted; reading encrypted images is not supported" % cur_path)
             if not backing or not isinstance(layer, Qcow2Layer) or not layer.image.backing_file:
                 break
             name = layer.image.backing_file

@@ -134,10 +134,10 @@ def human_info(d: dict) -> str:
         "virtual size: %s (%d bytes)" % (size_to_str(d["virtual-size"]), d["virtual-size"]),
         "disk size: %s" % (size_to_str(d["actual-size"]) if "actual-size" in d else "unavailable"),
     ]
-    if "cluster-size" in d:
-        lines.append("cluster_size: %d" % d["cluster-size"])
     if d.get("encrypted"):
         lines.append("encrypted: yes")
+    if "cluster-size" in d:
+        lines.append("cluster_size: %d" % d["cluster-size"])
     if d.get("dirty-flag"):
         lines.append("cleanly shut down: no")
     if "backing-filename" in d:

@@ -107,7 +107,8 @@ class RefcountCalculator:
         self.cs = img.cluster_size
         self.bits = img.cluster_bits
         self.nb_clusters = img.file_clusters
-        self.counts = np.zeros(self.nb_clusters, dtype=np.uint32)
+        # a reference may end less than one cluster past the end of the file: one spare slot
+        self.counts = np.zeros(self.nb_clusters + 1, dtype=np.uint32)
 
     def inc(self, offset: int, size: int) -> None:
         if size <= 0:
@@ -179,11 +180,14 @@ def walk_l1(img: Qcow2Image, l1: np.ndarray, calc: RefcountCalculator, res: Chec
     """Count references from one L1 table and its L2 tables; with active, gather the
     allocation statistics and the fragmentation count."""
     cs = img.cluster_size
-    l2_off = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-    used = np.flatnonzero(l2_off)
+    used = np.flatnonzero(l1)
     if not len(used):
         return
-    offs = l2_off[used]
+    resv = used[(l1[used] & np.uint64(C.L1E_RESERVED_MASK)) != 0]
+    for i in resv[:MAX_MESSAGES]:
+        res.note("ERROR found L1 entry with reserved bits set: %x" % int(l1[i]))
+    res.corruptions += len(resv)
+    offs = (l1[used] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
     calc.inc_many(offs, cs)
     unaligned = offs % cs != 0
     for o in offs[unaligned][:MAX_MESSAGES]:
@@ -229,6 +233,12 @@ def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool) -> None:
         if n:
             res.corruptions += n
             res.note("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
+    resv = ~comp & ((e & np.uint64(C.L2E_RESERVED_MASK)) != 0)
+    n = int(np.count_nonzero(resv))
+    if n:
+        res.corruptions += n
+        for v in e[resv][:20]:
+            res.note("ERROR found l2 entry with reserved bits set: %x" % int(v))
     n = int(np.count_nonzero(comp & copied))
     if n:
         res.corruptions += n
@@ -275,7 +285,11 @@ def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
     calc.inc(h.l1_table_offset, h.l1_size * 8)
     walk_l1(img, img.l1_table, calc, res, active=True)
     # snapshots
-    for sn in img.snapshots:
+    for i, sn in enumerate(img.snapshots):
+        if img.version >= 3 and len(sn.extra_data) < 16:
+            res.note("ERROR snapshot table entry %d is incomplete" % i)
+            res.corruptions += 1
+            continue
         if sn.l1_size * 8 > C.MAX_L1_SIZE_BYTES:
             res.note("ERROR snapshot %s (%s) l1_size is too big" % (sn.id_str, sn.name))
             res.corruptions += 1
@@ -321,13 +335,13 @@ def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
             res.note("ERROR refcount block %d refcount=%d" % (i, int(calc.counts[o >> img.cluster_bits])))
             res.corruptions += 1
     # compare
-    ondisk = img.refcounts_all()
-    n = calc.nb_clusters
+    n = calc.nb_clusters + (1 if calc.counts[calc.nb_clusters] else 0)
+    ondisk = img.refcounts_all(n)
     disk = np.zeros(n, dtype=np.uint64)
     m = min(n, len(ondisk))
     disk[:m] = ondisk[:m]
     del ondisk
-    comp = calc.counts.astype(np.uint64)
+    comp = calc.counts[:n].astype(np.uint64)
     maxref = (1 << img.refcount_bits) - 1
     over = comp > maxref
     if over.any():

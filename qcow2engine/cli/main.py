@@ -131,17 +131,21 @@ def main(argv=None) -> int:
     except MemoryError:
         _err("out of memory")
         return 1
+    except Exception as e:  # a bug: still one line for the user, never a traceback
+        _err("internal error: %s: %s" % (type(e).__name__, e))
+        return 1
 
 
-def _open_chain(path, fmt, force_share, backing=True):
+def _open_chain(path, fmt, force_share, backing=True, for_io=True):
     from ..chain import open_chain
-    return open_chain(path, fmt, backing=backing, lock=not force_share)
+    return open_chain(path, fmt, backing=backing, lock=not force_share, for_io=for_io)
 
 
 def cmd_info(args) -> int:
     from ..info import image_info, human_info
     from ..qjson import dumps
-    chain = _open_chain(args.filename, args.fmt, args.force_share, backing=args.backing_chain)
+    chain = _open_chain(args.filename, args.fmt, args.force_share, backing=args.backing_chain,
+                        for_io=False)
     try:
         docs = []
         for i, layer in enumerate(chain.layers):
@@ -166,6 +170,9 @@ def cmd_check(args) -> int:
         if layer.format != "qcow2":
             _err("This image format does not support checks")
             return 63
+        if layer.image.backing_file:
+            # qemu-img check opens the whole chain: a broken chain fails the check
+            _open_chain(args.filename, args.fmt, args.force_share, for_io=False).close()
         from ..refcounts import check_image
         res = check_image(layer.image, args.filename)
     finally:

@@ -34,27 +34,29 @@ class SnapshotEntry:
         return self.vm_state_size
 
 
-def parse_snapshot_table(buf: bytes, nb_snapshots: int) -> tuple[list, int]:
-    """Parse nb_snapshots entries from buf.  Returns (entries, table byte size)."""
+def parse_snapshot_table(read, nb_snapshots: int, max_bytes: int) -> tuple[list, int]:
+    """Parse nb_snapshots entries with read(offset, length) relative to the table start.
+
+    Returns (entries, table byte size).  Raises SnapshotTableError when the table would be
+    larger than max_bytes or an entry carries more than 1 KiB of extra data.
+    """
     out = []
     off = 0
     for i in range(nb_snapshots):
-        if off + SNAPSHOT_FIXED_SIZE > len(buf):
-            raise SnapshotTableError("snapshot table runs past its end (entry %d)" % i)
-        f = SnapshotEntryFixed.parse(buf[off:off + SNAPSHOT_FIXED_SIZE])
+        if off + SNAPSHOT_FIXED_SIZE > max_bytes:
+            raise SnapshotTableError("snapshot table too large")
+        f = SnapshotEntryFixed.parse(read(off, SNAPSHOT_FIXED_SIZE))
         off += SNAPSHOT_FIXED_SIZE
         if f.extra_data_size > C.MAX_SNAPSHOT_EXTRA_DATA:
             raise SnapshotTableError("Too much extra metadata in snapshot table entry %d" % i)
-        end = off + f.extra_data_size + f.id_str_size + f.name_size
-        if end > len(buf):
-            raise SnapshotTableError("snapshot table runs past its end (entry %d)" % i)
-        extra = bytes(buf[off:off + f.extra_data_size])
-        off += f.extra_data_size
-        id_str = bytes(buf[off:off + f.id_str_size]).decode("utf-8", "replace")
-        off += f.id_str_size
-        name = bytes(buf[off:off + f.name_size]).decode("utf-8", "replace")
-        off += f.name_size
-        off = (off + 7) & ~7
+        var = f.extra_data_size + f.id_str_size + f.name_size
+        if off + var > max_bytes:
+            raise SnapshotTableError("snapshot table too large")
+        body = read(off, var)
+        extra = bytes(body[:f.extra_data_size])
+        id_str = bytes(body[f.extra_data_size:f.extra_data_size + f.id_str_size]).decode("utf-8", "replace")
+        name = bytes(body[f.extra_data_size + f.id_str_size:]).decode("utf-8", "replace")
+        off = (off + var + 7) & ~7
         e = SnapshotEntry(f.l1_table_offset, f.l1_size, id_str, name, f.date_sec, f.date_nsec,
                           f.vm_clock_nsec, f.vm_state_size, extra)
         if len(extra) >= 8:

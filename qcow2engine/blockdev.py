@@ -97,7 +97,6 @@ class Qcow2Layer(Layer):
             return Runs(np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64), start)
         cs = img.cluster_size
         unit = img.subcluster_size
-        spc = cs // unit
         c0 = start // cs
         c1 = -(-end // cs)
         per_l2 = img.l2_entries

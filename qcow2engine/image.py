@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 from .errors import (CorruptImageError, InvalidImageError, UnsupportedFeatureError)
 from .format import constants as C
-from .format.header import (Header, parse_header, parse_extensions, FeatureNameEntry,
+from .format.header import (parse_header, parse_extensions, FeatureNameEntry,
                             BitmapsExtension, CryptoExtension, StreamError, ConstError,
                             ConstructError)
 

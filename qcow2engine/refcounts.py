@@ -8,7 +8,7 @@ management" and "Cluster mapping").
 """
 from __future__ import annotations
 
-import sys
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,11 +214,8 @@ def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool) -> None:
     if img.has_data_file:
         has_off |= copied
     has_off &= ~comp
-    if bm is None:
-        zero = (e & np.uint64(1)) != 0
-        alloc = has_off                              # NORMAL or ZERO_ALLOC
-    else:
-        alloc = has_off
+    alloc = has_off                                  # NORMAL or ZERO_ALLOC
+    if bm is not None:
         abits = bm & np.uint64(0xFFFFFFFF)
         zbits = bm >> np.uint64(32)
         n = int(np.count_nonzero(comp & (bm != 0)))

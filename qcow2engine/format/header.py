@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from construct import (Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, Padding, Struct,
-                       this, StreamError, ConstError, ConstructError)
+from construct import (Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, Struct,
+                       StreamError, ConstError, ConstructError)
 
 from . import constants as C
 

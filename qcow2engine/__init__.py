@@ -12,7 +12,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["open_image", "open_chain", "check", "compare", "convert_to_raw", "info",
+__all__ = ["open_image", "open_chain", "check", "compare", "convert_to_raw", "info", "create",
+           "resize",
            "Qcow2Error", "InvalidImageError", "UnsupportedFeatureError", "CorruptImageError",
            "ImageInUseError", "ChainError", "SnapshotError", "JobError"]
 
@@ -21,7 +22,8 @@ from .errors import (Qcow2Error, InvalidImageError, UnsupportedFeatureError, Cor
 
 
 def __getattr__(name):
-    if name in ("open_image", "open_chain", "check", "compare", "convert_to_raw", "info"):
+    if name in ("open_image", "open_chain", "check", "compare", "convert_to_raw", "info", "create",
+                "resize"):
         from . import api
         return getattr(api, name)
     raise AttributeError(name)

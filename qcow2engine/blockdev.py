@@ -225,10 +225,11 @@ class Qcow2Layer(Layer):
 class RawLayer(Layer):
     format = "raw"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, writable: bool = False):
         self.path = path
+        self.writable = writable
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as e:
             from .errors import InvalidImageError
             raise InvalidImageError("Could not open '%s': %s" % (path, e.strerror)) from None
@@ -262,6 +263,31 @@ class RawLayer(Layer):
 
     def read_data(self, host: int, length: int) -> bytes:
         return pread_full(self.fd, length, host)
+
+    # guest writes on a raw layer are plain file writes
+    def write(self, offset: int, data) -> None:
+        from . import fileio
+        self._check(offset, len(memoryview(data).cast("B")))
+        fileio.pwrite(self.fd, data, offset)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        from . import fileio
+        self._check(offset, length)
+        try:
+            fileio.fallocate(self.fd, 0x10, offset, length)    # FALLOC_FL_ZERO_RANGE
+        except OSError:
+            step = 16 << 20
+            for p in range(offset, offset + length, step):
+                fileio.pwrite(self.fd, bytes(min(step, offset + length - p)), p)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length, unmap=True)
+
+    def _check(self, offset: int, length: int) -> None:
+        if not self.writable:
+            raise ValueError("'%s' is opened read-only" % self.path)
+        if offset < 0 or offset + length > self.size:
+            raise ValueError("request outside the disk")
 
 
 def file_data_extents(fd: int, start: int, end: int, file_size: int) -> list:

@@ -33,16 +33,16 @@ def resolve_backing(image_path: str, backing: str) -> str:
     return os.path.join(d, backing) if d else backing
 
 
-def open_layer(path: str, fmt: str | None, *, lock: bool = True) -> Layer:
+def open_layer(path: str, fmt: str | None, *, lock: bool = True, writable: bool = False) -> Layer:
     """Open one image as a layer: qcow2 or raw (probed when fmt is None)."""
     if fmt is None:
         if not os.path.exists(path):
             raise InvalidImageError("Could not open '%s': No such file or directory" % path)
         fmt = "qcow2" if probe_is_qcow2(path) else "raw"
     if fmt == "qcow2":
-        return Qcow2Layer(Qcow2Image(path, lock=lock))
+        return Qcow2Layer(Qcow2Image(path, lock=lock, writable=writable))
     if fmt == "raw":
-        return RawLayer(path)
+        return RawLayer(path, writable=writable)
     raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
 
 
@@ -159,6 +159,41 @@ class Chain:
         return Extents(ex.starts[order], ex.ends[order], ex.depth[order], ex.kinds[order],
                        ex.hosts[order])
 
+    # ------------------------------------------------------------ writing
+    def _writer(self):
+        w = getattr(self, "_guest_writer", None)
+        if w is None:
+            top = self.layers[0]
+            if isinstance(top, RawLayer):
+                w = top
+            else:
+                if not top.image.writable:
+                    raise InvalidImageError("'%s' is opened read-only" % top.path)
+                from .guestwrite import GuestWriter
+                w = GuestWriter(self, sync=self.sync)
+            self._guest_writer = w
+        return w
+
+    sync = True
+
+    def write(self, offset: int, data) -> None:
+        """Write guest data (copy-on-write from the backing chain for partial clusters)."""
+        self._writer().write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Make [offset, offset+length) read as zeros (zero flags where the format allows)."""
+        self._writer().write_zeroes(offset, length, unmap=unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard whole clusters: they read as zeros on v3, from the backing file on v2."""
+        self._writer().discard(offset, length)
+
+    def flush(self) -> None:
+        from . import fileio
+        top = self.layers[0]
+        fd = top.fd if isinstance(top, RawLayer) else top.image.fd
+        fileio.fsync(fd)
+
     # ------------------------------------------------------------ reading
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes [offset, offset+length) (zeros past the end of the disk)."""
@@ -198,7 +233,7 @@ class Chain:
 
 
 def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
-               lock: bool = True, for_io: bool = True) -> Chain:
+               lock: bool = True, for_io: bool = True, writable: bool = False) -> Chain:
     """Open an image and its whole backing chain (relative names resolved per image).
 
     With for_io (the default) encrypted layers are refused: their data cannot be read.
@@ -221,7 +256,7 @@ def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
             if key in seen:
                 raise ChainError("Backing file loop: '%s' appears twice in the chain of '%s'" % (cur_path, path))
             seen.add(key)
-            layer = open_layer(cur_path, cur_fmt, lock=lock)
+            layer = open_layer(cur_path, cur_fmt, lock=lock, writable=writable and not layers)
             layers.append(layer)
             if for_io and isinstance(layer, Qcow2Layer) and layer.image.encrypted:
                 raise UnsupportedFeatureError(

@@ -53,11 +53,13 @@ class Qcow2Image:
     `extended_l2`, `refcount_order`, `backing_file`, `backing_format`, `data_file_name`.
     """
 
-    def __init__(self, path, *, fd: int | None = None, lock: bool = True):
+    def __init__(self, path, *, fd: int | None = None, lock: bool = True, writable: bool = False):
         self.path = os.fspath(path)
         self._own_fd = fd is None
+        self.writable = writable
+        mode = os.O_RDWR if writable else os.O_RDONLY
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
+            self.fd = os.open(self.path, mode | os.O_CLOEXEC) if fd is None else fd
         except OSError as e:
             raise InvalidImageError("Could not open '%s': %s" % (self.path, e.strerror)) from None
         self._l2_cache: OrderedDict = OrderedDict()
@@ -70,8 +72,10 @@ class Qcow2Image:
         try:
             self._load()
             if lock:
-                from .locking import lock_for_read
-                lock_for_read(self.fd, self.path)
+                from .locking import lock_for_read, lock_for_write
+                (lock_for_write if writable else lock_for_read)(self.fd, self.path)
+            if writable:
+                self._prepare_for_write()
         except BaseException:
             self.close()
             raise
@@ -127,7 +131,7 @@ class Qcow2Image:
                 raise InvalidImageError("Invalid backing file offset")
             ext_end = min(ext_end, hdr.backing_file_offset)
         self.extensions = []
-        if version == 3:
+        if True:  # v2 images carry header extensions too (after the 72-byte header)
             try:
                 self.extensions, hdr.extensions_end = parse_extensions(
                     cluster0, hdr.header_length, max(ext_end, hdr.header_length))
@@ -231,6 +235,32 @@ class Qcow2Image:
             raw = cluster0[hdr.backing_file_offset:hdr.backing_file_offset + hdr.backing_file_size]
             self.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         self.snapshots  # parse and validate the snapshot table now, as QEMU does at open
+
+    def _prepare_for_write(self) -> None:
+        """Refuse corrupt images; clear unknown autoclear bits (docs: "autoclear features")."""
+        if self.corrupt:
+            raise CorruptImageError("'%s' is marked corrupt; repair it with 'check -r all' "
+                                    "before writing" % self.path)
+        h = self.header
+        unknown = h.autoclear_features & ~C.AUTOCLEAR_KNOWN
+        if unknown and self.version >= 3:
+            import struct
+            from . import fileio
+            h.autoclear_features &= C.AUTOCLEAR_KNOWN
+            fileio.pwrite(self.fd, struct.pack(">Q", h.autoclear_features), 88)
+            fileio.fsync(self.fd)
+
+    def data_fd_for_write(self) -> int:
+        if not self.has_data_file:
+            return self.fd
+        p = self.data_file_path()
+        if self.data_fd is not None:
+            os.close(self.data_fd)
+        try:
+            self.data_fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidImageError("Could not open data file '%s': %s" % (p, e.strerror)) from None
+        return self.data_fd
 
     def _check_table(self, offset: int, size: int, what: str, allow_zero: bool = False) -> None:
         if allow_zero and size == 0:

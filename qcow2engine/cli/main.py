@@ -101,6 +101,23 @@ def build_parser():
     s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("filename")
     s.add_argument("output")
+
+    s = sub.add_parser("create", help="create a new image")
+    s.add_argument("-f", dest="fmt", default="raw")
+    s.add_argument("-o", dest="options", action="append", default=[])
+    s.add_argument("-b", dest="backing")
+    s.add_argument("-F", dest="backing_fmt")
+    s.add_argument("-u", dest="unsafe", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("filename")
+    s.add_argument("size", nargs="?")
+
+    s = sub.add_parser("io", help="run qemu-io style commands (read/write/discard)")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("-c", dest="commands", action="append", default=[])
+    s.add_argument("-r", dest="read_only", action="store_true")
+    s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("filename")
     return p
 
 
@@ -247,6 +264,51 @@ def cmd_convert(args) -> int:
     finally:
         chain.close()
     return 0
+
+
+def cmd_create(args) -> int:
+    from ..create import parse_options, parse_size, formatting_line, CreateError
+    spec = ",".join(args.options) if args.options else None
+    o = parse_options(spec)
+    if args.size is not None:
+        o.size = parse_size(args.size)
+    if args.backing:
+        o.backing_file = args.backing
+    if args.backing_fmt:
+        o.backing_fmt = args.backing_fmt
+    if o.backing_file and not o.backing_fmt:
+        raise CreateError("Backing file specified without backing format")
+    if o.size is None and not o.backing_file:
+        raise CreateError("Image creation needs a size parameter")
+    if o.size is None:
+        from ..chain import open_layer, resolve_backing
+        layer = open_layer(resolve_backing(args.filename, o.backing_file), o.backing_fmt, lock=False)
+        o.size = layer.size
+        layer.close()
+    if not args.quiet:
+        sys.stdout.write(formatting_line(args.filename, o, args.fmt) + "\n")
+        sys.stdout.flush()
+    _create_with(args.filename, o, args.fmt)
+    return 0
+
+
+def _create_with(path, o, fmt):
+    from ..create import create_qcow2, create_raw, validate
+    if fmt == "raw":
+        create_raw(path, o.size, o.preallocation)
+    else:
+        if o.backing_file:
+            from ..chain import has_protocol
+            from ..errors import ChainError
+            if has_protocol(o.backing_file):
+                raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
+        validate(o)
+        create_qcow2(path, o)
+
+
+def cmd_io(args) -> int:
+    from .io import cmd_io as run
+    return run(args)
 
 
 def _progress_printer():

@@ -1,0 +1,404 @@
+"""`create`: new qcow2 (and raw) images, laid out as qemu-img 7.2 lays them out.
+
+A fresh qcow2 image is: the header in cluster 0 (with the feature-name table, backing-format
+and data-file extensions and the backing file name), the refcount table in cluster 1, one
+refcount block in cluster 2, then the L1 table, the file ending where the L1 table ends.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import fileio
+from .errors import InvalidImageError, Qcow2Error
+from .format import constants as C
+from .format.header import Extension, Header, build_extensions, build_header
+
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+
+
+class CreateError(Qcow2Error):
+    pass
+
+
+@dataclass
+class CreateOptions:
+    size: int | None = None
+    compat: str = "1.1"
+    cluster_size: int = 65536
+    refcount_bits: int = 16
+    lazy_refcounts: bool = False
+    extended_l2: bool = False
+    compression_type: str = "zlib"
+    data_file: str | None = None
+    data_file_raw: bool = False
+    preallocation: str = "off"
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    given: tuple = ()
+
+
+def parse_size(text: str) -> int:
+    t = str(text).strip()
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+    m = 1
+    if t and t[-1].lower() in mult:
+        m = mult[t[-1].lower()]
+        t = t[:-1]
+    elif t and t[-1] in "bB":
+        t = t[:-1]
+    try:
+        v = float(t) if "." in t else int(t, 0)
+    except ValueError:
+        raise CreateError("Invalid size '%s'" % text) from None
+    if v < 0:
+        raise CreateError("Invalid size '%s'" % text)
+    return int(v * m)
+
+
+def _bool(key: str, val: str) -> bool:
+    v = val.lower()
+    if v in ("on", "yes", "true"):
+        return True
+    if v in ("off", "no", "false"):
+        return False
+    raise CreateError("Parameter '%s' expects 'on' or 'off'" % key)
+
+
+def parse_options(spec, base: CreateOptions | None = None) -> CreateOptions:
+    """Options as qemu-img create -o takes them: a "k=v,k=v" string or a dict."""
+    o = base or CreateOptions()
+    if spec is None:
+        return o
+    items = spec.items() if isinstance(spec, dict) else \
+        [kv.split("=", 1) if "=" in kv else (kv, "on") for kv in _split_opts(spec)]
+    given = list(o.given)
+    for k, v in items:
+        k = k.strip().replace("-", "_")
+        v = str(v) if not isinstance(v, bool) else ("on" if v else "off")
+        if k == "size":
+            o.size = parse_size(v)
+        elif k == "compat":
+            if v in ("0.10", "v2"):
+                o.compat = "0.10"
+            elif v in ("1.1", "v3"):
+                o.compat = "1.1"
+            else:
+                raise CreateError("Invalid parameter '%s'" % v)
+        elif k == "cluster_size":
+            o.cluster_size = parse_size(v)
+        elif k == "refcount_bits":
+            o.refcount_bits = int(v)
+        elif k == "lazy_refcounts":
+            o.lazy_refcounts = _bool(k, v)
+        elif k == "extended_l2":
+            o.extended_l2 = _bool(k, v)
+        elif k == "compression_type":
+            if v not in ("zlib", "zstd"):
+                raise CreateError("Invalid parameter '%s'" % v)
+            o.compression_type = v
+        elif k == "data_file":
+            o.data_file = v
+        elif k == "data_file_raw":
+            o.data_file_raw = _bool(k, v)
+        elif k == "preallocation":
+            if v not in PREALLOC_MODES:
+                raise CreateError("Invalid parameter '%s'" % v)
+            o.preallocation = v
+        elif k == "backing_file":
+            o.backing_file = v
+        elif k == "backing_fmt":
+            o.backing_fmt = v
+        elif k in ("encryption", "encrypt.format"):
+            raise CreateError("Creating encrypted images is not supported")
+        else:
+            raise CreateError("Invalid parameter '%s'" % k)
+        given.append(k)
+    o.given = tuple(given)
+    return o
+
+
+def _split_opts(spec: str) -> list:
+    # qemu option syntax: ",," escapes a comma
+    out, cur, i = [], "", 0
+    while i < len(spec):
+        if spec[i] == ",":
+            if spec[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            out.append(cur)
+            cur = ""
+        else:
+            cur += spec[i]
+        i += 1
+    if cur:
+        out.append(cur)
+    return out
+
+
+def formatting_line(path: str, o: CreateOptions, fmt: str = "qcow2") -> str:
+    """The "Formatting ..." line qemu-img create prints."""
+    if fmt == "raw":
+        return "Formatting '%s', fmt=raw size=%d" % (path, o.size)
+    parts = ["cluster_size=%d" % o.cluster_size, "extended_l2=%s" % ("on" if o.extended_l2 else "off")]
+    if "preallocation" in o.given:
+        parts.append("preallocation=%s" % o.preallocation)
+    parts.append("compression_type=%s" % o.compression_type)
+    parts.append("size=%d" % o.size)
+    if "compat" in o.given:
+        parts.append("compat=%s" % o.compat)
+    if o.backing_file:
+        parts.append("backing_file=%s" % o.backing_file)
+    if o.backing_fmt:
+        parts.append("backing_fmt=%s" % o.backing_fmt)
+    if o.data_file:
+        parts.append("data_file=%s" % o.data_file)
+    if "data_file_raw" in o.given:
+        parts.append("data_file_raw=%s" % ("on" if o.data_file_raw else "off"))
+    parts.append("lazy_refcounts=%s" % ("on" if o.lazy_refcounts else "off"))
+    parts.append("refcount_bits=%d" % o.refcount_bits)
+    return "Formatting '%s', fmt=qcow2 %s" % (path, " ".join(parts))
+
+
+def validate(o: CreateOptions) -> None:
+    cs = o.cluster_size
+    if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
+        raise CreateError("Cluster size must be a power of two between 512 and 2048k")
+    rb = o.refcount_bits
+    if rb < 1 or rb > 64 or rb & (rb - 1):
+        raise CreateError("Refcount width must be a power of two and may not exceed 64 bits")
+    v2 = o.compat == "0.10"
+    if v2 and rb != 16:
+        raise CreateError("Different refcount widths than 16 bits require compatibility level "
+                          "1.1 or above (use version=v3 or greater)")
+    if v2 and o.lazy_refcounts:
+        raise CreateError("Lazy refcounts only supported with compatibility level 1.1 and above "
+                          "(use version=v3 or greater)")
+    if v2 and o.extended_l2:
+        raise CreateError("Extended L2 entries are only supported with compatibility level 1.1 "
+                          "and above (use version=v3 or greater)")
+    if v2 and o.compression_type != "zlib":
+        raise CreateError("Non-zlib compression type is only supported with compatibility level "
+                          "1.1 and above (use version=v3 or greater)")
+    if v2 and o.data_file:
+        raise CreateError("External data files are only supported with compatibility level 1.1 "
+                          "and above (use version=v3 or greater)")
+    if o.extended_l2 and cs < 16384:
+        raise CreateError("Extended L2 entries are only supported with cluster sizes of at least "
+                          "16384 bytes")
+    if o.data_file_raw and not o.data_file:
+        raise CreateError("data-file-raw requires data-file")
+    if o.backing_file and o.data_file_raw:
+        raise CreateError("Backing file and data-file-raw cannot be used at the same time")
+    if o.backing_file and o.preallocation != "off" and not o.extended_l2:
+        raise CreateError("Backing file and preallocation can only be used at the same time if "
+                          "extended_l2 is on")
+    if o.backing_file and not o.backing_fmt:
+        raise CreateError("Backing file specified without backing format")
+    if o.backing_fmt and o.backing_fmt not in ("qcow2", "raw"):
+        raise CreateError("Unknown driver '%s'" % o.backing_fmt)
+    if o.size is None:
+        raise CreateError("Image creation needs a size parameter")
+    if o.size % 512:
+        raise CreateError("Image size must be a multiple of 512 bytes")
+    entry = 16 if o.extended_l2 else 8
+    l2_cov = (cs // entry) * cs
+    l1 = -(-o.size // l2_cov)
+    if l1 * 8 > C.MAX_L1_SIZE_BYTES or o.size > (1 << 63) - 1:
+        raise CreateError("The image size is too large for file format 'qcow2' (try using a "
+                          "larger cluster size)")
+
+
+def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | None = None) -> bytes:
+    cs = o.cluster_size
+    v3 = o.compat != "0.10"
+    incompat = 0
+    if o.data_file:
+        incompat |= C.INCOMPAT_DATA_FILE
+    if o.compression_type == "zstd":
+        incompat |= C.INCOMPAT_COMPRESSION
+    if o.extended_l2:
+        incompat |= C.INCOMPAT_EXTL2
+    hdr = Header(version=3 if v3 else 2, backing_file_offset=0, backing_file_size=0,
+                 cluster_bits=cs.bit_length() - 1, size=o.size if size is None else size,
+                 crypt_method=0,
+                 l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=cs,
+                 refcount_table_clusters=1, nb_snapshots=0, snapshots_offset=0,
+                 incompatible_features=incompat,
+                 compatible_features=C.COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0,
+                 autoclear_features=C.AUTOCLEAR_DATA_FILE_RAW if o.data_file_raw else 0,
+                 refcount_order=o.refcount_bits.bit_length() - 1,
+                 header_length=112 if v3 else C.V2_HEADER_SIZE,
+                 compression_type=1 if o.compression_type == "zstd" else 0,
+                 extra_header=b"\0" * 7)
+    exts = []
+    if o.backing_fmt:
+        exts.append(Extension(C.EXT_BACKING_FORMAT, o.backing_fmt.encode()))
+    if o.data_file:
+        exts.append(Extension(C.EXT_DATA_FILE, o.data_file.encode()))
+    backing = o.backing_file.encode() if o.backing_file else b""
+    if v3:
+        table = b"".join(struct.pack(">BB46s", t, bit, name.encode())
+                         for (t, bit, name) in _feature_table())
+        with_table = exts + [Extension(C.EXT_FEATURE_TABLE, table)]
+        if hdr.header_length + len(build_extensions(with_table)) + len(backing) < cs:
+            exts = with_table
+    ext_bytes = build_extensions(exts)
+    if o.backing_file:
+        hdr.backing_file_offset = hdr.header_length + len(ext_bytes)
+        hdr.backing_file_size = len(backing)
+    body = build_header(hdr) + ext_bytes + backing
+    if len(body) > cs:
+        raise CreateError("Header extensions and backing file name do not fit in one cluster")
+    return body
+
+
+def _feature_table():
+    kinds = {"incompatible": 0, "compatible": 1, "autoclear": 2}
+    return [(kinds[k], bit, name) for (k, bit), name in C.FEATURE_NAMES.items()]
+
+
+def create_qcow2(path: str, o: CreateOptions) -> None:
+    """Create a qcow2 image file at path (which must not be open elsewhere)."""
+    validate(o)
+    cs = o.cluster_size
+    entry = 16 if o.extended_l2 else 8
+    l2_cov = (cs // entry) * cs
+    l1_size = -(-o.size // l2_cov)
+    if o.data_file:
+        dpath = o.data_file if os.path.isabs(o.data_file) else \
+            os.path.join(os.path.dirname(path), o.data_file)
+        dfd = os.open(dpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            fileio.ftruncate(dfd, o.size if o.data_file_raw or o.preallocation != "off" else 0)
+        finally:
+            os.close(dfd)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        from .locking import lock_for_write
+        lock_for_write(fd, path)
+        # minimal image: header, refcount table, one refcount block, empty L1
+        fileio.pwrite(fd, _header_cluster(o, 0, 0, size=0), 0)
+        fileio.pwrite(fd, struct.pack(">Q", 2 * cs), cs)
+        per_block = cs * 8 // o.refcount_bits
+        counts = np.zeros(per_block, np.uint64)
+        counts[:3] = 1
+        from .format.entries import encode_refblock
+        fileio.pwrite(fd, encode_refblock(counts, o.refcount_bits.bit_length() - 1), 2 * cs)
+        from .image import Qcow2Image
+        img = Qcow2Image(path, fd=fd, lock=False)
+        from .meta import MetaWriter
+        meta = MetaWriter(img, sync=False)
+        l1_off = 0
+        if l1_size:
+            first = int(meta.allocate(-(-l1_size * 8 // cs), contiguous=True)[0])
+            l1_off = first * cs
+        meta.commit()
+        if l1_size:
+            fileio.pwrite(fd, bytes(l1_size * 8), l1_off)
+        fileio.pwrite(fd, _header_cluster(o, l1_size, l1_off), 0)
+        if o.data_file_raw or o.preallocation != "off":
+            img = Qcow2Image(path, fd=fd, lock=False)
+            meta = MetaWriter(img, sync=False)
+            _preallocate(img, meta, o)
+        fileio.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+
+
+def _preallocate(img, meta, o: CreateOptions) -> None:
+    """Map every guest cluster: data_file_raw (identity) or preallocation=metadata/falloc/full."""
+    from .format.entries import to_be64
+    cs = img.cluster_size
+    nclusters = -(-o.size // cs)
+    per_l2 = img.l2_entries
+    l1 = np.zeros(img.header.l1_size, np.uint64)
+    data_end = 0
+    for i in range(len(l1)):
+        first = i * per_l2
+        n = min(per_l2, nclusters - first)
+        if n <= 0:
+            break
+        l2off = int(meta.allocate(1)[0]) * cs
+        if img.has_data_file:
+            hosts = (np.arange(first, first + n, dtype=np.uint64) * np.uint64(cs))
+        else:
+            start = int(meta.allocate(n, contiguous=True)[0])
+            hosts = np.arange(start, start + n, dtype=np.uint64) * np.uint64(cs)
+            data_end = max(data_end, int(hosts[-1]) + cs)
+        ent = hosts | np.uint64(C.QCOW_OFLAG_COPIED)
+        table = np.zeros(img.l2_entries * (2 if img.extended_l2 else 1), np.uint64)
+        if img.extended_l2:
+            table[0:2 * n:2] = ent
+            table[1:2 * n:2] = np.uint64(0xFFFFFFFF)   # all subclusters allocated
+        else:
+            table[:n] = ent
+        meta.commit()
+        fileio.pwrite(img.fd, to_be64(table), l2off)
+        l1[i] = np.uint64(l2off) | np.uint64(C.QCOW_OFLAG_COPIED)
+    meta.commit()
+    fileio.pwrite(img.fd, to_be64(l1), img.header.l1_table_offset)
+    if not img.has_data_file:
+        end = max(os.fstat(img.fd).st_size, data_end)
+        fileio.ftruncate(img.fd, end)
+        if o.preallocation in ("falloc", "full") and data_end:
+            try:
+                fileio.fallocate(img.fd, 0, 0, data_end)
+            except OSError:
+                pass
+
+
+def create_raw(path: str, size: int, preallocation: str = "off") -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        fileio.ftruncate(fd, size)
+        if preallocation in ("falloc", "full") and size:
+            fileio.fallocate(fd, 0, 0, size)
+    finally:
+        os.close(fd)
+
+
+def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow2",
+           backing_file: str | None = None, backing_fmt: str | None = None) -> CreateOptions:
+    """Create an image like `qemu-img create`; returns the effective options.
+
+    Without a size, an image with a backing file takes the backing file's virtual size.
+    """
+    o = parse_options(options)
+    if size is not None:
+        o.size = size
+    if backing_file is not None:
+        o.backing_file = backing_file
+    if backing_fmt is not None:
+        o.backing_fmt = backing_fmt
+    if fmt == "raw":
+        if o.size is None:
+            raise CreateError("Image creation needs a size parameter")
+        create_raw(path, o.size, o.preallocation)
+        return o
+    if fmt != "qcow2":
+        raise CreateError("Unknown file format '%s'" % fmt)
+    if o.backing_file and not o.backing_fmt:
+        raise CreateError("Backing file specified without backing format")
+    if o.backing_file:
+        from .chain import resolve_backing, has_protocol, open_layer
+        if has_protocol(o.backing_file):
+            raise CreateError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
+        bpath = resolve_backing(path, o.backing_file)
+        try:
+            layer = open_layer(bpath, o.backing_fmt, lock=False)
+        except InvalidImageError as e:
+            raise CreateError("Could not open backing image: %s" % e) from None
+        try:
+            if o.size is None:
+                o.size = layer.size
+        finally:
+            layer.close()
+    create_qcow2(path, o)
+    return o

@@ -1,0 +1,368 @@
+"""Guest writes into the top qcow2 layer of a chain: write, write_zeroes, discard.
+
+One request is planned on whole L2 tables with numpy (which clusters are rewritten in place,
+which need a new host cluster, which need copy-on-write filling), then carried out in the
+crash-safe order of the design:
+
+    allocate (refcounts +1)  ->  commit refcounts, flush
+    ->  guest data  ->  flush  ->  L2 tables  ->  flush  ->  L1 entries  ->  flush
+    ->  release what was replaced (refcounts -1)  ->  commit
+
+A crash at any point leaves the old or the new guest data and, at worst, leaked clusters.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import fileio
+from .errors import CorruptImageError, UnsupportedFeatureError
+from .format import constants as C
+from .format import entries as E
+from .meta import MetaWriter
+
+OFF = np.uint64(C.L2E_OFFSET_MASK)
+COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
+COMPRESSED = np.uint64(C.QCOW_OFLAG_COMPRESSED)
+ZERO = np.uint64(C.QCOW_OFLAG_ZERO)
+ALL_ALLOC = np.uint64(0xFFFFFFFF)
+ALL_ZERO = np.uint64(0xFFFFFFFF00000000)
+BATCH_BYTES = 256 << 20
+
+
+class GuestWriter:
+    """Writes guest data into chain.layers[0] (a qcow2 image opened read-write)."""
+
+    def __init__(self, chain, *, sync: bool = True):
+        self.chain = chain
+        self.layer = chain.layers[0]
+        self.img = self.layer.image
+        if self.img.encrypted:
+            raise UnsupportedFeatureError("Writing encrypted images is not supported")
+        self.meta = MetaWriter(self.img, sync=sync)
+        self.cs = self.img.cluster_size
+        self.bits = self.img.cluster_bits
+        self.ext = self.img.extended_l2
+        self.sub = self.img.subcluster_size
+        self.per_l2 = self.img.l2_entries
+        self.data_fd = self.img.data_fd_for_write() if self.img.has_data_file else self.img.fd
+
+    # ------------------------------------------------------------ public
+    def write(self, offset: int, data) -> None:
+        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        self._check_range(offset, len(buf))
+        step = max(self.cs, BATCH_BYTES // self.cs * self.cs)
+        pos = 0
+        while pos < len(buf):
+            n = min(step - (offset + pos) % step, len(buf) - pos)
+            self._write_data(offset + pos, buf[pos:pos + n])
+            pos += n
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_range(offset, length)
+        if length <= 0:
+            return
+        if self.img.version < 3 or self.img.has_data_file:
+            self._write_zero_data(offset, length)
+            return
+        unit = self.sub
+        a = -(-offset // unit) * unit
+        b = (offset + length) // unit * unit
+        if offset + length == self.img.size:
+            b = offset + length
+        if b <= a:
+            self._write_zero_data(offset, length)
+            return
+        if a > offset:
+            self._write_zero_data(offset, a - offset)
+        self._zero_units(a, b, unmap=unmap, discard=False)
+        if offset + length > b:
+            self._write_zero_data(b, offset + length - b)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard whole clusters (partial clusters are left alone, as QEMU does)."""
+        self._check_range(offset, length)
+        a = -(-offset // self.cs) * self.cs
+        b = (offset + length) // self.cs * self.cs
+        if offset + length == self.img.size:
+            b = offset + length
+        if b <= a:
+            return
+        if self.img.has_data_file:
+            self._write_zero_data(a, b - a)
+            return
+        self._zero_units(a, b, unmap=True, discard=True)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.img.size:
+            raise ValueError("request [%d, %d) is outside the disk (size %d)"
+                             % (offset, offset + length, self.img.size))
+
+    def _write_zero_data(self, offset: int, length: int) -> None:
+        step = 64 << 20
+        for p in range(offset, offset + length, step):
+            n = min(step, offset + length - p)
+            self._write_data(p, np.zeros(n, np.uint8))
+
+    # ------------------------------------------------------------ tables
+    def _tables(self, c0: int, c1: int):
+        """For clusters [c0, c1): list of (l1 index, table copy, state, first, last)."""
+        img = self.img
+        l1 = img.l1_table
+        out = []
+        for i in range(c0 // self.per_l2, (c1 - 1) // self.per_l2 + 1):
+            a = max(c0, i * self.per_l2) - i * self.per_l2
+            b = min(c1, (i + 1) * self.per_l2) - i * self.per_l2
+            ent = int(l1[i])
+            l2off = ent & C.L1E_OFFSET_MASK
+            if l2off == 0:
+                table = np.zeros(self.per_l2 * (2 if self.ext else 1), np.uint64)
+                state = "new"
+            else:
+                if l2off % self.cs:
+                    self._corrupt("L2 table offset %#x unaligned (L1 index %d)" % (l2off, i))
+                if (l2off >> self.bits) >= self.img.file_clusters + 1:
+                    self._corrupt("L2 table offset %#x is past the end of the file" % l2off)
+                table = img.read_l2(l2off).copy()
+                state = "own" if ent & C.QCOW_OFLAG_COPIED else "cow"
+            out.append([i, table, state, a, b, l2off])
+        return out
+
+    def _corrupt(self, msg: str):
+        """An inconsistency found on a write path: mark the image corrupt and stop."""
+        try:
+            self.meta.set_incompatible(C.INCOMPAT_CORRUPT, True)
+        except OSError:
+            pass
+        raise CorruptImageError("%s; the image has been marked corrupt" % msg)
+
+    # ------------------------------------------------------------ data writes
+    def _write_data(self, offset: int, data: np.ndarray) -> None:
+        cs = self.cs
+        end = offset + len(data)
+        c0, c1 = offset // cs, -(-end // cs)
+        tables = self._tables(c0, c1)
+        # Per cluster: entries (and bitmaps) gathered from the tables.
+        ent = np.concatenate([t[1][(2 * t[3] if self.ext else t[3]):(2 * t[4] if self.ext else t[4]):(2 if self.ext else 1)] for t in tables])
+        bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables]) if self.ext else None
+        g = np.arange(c0, c1, dtype=np.int64)               # guest cluster indices
+        lo = np.maximum(g * cs, offset) - g * cs             # touched range inside each cluster
+        hi = np.minimum((g + 1) * cs, end) - g * cs
+        full = (lo == 0) & (hi == cs)
+        comp = (ent & COMPRESSED) != 0
+        host = (ent & OFF).astype(np.int64)
+        has_host = (host != 0) & ~comp
+        if self.img.has_data_file:
+            has_host = ((ent & COPIED) != 0) | (host != 0)
+        copied = (ent & COPIED) != 0
+        inplace = has_host & copied
+        zero_flag = ((ent & ZERO) != 0) if not self.ext else np.zeros(len(ent), bool)
+        newc = ~inplace
+        # units that need copy-on-write filling from the current guest view
+        if self.ext:
+            touched = self._touched_bits(lo, hi)
+            partial_sub = self._partial_bits(lo, hi)
+            abits = bmp & ALL_ALLOC
+            keep_old = np.where(has_host & ~inplace, abits, np.uint64(0))
+            keep_old = np.where(comp, ALL_ALLOC, keep_old)
+            need_fill = ((partial_sub & ~(np.where(inplace, abits, np.uint64(0)))) != 0) | \
+                        (newc & ((keep_old & ~touched) != 0))
+        else:
+            need_fill = ~full & (newc | zero_flag)
+        # data file images map guest cluster g to host offset g*cs, unrefcounted
+        fill_idx = np.flatnonzero(need_fill)
+        fills = {int(k): np.frombuffer(self.chain.read(int(g[k]) * cs, cs), np.uint8).copy()
+                 for k in fill_idx}
+        # --- allocation
+        n_new = int(newc.sum())
+        new_tables = [t for t in tables if t[2] != "own"]
+        new_host = np.zeros(len(g), np.int64)
+        if self.img.has_data_file:
+            new_host[newc] = g[newc] * cs
+        elif n_new:
+            new_host[newc] = self.meta.allocate(n_new) << self.bits
+        for t in new_tables:
+            t.append(int(self.meta.allocate(1)[0]) << self.bits)
+        self.meta.commit()
+        # --- guest data
+        dest = np.where(newc, new_host, host)
+        direct = np.flatnonzero(~need_fill)
+        self._write_direct(dest[direct] + lo[direct], (g[direct] * cs + lo[direct]) - offset,
+                           hi[direct] - lo[direct], data)
+        for k in fill_idx:
+            buf = fills[int(k)]
+            buf[lo[k]:hi[k]] = data[g[k] * cs + lo[k] - offset:g[k] * cs + hi[k] - offset]
+            fileio.pwrite(self.data_fd, buf, int(dest[k]))
+        if self.img.has_data_file and self.meta.sync:
+            fileio.fsync(self.data_fd)
+        self.meta.flush()
+        # --- new entries
+        new_ent = (dest.astype(np.uint64) | COPIED)
+        if self.ext:
+            new_bmp = np.where(newc, keep_old, abits) | touched
+            zb = (bmp >> np.uint64(32)) & ~new_bmp & np.uint64(0xFFFFFFFF)
+            new_bmp = new_bmp | (zb << np.uint64(32))
+        # release list: old host clusters replaced by new ones
+        old_release = np.flatnonzero(newc & has_host & ~comp) if not self.img.has_data_file else np.zeros(0, np.int64)
+        comp_release = np.flatnonzero(newc & comp)
+        self._store(tables, ent_new=new_ent, bmp_new=new_bmp if self.ext else None, c0=c0)
+        self._release(host[old_release], ent[comp_release], tables)
+
+    def _touched_bits(self, lo, hi):
+        sub = self.sub
+        first = lo // sub
+        last = (hi - 1) // sub
+        return self._bit_range(first, last)
+
+    def _partial_bits(self, lo, hi):
+        sub = self.sub
+        first = lo // sub
+        last = (hi - 1) // sub
+        out = np.zeros(len(lo), np.uint64)
+        head = lo % sub != 0
+        tail = hi % sub != 0
+        out |= np.where(head, np.uint64(1) << first.astype(np.uint64), np.uint64(0))
+        out |= np.where(tail, np.uint64(1) << last.astype(np.uint64), np.uint64(0))
+        return out
+
+    @staticmethod
+    def _bit_range(first, last):
+        f = first.astype(np.uint64)
+        n = (last - first + 1).astype(np.uint64)
+        ones = np.where(n >= 64, np.uint64(0xFFFFFFFFFFFFFFFF),
+                        (np.uint64(1) << np.minimum(n, np.uint64(63))) - np.uint64(1))
+        return (ones << f) & ALL_ALLOC
+
+    def _write_direct(self, hosts, srcs, lens, data) -> None:
+        if not len(hosts):
+            return
+        brk = np.ones(len(hosts), bool)
+        brk[1:] = (hosts[1:] != hosts[:-1] + lens[:-1]) | (srcs[1:] != srcs[:-1] + lens[:-1])
+        starts = np.flatnonzero(brk)
+        ends = np.append(starts[1:], len(hosts))
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            src = int(srcs[s])
+            n = int(srcs[e - 1] + lens[e - 1]) - src
+            fileio.pwrite(self.data_fd, data[src:src + n], int(hosts[s]))
+
+    # ------------------------------------------------------------ zero / discard
+    def _zero_units(self, a: int, b: int, *, unmap: bool, discard: bool) -> None:
+        """Zero [a, b) (unit aligned, or ending at the disk end) through metadata only."""
+        cs = self.cs
+        c0, c1 = a // cs, -(-b // cs)
+        tables = self._tables(c0, c1)
+        ent = np.concatenate([t[1][(2 * t[3] if self.ext else t[3]):(2 * t[4] if self.ext else t[4]):(2 if self.ext else 1)] for t in tables])
+        g = np.arange(c0, c1, dtype=np.int64)
+        lo = np.maximum(g * cs, a) - g * cs
+        hi = np.minimum((g + 1) * cs, b) - g * cs
+        last_partial = (g + 1) * cs > self.img.size
+        full = (lo == 0) & ((hi == cs) | (last_partial & (g * cs + hi == self.img.size)))
+        comp = (ent & COMPRESSED) != 0
+        host = (ent & OFF).astype(np.int64)
+        has_host = (host != 0) & ~comp
+        copied = (ent & COPIED) != 0
+        if not self.ext:
+            # [a, b) is cluster aligned here (or ends at the disk end): every cluster is whole
+            keep = has_host & copied & (not unmap)
+            if discard and self.img.version < 3:
+                new_ent = np.zeros(len(ent), np.uint64)
+            else:
+                new_ent = np.where(keep, (host.astype(np.uint64) | COPIED | ZERO), ZERO)
+            release_host = host[has_host & ~keep]
+            release_comp = ent[comp]
+            for t in tables:
+                if t[2] != "own":
+                    t.append(int(self.meta.allocate(1)[0]) << self.bits)
+            self.meta.commit()
+            self._store(tables, ent_new=new_ent, bmp_new=None, c0=c0)
+            self._release(release_host, release_comp, tables, punch=discard)
+            return
+        # extended L2: zero whole subclusters via the bitmap
+        bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables])
+        zbits = self._bit_range(lo // self.sub, (hi - 1) // self.sub)
+        all_zero = full
+        shared = has_host & ~copied
+        # clusters that can be changed through metadata alone
+        meta_ok = all_zero | (~comp & ~shared)
+        if not meta_ok.all():
+            for k in np.flatnonzero(~meta_ok):
+                s = int(g[k]) * cs + int(lo[k])
+                self._write_data(s, np.zeros(int(hi[k] - lo[k]), np.uint8))
+            tables = self._tables(c0, c1)
+            ent = np.concatenate([t[1][2 * t[3]:2 * t[4]:2] for t in tables])
+            bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables])
+            comp = (ent & COMPRESSED) != 0
+            host = (ent & OFF).astype(np.int64)
+            has_host = (host != 0) & ~comp
+            copied = (ent & COPIED) != 0
+        drop = all_zero & meta_ok & (unmap | discard | comp | (has_host & ~copied) | ~has_host)
+        new_ent = np.where(drop, np.uint64(0), ent)
+        new_bmp = np.where(drop, ALL_ZERO,
+                           np.where(meta_ok, (bmp & ~zbits) | (zbits << np.uint64(32)), bmp))
+        release_host = host[drop & has_host]
+        release_comp = ent[drop & comp]
+        for t in tables:
+            if t[2] != "own":
+                t.append(int(self.meta.allocate(1)[0]) << self.bits)
+        self.meta.commit()
+        self._store(tables, ent_new=new_ent, bmp_new=new_bmp, c0=c0)
+        self._release(release_host, release_comp, tables, punch=discard)
+
+    # ------------------------------------------------------------ metadata stores
+    def _store(self, tables, *, ent_new, bmp_new, c0: int) -> None:
+        """Write the L2 tables (new ones first written whole), then the L1 entries."""
+        img = self.img
+        pos = 0
+        for t in tables:
+            i, table, state, a, b = t[0], t[1], t[2], t[3], t[4]
+            n = b - a
+            if self.ext:
+                table[2 * a:2 * b:2] = ent_new[pos:pos + n]
+                table[2 * a + 1:2 * b:2] = bmp_new[pos:pos + n]
+            else:
+                table[a:b] = ent_new[pos:pos + n]
+            pos += n
+            target = t[6] if state != "own" else t[5]
+            self.meta.write_l2(target, table)
+        self.meta.flush()
+        l1 = img.l1_table
+        changed = []
+        for t in tables:
+            if t[2] != "own":
+                l1[t[0]] = np.uint64(t[6]) | COPIED
+                changed.append(t[0])
+        if changed:
+            self.meta.write_l1_entries(l1, changed)
+            self.meta.flush()
+        import os
+        img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
+
+    def _release(self, hosts, comp_entries, tables, punch: bool = False) -> None:
+        """Drop the references replaced by this request (after they are gone from disk)."""
+        rel = []
+        if len(hosts):
+            rel.append(np.asarray(hosts, np.int64) >> self.bits)
+        if len(comp_entries):
+            off, size = E.compressed_extent(comp_entries, self.bits)
+            first = off >> self.bits
+            last = (off + size - 1) >> self.bits
+            for f, l in zip(first.tolist(), last.tolist()):
+                rel.append(np.arange(f, l + 1, dtype=np.int64))
+        for t in tables:
+            if t[2] == "cow":
+                rel.append(np.array([t[5] >> self.bits], np.int64))
+        if not rel:
+            return
+        clusters = np.concatenate(rel)
+        # a compressed cluster range may be shared by several entries: count each
+        uniq, counts = np.unique(clusters, return_counts=True)
+        for c in range(1, int(counts.max()) + 1):
+            self.meta.free(uniq[counts >= c])
+        self.meta.commit()
+        if punch:
+            freed = uniq[self.meta.get(uniq) == 0]
+            for c in freed.tolist():
+                try:
+                    fileio.fallocate(self.img.fd, fileio.FALLOC_FL_PUNCH_HOLE | fileio.FALLOC_FL_KEEP_SIZE,
+                                     c << self.bits, self.cs)
+                except OSError:
+                    break

@@ -8,6 +8,7 @@ Heavy modules (numpy) are imported lazily so that `info` starts fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 PROG = "qcow2engine"
@@ -139,6 +140,12 @@ def main(argv=None) -> int:
     except Qcow2Error as e:
         _err(str(e))
         return getattr(args, "_error_code", 1)
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
     except OSError as e:
         _err("%s: %s" % (getattr(e, "filename", None) or "I/O error", e.strerror or e))
         return getattr(args, "_error_code", 1)

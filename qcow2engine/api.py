@@ -21,14 +21,14 @@ def open_chain(path: str, fmt: str | None = None, *, writable: bool = False,
 def info(path: str, fmt: str | None = None, *, backing_chain: bool = False,
          force_share: bool = False):
     """qemu-img info documents (a dict, or a list with backing_chain=True)."""
-    from .chain import open_chain as _open
+    from .backing import walk_chain
     from .info import image_info
-    chain = _open(path, fmt, backing=backing_chain, lock=not force_share, for_io=False)
+    files, _ = walk_chain(path, fmt, backing=backing_chain, lock=not force_share, for_io=False)
     try:
-        docs = [image_info(layer, path if i == 0 else layer.path)
-                for i, layer in enumerate(chain.layers)]
+        docs = [image_info(f, path if i == 0 else f.path) for i, f in enumerate(files)]
     finally:
-        chain.close()
+        for f in files:
+            f.close()
     return docs if backing_chain else docs[0]
 
 

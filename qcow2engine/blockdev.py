@@ -225,23 +225,18 @@ class Qcow2Layer(Layer):
 class RawLayer(Layer):
     format = "raw"
 
-    def __init__(self, path: str, writable: bool = False):
-        self.path = path
-        self.writable = writable
-        try:
-            self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except OSError as e:
-            from .errors import InvalidImageError
-            raise InvalidImageError("Could not open '%s': %s" % (path, e.strerror)) from None
-        st = os.fstat(self.fd)
-        self.file_size = st.st_size
-        self.allocated_size = st.st_blocks * 512
-        self.size = (st.st_size + 511) // 512 * 512
+    def __init__(self, f):
+        self.file = f
+        self.path = f.path
+        self.writable = f.writable
+        self.fd = f.fd
+        self.file_size = f.file_size
+        self.allocated_size = f.allocated_size
+        self.size = f.size
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.file.close()
+        self.fd = None
 
     def runs(self, start: int, end: int) -> Runs:
         ext = file_data_extents(self.fd, start, min(end, self.file_size), self.file_size)

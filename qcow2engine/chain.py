@@ -1,49 +1,24 @@
 """Backing chains: opening and resolving them, block status and reads through all layers."""
 from __future__ import annotations
 
-import logging
-import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from .blockdev import Layer, Qcow2Layer, RawLayer
-from .errors import ChainError, CorruptImageError, InvalidImageError, UnsupportedFeatureError
+from .errors import CorruptImageError, InvalidImageError
 from .format import entries as E
-from .image import Qcow2Image, probe_is_qcow2
 
-log = logging.getLogger(__name__)
-
-MAX_CHAIN_DEPTH = 256
-_PROTOCOL = re.compile(r"^[A-Za-z0-9+.\-_]+:")
+from .backing import RawFile, open_file, walk_chain
 
 
-def has_protocol(name: str) -> bool:
-    """True if a backing name uses a protocol prefix (a ':' before any '/'), as QEMU reads it."""
-    head = name.split("/", 1)[0]
-    return ":" in head
-
-
-def resolve_backing(image_path: str, backing: str) -> str:
-    """The path of a backing file as QEMU forms it: relative names are joined to the image's dir."""
-    if os.path.isabs(backing):
-        return backing
-    d = os.path.dirname(image_path)
-    return os.path.join(d, backing) if d else backing
+def _as_layer(f) -> Layer:
+    return RawLayer(f) if isinstance(f, RawFile) else Qcow2Layer(f)
 
 
 def open_layer(path: str, fmt: str | None, *, lock: bool = True, writable: bool = False) -> Layer:
     """Open one image as a layer: qcow2 or raw (probed when fmt is None)."""
-    if fmt is None:
-        if not os.path.exists(path):
-            raise InvalidImageError("Could not open '%s': No such file or directory" % path)
-        fmt = "qcow2" if probe_is_qcow2(path) else "raw"
-    if fmt == "qcow2":
-        return Qcow2Layer(Qcow2Image(path, lock=lock, writable=writable))
-    if fmt == "raw":
-        return RawLayer(path, writable=writable)
-    raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
+    return _as_layer(open_file(path, fmt, lock=lock, writable=writable))
 
 
 @dataclass
@@ -238,48 +213,6 @@ def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
 
     With for_io (the default) encrypted layers are refused: their data cannot be read.
     """
-    layers = []
-    warnings = []
-    seen = set()
-    cur_path, cur_fmt = path, fmt
-    try:
-        while True:
-            if len(layers) >= MAX_CHAIN_DEPTH:
-                raise ChainError("Backing chain of '%s' is deeper than %d images" % (path, MAX_CHAIN_DEPTH))
-            try:
-                st = os.stat(cur_path)
-                key = (st.st_dev, st.st_ino)
-            except OSError as e:
-                if layers:
-                    raise ChainError("Could not open backing file '%s': %s" % (cur_path, e.strerror)) from None
-                raise InvalidImageError("Could not open '%s': %s" % (cur_path, e.strerror)) from None
-            if key in seen:
-                raise ChainError("Backing file loop: '%s' appears twice in the chain of '%s'" % (cur_path, path))
-            seen.add(key)
-            layer = open_layer(cur_path, cur_fmt, lock=lock, writable=writable and not layers)
-            layers.append(layer)
-            if for_io and isinstance(layer, Qcow2Layer) and layer.image.encrypted:
-                raise UnsupportedFeatureError(
-                    "'%s' is encrypted; reading encrypted images is not supported" % cur_path)
-            if not backing or not isinstance(layer, Qcow2Layer) or not layer.image.backing_file:
-                break
-            name = layer.image.backing_file
-            if has_protocol(name):
-                raise ChainError("Backing file '%s' of '%s' uses a protocol prefix; refusing to follow it"
-                                 % (name, cur_path))
-            nxt = resolve_backing(cur_path, name)
-            nfmt = layer.image.backing_format
-            if nfmt is not None and nfmt not in ("qcow2", "raw"):
-                raise UnsupportedFeatureError("Backing file format '%s' of '%s' is not supported"
-                                              % (nfmt, cur_path))
-            if nfmt is None:
-                nfmt = "qcow2" if probe_is_qcow2(nxt) else "raw"
-                msg = ("Backing file '%s' has no format; probed as %s" % (nxt, nfmt))
-                log.warning(msg)
-                warnings.append(msg)
-            cur_path, cur_fmt = nxt, nfmt
-    except BaseException:
-        for layer in layers:
-            layer.close()
-        raise
-    return Chain(layers, warnings)
+    files, warnings = walk_chain(path, fmt, backing=backing, lock=lock, for_io=for_io,
+                                 writable=writable)
+    return Chain([_as_layer(f) for f in files], warnings)

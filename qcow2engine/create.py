@@ -387,7 +387,7 @@ def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow
     if o.backing_file and not o.backing_fmt:
         raise CreateError("Backing file specified without backing format")
     if o.backing_file:
-        from .chain import resolve_backing, has_protocol, open_layer
+        from .backing import resolve_backing, has_protocol, open_file as open_layer
         if has_protocol(o.backing_file):
             raise CreateError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
         bpath = resolve_backing(path, o.backing_file)

@@ -313,7 +313,7 @@ class GuestWriter:
         img = self.img
         pos = 0
         for t in tables:
-            i, table, state, a, b = t[0], t[1], t[2], t[3], t[4]
+            table, state, a, b = t[1], t[2], t[3], t[4]
             n = b - a
             if self.ext:
                 table[2 * a:2 * b:2] = ent_new[pos:pos + n]

@@ -57,12 +57,11 @@ def qcow2_specific(img) -> dict:
 
 
 def image_info(layer, filename: str | None = None) -> dict:
-    """The ImageInfo document of one layer (a Qcow2Layer or RawLayer)."""
-    from .blockdev import Qcow2Layer
-    from .chain import resolve_backing
+    """The ImageInfo document of one image (a Qcow2Image or RawFile, or a layer of a chain)."""
+    from .backing import resolve_backing
     name = filename if filename is not None else layer.path
-    if isinstance(layer, Qcow2Layer):
-        img = layer.image
+    img = getattr(layer, "image", layer)
+    if hasattr(img, "header"):
         d: dict = {
             "virtual-size": img.size,
             "filename": name,

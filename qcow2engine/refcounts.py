@@ -17,7 +17,7 @@ from .format import constants as C
 from .format.entries import compressed_extent
 from .image import Qcow2Image
 
-L2_BATCH_BYTES = 16 << 20
+L2_BATCH_BYTES = 4 << 20
 MAX_MESSAGES = 1000
 
 
@@ -126,7 +126,13 @@ class RefcountCalculator:
         """Add one reference for each [offset, offset+size) range (vectorised)."""
         if not len(offsets):
             return
-        offsets = offsets.astype(np.int64)
+        offsets = offsets.astype(np.int64, copy=False)
+        if np.isscalar(sizes) and sizes == self.cs:
+            # one whole cluster each: the common case of L2 tables and data clusters
+            bad = offsets >= self.img.file_size
+            if not bad.any() and not (offsets & (self.cs - 1)).any():
+                self.add_indices(offsets >> self.bits)
+                return
         sizes = np.broadcast_to(np.asarray(sizes, np.int64), offsets.shape)
         bad = offsets + sizes - self.img.file_size >= self.cs
         if bad.any():
@@ -148,8 +154,20 @@ class RefcountCalculator:
     def add_indices(self, idx: np.ndarray) -> None:
         if not len(idx):
             return
-        if len(idx) == 1 or bool(np.all(idx[1:] > idx[:-1])):
+        if len(idx) == 1:
             self.counts[idx] += 1
+            return
+        step = np.diff(idx)
+        if bool((step > 0).all()):
+            brk = np.flatnonzero(step != 1)
+            if len(brk) * 64 < len(idx):
+                # mostly contiguous (the usual layout): add over slices
+                starts = np.concatenate([[0], brk + 1])
+                ends = np.concatenate([brk + 1, [len(idx)]])
+                for a, b in zip(idx[starts].tolist(), (idx[ends - 1] + 1).tolist()):
+                    self.counts[a:b] += 1
+            else:
+                self.counts[idx] += 1
             return
         lo, hi = int(idx.min()), int(idx.max())
         if hi - lo <= 4 * len(idx):
@@ -172,13 +190,28 @@ def _read_tables(img: Qcow2Image, offsets: list) -> np.ndarray:
             j += 1
         mv[i * cs:j * cs] = img.pread((j - i) * cs, offsets[i])
         i = j
-    return np.frombuffer(buf, dtype=">u8").astype(np.uint64).reshape(n, cs // 8)
+    arr = np.frombuffer(buf, dtype=np.uint64)
+    arr.byteswap(inplace=True)          # big-endian on disk -> native, without a copy
+    return arr.reshape(n, cs // 8)
+
+
+def _refcount_of(disk: np.ndarray, offsets: np.ndarray, bits: int) -> np.ndarray:
+    idx = offsets >> bits
+    n = len(idx)
+    if n > 1 and int(idx[-1]) - int(idx[0]) == n - 1 and int(idx[-1]) < len(disk) \
+            and bool((np.diff(idx) == 1).all()):
+        return disk[int(idx[0]):int(idx[0]) + n]
+    out = np.zeros(n, dtype=disk.dtype)
+    ok = idx < len(disk)
+    out[ok] = disk[idx[ok]]
+    return out
 
 
 def walk_l1(img: Qcow2Image, l1: np.ndarray, calc: RefcountCalculator, res: CheckResult,
-            active: bool) -> None:
-    """Count references from one L1 table and its L2 tables; with active, gather the
-    allocation statistics and the fragmentation count."""
+            active: bool, disk: np.ndarray | None = None) -> None:
+    """Count references from one L1 table and its L2 tables.  For the active table also
+    gather the allocation statistics and check the COPIED flags against the on-disk
+    refcounts `disk` (docs: COPIED is set exactly when the refcount is 1)."""
     cs = img.cluster_size
     used = np.flatnonzero(l1)
     if not len(used):
@@ -189,17 +222,63 @@ def walk_l1(img: Qcow2Image, l1: np.ndarray, calc: RefcountCalculator, res: Chec
     res.corruptions += len(resv)
     offs = (l1[used] & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
     calc.inc_many(offs, cs)
+    if active:
+        rc = _refcount_of(disk, offs, img.cluster_bits)
+        flag = (l1[used] & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
+        bad = np.flatnonzero((rc == 1) != flag)
+        for i in bad[:MAX_MESSAGES]:
+            res.note("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d"
+                     % (used[i], int(l1[used[i]]), int(rc[i])))
+        res.corruptions += len(bad)
     unaligned = offs % cs != 0
     for o in offs[unaligned][:MAX_MESSAGES]:
         res.note("ERROR l2_offset=%x: Table is not cluster aligned; L1 entry corrupted" % int(o))
     res.corruptions += int(unaligned.sum())
     per_batch = max(1, L2_BATCH_BYTES // cs)
-    for b in range(0, len(offs), per_batch):
-        tables = _read_tables(img, [int(o) for o in offs[b:b + per_batch]])
-        _check_l2_batch(img, tables, calc, res, active)
+    chunks = [[int(o) for o in offs[b:b + per_batch]] for b in range(0, len(offs), per_batch)]
+
+    def scan(chunk):
+        # runs in a worker thread: reads and classifies, touches no shared state
+        sink, deferred = CheckResult(filename=""), _DeferredCalc()
+        _check_l2_batch(img, _read_tables(img, chunk), deferred, sink, active, disk)
+        return sink, deferred
+
+    if len(chunks) == 1:
+        _merge(res, calc, *scan(chunks[0]))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = []
+        for ch in chunks:
+            pending.append(pool.submit(scan, ch))
+            if len(pending) > 3:
+                _merge(res, calc, *pending.pop(0).result())
+        for f in pending:
+            _merge(res, calc, *f.result())
 
 
-def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool) -> None:
+class _DeferredCalc:
+    """Collects inc_many() calls made in a worker, replayed later in the main thread."""
+
+    def __init__(self):
+        self.calls = []
+
+    def inc_many(self, offsets, sizes):
+        self.calls.append((offsets, sizes))
+
+
+def _merge(res: CheckResult, calc: RefcountCalculator, sink: CheckResult, deferred) -> None:
+    for offsets, sizes in deferred.calls:
+        calc.inc_many(offsets, sizes)
+    res.corruptions += sink.corruptions
+    res.allocated_clusters += sink.allocated_clusters
+    res.fragmented_clusters += sink.fragmented_clusters
+    res.compressed_clusters += sink.compressed_clusters
+    for m in sink.messages:
+        res.note(m)
+
+
+def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool, disk=None) -> None:
     cs = img.cluster_size
     if img.extended_l2:
         e = tables[:, 0::2]
@@ -208,12 +287,14 @@ def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool) -> None:
         e = tables
         bm = None
     comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+    any_comp = bool(comp.any())
     copied = (e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-    off = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+    off = (e & np.uint64(C.L2E_OFFSET_MASK)).view(np.int64)
     has_off = off != 0
     if img.has_data_file:
         has_off |= copied
-    has_off &= ~comp
+    if any_comp:
+        has_off &= ~comp
     alloc = has_off                                  # NORMAL or ZERO_ALLOC
     if bm is not None:
         abits = bm & np.uint64(0xFFFFFFFF)
@@ -230,13 +311,15 @@ def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool) -> None:
         if n:
             res.corruptions += n
             res.note("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
-    resv = ~comp & ((e & np.uint64(C.L2E_RESERVED_MASK)) != 0)
+    resv = (e & np.uint64(C.L2E_RESERVED_MASK)) != 0
+    if any_comp:
+        resv &= ~comp
     n = int(np.count_nonzero(resv))
     if n:
         res.corruptions += n
         for v in e[resv][:20]:
             res.note("ERROR found l2 entry with reserved bits set: %x" % int(v))
-    n = int(np.count_nonzero(comp & copied))
+    n = int(np.count_nonzero(comp & copied)) if any_comp else 0
     if n:
         res.corruptions += n
         res.note("ERROR: Compressed cluster has QCOW_OFLAG_COPIED flag set")
@@ -245,27 +328,44 @@ def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool) -> None:
         if n:
             res.corruptions += n
             res.note("ERROR compressed cluster with data file")
-    unal = alloc & (off % cs != 0)
+    unal = alloc & ((off & (cs - 1)) != 0)
     n = int(np.count_nonzero(unal))
     if n:
         res.corruptions += n
         for o in off[unal][:20]:
             res.note("ERROR offset=%x: Data cluster is not properly aligned; L2 entry corrupted." % int(o))
     if active:
-        n_alloc = int(np.count_nonzero(alloc))
-        n_comp = int(np.count_nonzero(comp))
+        per_row = np.count_nonzero(alloc, axis=1)
+        n_alloc = int(per_row.sum())
+        n_comp = int(np.count_nonzero(comp)) if any_comp else 0
         res.allocated_clusters += n_alloc + n_comp
         res.compressed_clusters += n_comp
         res.fragmented_clusters += n_comp
         # Fragmentation: an allocated cluster not directly after the previous one (per table).
-        rows, cols = np.nonzero(alloc)
-        if len(rows) > 1:
-            o = off[rows, cols]
-            same_table = rows[1:] == rows[:-1]
-            res.fragmented_clusters += int(np.count_nonzero(same_table & (o[1:] != o[:-1] + cs)))
+        o = off[alloc]
+        if len(o) > 1:
+            frag = o[1:] != o[:-1] + cs
+            first_of_row = np.cumsum(per_row)[:-1]          # index in o of each table's first
+            first_of_row = first_of_row[(first_of_row > 0) & (first_of_row < len(o))]
+            frag[first_of_row - 1] = False                 # no comparison across tables
+            res.fragmented_clusters += int(np.count_nonzero(frag))
+        # COPIED must match "on-disk refcount == 1" for every data cluster of the active table
+        if img.has_data_file:
+            rcs_one = np.ones(n_alloc, bool)
+        else:
+            rcs_one = _refcount_of(disk, o, img.cluster_bits) == 1
+        flags = copied[alloc]
+        bad = np.flatnonzero(rcs_one != flags)
+        if len(bad):
+            ents = e[alloc][bad]
+            for j in range(min(len(bad), MAX_MESSAGES)):
+                res.note("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d"
+                         % (int(ents[j]), 1 if rcs_one[bad[j]] else
+                            int(_refcount_of(disk, o[bad[j]:bad[j] + 1], img.cluster_bits)[0])))
+            res.corruptions += len(bad)
     if not img.has_data_file:
-        calc.inc_many(off[alloc], cs)
-    if comp.any():
+        calc.inc_many(off[alloc] if not active else o, cs)
+    if any_comp:
         co, cz = compressed_extent(e[comp], img.cluster_bits)
         calc.inc_many(co, cz)
 
@@ -280,7 +380,8 @@ def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
     calc.inc(0, cs)
     # active L1
     calc.inc(h.l1_table_offset, h.l1_size * 8)
-    walk_l1(img, img.l1_table, calc, res, active=True)
+    disk = img.refcounts_all(calc.nb_clusters + 1)
+    walk_l1(img, img.l1_table, calc, res, active=True, disk=disk)
     # snapshots
     for i, sn in enumerate(img.snapshots):
         if img.version >= 3 and len(sn.extra_data) < 16:
@@ -331,82 +432,38 @@ def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
         if calc.counts[o >> img.cluster_bits] != 1:
             res.note("ERROR refcount block %d refcount=%d" % (i, int(calc.counts[o >> img.cluster_bits])))
             res.corruptions += 1
-    # compare
+    # compare the computed counts with the on-disk refcounts
     n = calc.nb_clusters + (1 if calc.counts[calc.nb_clusters] else 0)
-    ondisk = img.refcounts_all(n)
-    disk = np.zeros(n, dtype=np.uint64)
-    m = min(n, len(ondisk))
-    disk[:m] = ondisk[:m]
-    del ondisk
-    comp = calc.counts[:n].astype(np.uint64)
+    comp = calc.counts[:n]
+    if len(disk) < n:
+        disk = np.concatenate([disk, np.zeros(n - len(disk), disk.dtype)])
+    disk = disk[:n]
     maxref = (1 << img.refcount_bits) - 1
-    over = comp > maxref
-    if over.any():
-        res.corruptions += int(over.sum())
-        res.note("ERROR: overflow of refcounts for %d clusters" % int(over.sum()))
-    nz = np.flatnonzero((disk > 0) | (comp > 0))
-    if len(nz):
-        res.image_end_offset = (int(nz[-1]) + 1) * cs
-    diff = np.flatnonzero(disk != comp)
-    if len(diff):
-        err = diff[disk[diff] < comp[diff]]
-        leak = diff[disk[diff] > comp[diff]]
-        for i in err[:MAX_MESSAGES]:
-            res.note("ERROR cluster %d refcount=%d reference=%d" % (i, disk[i], comp[i]))
-        for i in leak[:MAX_MESSAGES]:
-            res.note("Leaked cluster %d refcount=%d reference=%d" % (i, disk[i], comp[i]))
-        res.corruptions += len(err)
-        res.leaks += len(leak)
-    del comp
-    _check_copied(img, disk, res)
+    step = 1 << 21          # compare in slices: bounded temporaries on huge images
+    last_used = -1
+    for lo in range(0, n, step):
+        d = disk[lo:lo + step]
+        c = comp[lo:lo + step]
+        if img.refcount_bits < 32:
+            over = c > maxref
+            if over.any():
+                res.corruptions += int(over.sum())
+                res.note("ERROR: overflow of refcounts for %d clusters" % int(over.sum()))
+        nz = np.flatnonzero((d != 0) | (c != 0))
+        if len(nz):
+            last_used = lo + int(nz[-1])
+        diff = np.flatnonzero(d != c)
+        if len(diff):
+            dd = d[diff].astype(np.uint64)
+            cc = c[diff].astype(np.uint64)
+            err = diff[dd < cc] + lo
+            leak = diff[dd > cc] + lo
+            for i in err[:MAX_MESSAGES]:
+                res.note("ERROR cluster %d refcount=%d reference=%d" % (i, disk[i], comp[i]))
+            for i in leak[:MAX_MESSAGES]:
+                res.note("Leaked cluster %d refcount=%d reference=%d" % (i, disk[i], comp[i]))
+            res.corruptions += len(err)
+            res.leaks += len(leak)
+    if last_used >= 0:
+        res.image_end_offset = (last_used + 1) * cs
     return res
-
-
-def _check_copied(img: Qcow2Image, disk: np.ndarray, res: CheckResult) -> None:
-    """COPIED must be set exactly where the on-disk refcount is 1 (active tables only)."""
-    cs = img.cluster_size
-    bits = img.cluster_bits
-
-    def refcount_of(offsets):
-        idx = offsets >> bits
-        out = np.zeros(len(idx), dtype=np.uint64)
-        ok = idx < len(disk)
-        out[ok] = disk[idx[ok]]
-        return out
-
-    l1 = img.l1_table
-    l2_off = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-    used = np.flatnonzero(l2_off)
-    if not len(used):
-        return
-    rc = refcount_of(l2_off[used])
-    flag = (l1[used] & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-    bad = (rc == 1) != flag
-    for i in np.flatnonzero(bad)[:MAX_MESSAGES]:
-        res.note("ERROR OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d"
-                 % (used[i], int(l1[used[i]]), int(rc[i])))
-    res.corruptions += int(bad.sum())
-    offs = l2_off[used]
-    offs = offs[offs % cs == 0]
-    per_batch = max(1, L2_BATCH_BYTES // cs)
-    for b in range(0, len(offs), per_batch):
-        tables = _read_tables(img, [int(o) for o in offs[b:b + per_batch]])
-        e = tables[:, 0::2] if img.extended_l2 else tables
-        e = e.reshape(-1)
-        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
-        copied = (e & np.uint64(C.QCOW_OFLAG_COPIED)) != 0
-        off = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        alloc = (off != 0) & ~comp
-        if img.has_data_file:
-            alloc = ((off != 0) | copied) & ~comp
-            rcs = np.ones(int(alloc.sum()), np.uint64)
-        else:
-            rcs = refcount_of(off[alloc])
-        bad = (rcs == 1) != copied[alloc]
-        nb = int(bad.sum())
-        if nb:
-            ents = e[alloc][bad]
-            for j in range(min(nb, MAX_MESSAGES)):
-                res.note("ERROR OFLAG_COPIED data cluster: l2_entry=%x refcount=%d"
-                         % (int(ents[j]), int(rcs[bad][j])))
-            res.corruptions += nb

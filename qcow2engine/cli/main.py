@@ -168,14 +168,14 @@ def _open_chain(path, fmt, force_share, backing=True, for_io=True):
 def cmd_info(args) -> int:
     from ..info import image_info, human_info
     from ..qjson import dumps
-    chain = _open_chain(args.filename, args.fmt, args.force_share, backing=args.backing_chain,
-                        for_io=False)
+    from ..backing import walk_chain
+    files, _ = walk_chain(args.filename, args.fmt, backing=args.backing_chain,
+                          lock=not args.force_share, for_io=False)
     try:
-        docs = []
-        for i, layer in enumerate(chain.layers):
-            docs.append(image_info(layer, args.filename if i == 0 else layer.path))
+        docs = [image_info(f, args.filename if i == 0 else f.path) for i, f in enumerate(files)]
     finally:
-        chain.close()
+        for f in files:
+            f.close()
     if args.output == "json":
         sys.stdout.write(dumps(docs if args.backing_chain else docs[0]) + "\n")
     else:
@@ -288,7 +288,8 @@ def cmd_create(args) -> int:
     if o.size is None and not o.backing_file:
         raise CreateError("Image creation needs a size parameter")
     if o.size is None:
-        from ..chain import open_layer, resolve_backing
+        from ..chain import open_layer
+        from ..backing import resolve_backing
         layer = open_layer(resolve_backing(args.filename, o.backing_file), o.backing_fmt, lock=False)
         o.size = layer.size
         layer.close()
@@ -305,7 +306,7 @@ def _create_with(path, o, fmt):
         create_raw(path, o.size, o.preallocation)
     else:
         if o.backing_file:
-            from ..chain import has_protocol
+            from ..backing import has_protocol
             from ..errors import ChainError
             if has_protocol(o.backing_file):
                 raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)

@@ -101,41 +101,35 @@ class Qcow2Layer(Layer):
         c1 = -(-end // cs)
         per_l2 = img.l2_entries
         l1 = img.l1_table
-        pieces = []
+        words = 2 if img.extended_l2 else 1
+        # Gather the L2 entries of [c0, c1) into one array (zeros where no L2 table), then
+        # classify and group them in one vectorised pass.
+        n = c1 - c0
+        ent = None
         i0 = c0 // per_l2
         i1 = (c1 - 1) // per_l2
         for i in range(i0, i1 + 1):
-            a = max(c0, i * per_l2) - i * per_l2
-            b = min(c1, (i + 1) * per_l2) - i * per_l2
-            first = (i * per_l2 + a) * cs
-            ent = int(l1[i]) if i < len(l1) else 0
-            l2off = ent & C.L1E_OFFSET_MASK
+            l2off = (int(l1[i]) if i < len(l1) else 0) & C.L1E_OFFSET_MASK
             if l2off == 0:
-                pieces.append((np.array([first], np.int64), np.array([E.UNALLOC_PLAIN], np.uint8),
-                               np.zeros(1, np.int64)))
                 continue
             if l2off % cs:
                 raise CorruptImageError("L2 table offset %#x unaligned (L1 index: %#x)" % (l2off, i))
-            table = img.read_l2(l2off)
-            if img.extended_l2:
-                k, h = E.classify_extended_l2(table[2 * a:2 * b], img.has_data_file, unit)
-            else:
-                k, h = E.classify_standard_l2(table[a:b], img.has_data_file)
-            pieces.append(rle(k, h, unit, first))
-        if len(pieces) == 1:
-            s, k, h = pieces[0]
+            a = max(c0, i * per_l2) - i * per_l2
+            b = min(c1, (i + 1) * per_l2) - i * per_l2
+            if ent is None:
+                ent = np.zeros(n * words, np.uint64)
+            dst = (i * per_l2 + a - c0) * words
+            ent[dst:dst + (b - a) * words] = img.read_l2(l2off)[a * words:b * words]
+        if ent is None:
+            s = np.array([c0 * cs], np.int64)
+            k = np.array([E.UNALLOC_PLAIN], np.uint8)
+            h = np.zeros(1, np.int64)
         else:
-            s = np.concatenate([p[0] for p in pieces])
-            k = np.concatenate([p[1] for p in pieces])
-            h = np.concatenate([p[2] for p in pieces])
-            # merge across piece borders
-            if len(s) > 1:
-                lens = np.diff(np.append(s, c1 * cs))
-                brk = np.ones(len(s), bool)
-                brk[1:] = (k[1:] != k[:-1]) | (E.OFFSET_KINDS[k[1:]] & (h[1:] != h[:-1] + lens[:-1])) \
-                    | (k[1:] == E.COMPRESSED)
-                idx = np.flatnonzero(brk)
-                s, k, h = s[idx], k[idx], h[idx]
+            if img.extended_l2:
+                kk, hh = E.classify_extended_l2(ent, img.has_data_file, unit)
+            else:
+                kk, hh = E.classify_standard_l2(ent, img.has_data_file)
+            s, k, h = rle(kk, hh, unit, c0 * cs)
         # clip the last run implicitly through end; clip the first explicitly
         keep = s < end
         s, k, h = s[keep], k[keep], h[keep]

@@ -62,7 +62,7 @@ class Chain:
     # ------------------------------------------------------------ block status
     def window_size(self) -> int:
         unit = min(getattr(getattr(l, "image", None), "subcluster_size", 65536) for l in self.layers)
-        return max(unit << 20, 64 << 20)
+        return max(unit << 18, 64 << 20)
 
     def extents(self, start: int = 0, end: int | None = None) -> Extents:
         """Block status of [start, end) through the whole chain (see qemu-img map's model)."""
@@ -99,12 +99,22 @@ class Chain:
             lo, hi = int(us[0]), min(int(ue[-1]), layer.size)
             r = layer.runs(lo, hi) if hi > lo else None
             nxt = self.layers[d + 1].size if d + 1 < n else None
-            pts = [us, ue]
-            if r is not None:
-                pts.append(r.starts)
-            if nxt is not None and lo < nxt < int(ue[-1]):
-                pts.append(np.array([nxt], np.int64))
-            b = np.unique(np.concatenate(pts))
+            cut = nxt is not None and lo < nxt < int(ue[-1])
+            if len(us) == 1 and r is not None and len(r) and int(r.starts[0]) == lo:
+                # one interval covered by this layer's runs: already sorted and unique
+                b = r.starts
+                if cut:
+                    k = int(np.searchsorted(b, nxt))
+                    if k == len(b) or b[k] != nxt:
+                        b = np.insert(b, k, nxt)
+                b = np.append(b, ue[-1])
+            else:
+                pts = [us, ue]
+                if r is not None:
+                    pts.append(r.starts)
+                if cut:
+                    pts.append(np.array([nxt], np.int64))
+                b = np.unique(np.concatenate(pts))
             ss, se = b[:-1], b[1:]
             iu = np.searchsorted(us, ss, "right") - 1
             inside = (iu >= 0) & (ss < ue[np.maximum(iu, 0)])

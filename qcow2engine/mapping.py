@@ -37,10 +37,11 @@ def _flags(chain, ex):
     return present, zero, data, has_off
 
 
-def map_entries(chain, start: int = 0, length: int | None = None):
-    """Yield MapEntry objects for [start, start+length), merged as qemu-img merges them."""
+def map_batches(chain, start: int = 0, length: int | None = None):
+    """Yield merged map entries in batches of numpy arrays:
+    (starts, lengths, depth, present, zero, data, has_offset, offset)."""
     end = chain.size if length is None else min(chain.size, start + length)
-    pending = None
+    carry = None
     for ex in chain.iter_extents(start, end):
         if not len(ex):
             continue
@@ -54,21 +55,54 @@ def map_entries(chain, start: int = 0, length: int | None = None):
                    | (has_off[1:] & (hosts[1:] != hosts[:-1] + lens[:-1])))
         idx = np.flatnonzero(brk)
         ends = np.append(ex.starts[idx[1:]], ex.ends[-1])
-        for j, i in enumerate(idx):
-            e = MapEntry(int(ex.starts[i]), int(ends[j] - ex.starts[i]), int(ex.depth[i]),
-                         bool(present[i]), bool(zero[i]), bool(data[i]),
-                         int(hosts[i]) if has_off[i] else None,
-                         _layer_file(chain, int(ex.depth[i])))
-            if pending is not None and _mergeable(pending, e):
-                pending.length += e.length
-                continue
-            if pending is not None:
-                yield pending
-            pending = e
-    if pending is None:
-        yield MapEntry(start, 0, 0, False, False, False, None, chain.top.path)
+        b = [ex.starts[idx], ends - ex.starts[idx], ex.depth[idx], present[idx], zero[idx],
+             data[idx], has_off[idx], hosts[idx]]
+        if carry is not None:
+            if _mergeable_arr(carry, b):
+                b[1] = b[1].copy()
+                b[1][0] += carry[1][0]
+                b[0] = b[0].copy()
+                b[0][0] = carry[0][0]
+                b[7] = b[7].copy()
+                b[7][0] = carry[7][0]
+            else:
+                b = [np.concatenate([c, x]) for c, x in zip(carry, b)]
+        if len(b[0]) > 1:
+            yield [x[:-1] for x in b]
+        carry = [x[-1:] for x in b]
+    if carry is None:
+        z = np.zeros(1, np.int64)
+        f = np.zeros(1, bool)
+        yield [np.array([start]), z, z, f, f, f, f, z]
     else:
-        yield pending
+        yield carry
+
+
+def _mergeable_arr(a, b) -> bool:
+    if any(a[i][0] != b[i][0] for i in (2, 3, 4, 5, 6)):
+        return False
+    return not a[6][0] or a[7][0] + a[1][0] == b[7][0]
+
+
+def map_entries(chain, start: int = 0, length: int | None = None):
+    """Yield MapEntry objects for [start, start+length), merged as qemu-img merges them."""
+    for b in map_batches(chain, start, length):
+        for s, n, d, p, z, dt, h, o in zip(*(x.tolist() for x in b)):
+            yield MapEntry(s, n, d, p, z, dt, o if h else None, _layer_file(chain, d))
+
+
+def json_lines(batch) -> list:
+    """The qemu-img map --output=json lines of one batch (without separators)."""
+    s, n, d, p, z, dt, h, o = batch
+    code = (d.astype(np.int64) << 4) | (p.astype(np.int64) << 3) | (z.astype(np.int64) << 2) \
+        | (dt.astype(np.int64) << 1) | h.astype(np.int64)
+    uniq, inv = np.unique(code, return_inverse=True)
+    mids = np.array([', "depth": %d, "present": %s, "zero": %s, "data": %s%s'
+                     % (c >> 4, _b(c >> 3 & 1), _b(c >> 2 & 1), _b(c >> 1 & 1),
+                        ', "offset": ' if c & 1 else "") for c in uniq.tolist()], dtype=object)
+    tails = np.where(h, o, -1).tolist()
+    return ['{ "start": %d, "length": %d%s%s}' % (a, b_, m, t if t >= 0 else "")
+            for a, b_, m, t in zip(s.tolist(), n.tolist(), mids[inv].tolist(), tails)]
 
 
 def _layer_file(chain, depth: int) -> str:

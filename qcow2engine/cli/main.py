@@ -215,16 +215,19 @@ def cmd_check(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from ..mapping import map_entries, entry_json, entry_human
+    from ..mapping import map_entries, entry_human
     chain = _open_chain(args.filename, args.fmt, args.force_share)
     out = sys.stdout
     try:
         if args.output == "json":
+            from ..mapping import map_batches, json_lines
             first = True
             out.write("[")
-            for e in map_entries(chain, args.start_offset, args.max_length):
-                out.write(("" if first else ",\n") + entry_json(e))
-                first = False
+            for batch in map_batches(chain, args.start_offset, args.max_length):
+                lines = json_lines(batch)
+                if lines:
+                    out.write(("" if first else ",\n") + ",\n".join(lines))
+                    first = False
             out.write("]\n")
         else:
             out.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))

@@ -59,7 +59,16 @@ def open_file(path: str, fmt: str | None, *, lock: bool = True, writable: bool =
             raise InvalidImageError("Could not open '%s': No such file or directory" % path)
         fmt = "qcow2" if probe_is_qcow2(path) else "raw"
     if fmt == "qcow2":
-        return Qcow2Image(path, lock=lock, writable=writable)
+        img = Qcow2Image(path, lock=lock, writable=writable)
+        if writable and img.dirty:
+            # left dirty by a crash (lazy refcounts): repair before the first write, as QEMU does
+            try:
+                from .repair import repair_open_image
+                repair_open_image(img, "all", path)
+            except BaseException:
+                img.close()
+                raise
+        return img
     if fmt == "raw":
         return RawFile(path, writable=writable)
     raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)

@@ -53,10 +53,12 @@ class Qcow2Image:
     `extended_l2`, `refcount_order`, `backing_file`, `backing_format`, `data_file_name`.
     """
 
-    def __init__(self, path, *, fd: int | None = None, lock: bool = True, writable: bool = False):
+    def __init__(self, path, *, fd: int | None = None, lock: bool = True, writable: bool = False,
+                 allow_corrupt: bool = False):
         self.path = os.fspath(path)
         self._own_fd = fd is None
         self.writable = writable
+        self._allow_corrupt = allow_corrupt
         mode = os.O_RDWR if writable else os.O_RDONLY
         try:
             self.fd = os.open(self.path, mode | os.O_CLOEXEC) if fd is None else fd
@@ -238,7 +240,7 @@ class Qcow2Image:
 
     def _prepare_for_write(self) -> None:
         """Refuse corrupt images; clear unknown autoclear bits (docs: "autoclear features")."""
-        if self.corrupt:
+        if self.corrupt and not self._allow_corrupt:
             raise CorruptImageError("'%s' is marked corrupt; repair it with 'check -r all' "
                                     "before writing" % self.path)
         h = self.header

@@ -370,9 +370,15 @@ def _check_l2_batch(img, tables: np.ndarray, calc, res, active: bool, disk=None)
         calc.inc_many(co, cz)
 
 
-def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
-    """Read-only consistency check, numerically identical to `qemu-img check`."""
+def check_image(img: Qcow2Image, filename: str | None = None, keep: bool = False) -> CheckResult:
+    """Read-only consistency check, numerically identical to `qemu-img check`.
+
+    With keep, the result also carries the computed counts (`res.calc`), the on-disk
+    refcounts (`res.disk`) and whether the refcount structure must be rebuilt
+    (`res.rebuild`), for repair.
+    """
     res = CheckResult(filename=filename if filename is not None else img.path)
+    res.rebuild = False
     h = img.header
     cs = img.cluster_size
     res.total_clusters = -(-img.size // cs)
@@ -423,15 +429,18 @@ def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
         if o % cs:
             res.note("ERROR refcount block %d is not cluster aligned; refcount table entry corrupted" % i)
             res.corruptions += 1
+            res.rebuild = True
             continue
         if (o >> img.cluster_bits) >= calc.nb_clusters:
             res.note("ERROR refcount block %d is outside image" % i)
             res.corruptions += 1
+            res.rebuild = True
             continue
         calc.inc(o, cs)
         if calc.counts[o >> img.cluster_bits] != 1:
             res.note("ERROR refcount block %d refcount=%d" % (i, int(calc.counts[o >> img.cluster_bits])))
             res.corruptions += 1
+            res.rebuild = True
     # compare the computed counts with the on-disk refcounts
     n = calc.nb_clusters + (1 if calc.counts[calc.nb_clusters] else 0)
     comp = calc.counts[:n]
@@ -466,4 +475,7 @@ def check_image(img: Qcow2Image, filename: str | None = None) -> CheckResult:
             res.leaks += len(leak)
     if last_used >= 0:
         res.image_end_offset = (last_used + 1) * cs
+    if keep:
+        res.calc = calc
+        res.disk = disk
     return res

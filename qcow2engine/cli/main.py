@@ -186,8 +186,8 @@ def cmd_info(args) -> int:
 def cmd_check(args) -> int:
     from ..chain import open_layer
     from ..qjson import dumps
-    if args.repair:
-        _err("check -r is not supported yet (read-only check only)")
+    if args.repair and args.force_share:
+        _err("force-share=on can only be used with read-only images")
         return 1
     layer = open_layer(args.filename, args.fmt, lock=not args.force_share)
     try:
@@ -197,8 +197,13 @@ def cmd_check(args) -> int:
         if layer.image.backing_file:
             # qemu-img check opens the whole chain: a broken chain fails the check
             _open_chain(args.filename, args.fmt, args.force_share, for_io=False).close()
-        from ..refcounts import check_image
-        res = check_image(layer.image, args.filename)
+        if args.repair:
+            layer.close()
+            from ..repair import repair_image
+            res = repair_image(args.filename, args.repair, args.filename)
+        else:
+            from ..refcounts import check_image
+            res = check_image(layer.image, args.filename)
     finally:
         layer.close()
     for m in res.messages:

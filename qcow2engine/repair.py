@@ -1,0 +1,232 @@
+"""`check -r leaks|all`: repair refcounts, COPIED flags and broken mappings.
+
+The repair works from the same computation as `check`:
+
+1. (all) L2/L1 entries that point past the end of the file, or at unaligned host offsets,
+   are dropped: the guest cluster reads as zeros (v3 zero flag) instead of as garbage.
+2. Refcounts are set to the computed reference counts: leaked clusters only with `leaks`,
+   every mismatch with `all`.  When the refcount structure itself cannot be trusted
+   (misaligned, outside the file or shared refcount blocks) it is rebuilt from scratch in
+   new clusters and switched in with one header write.
+3. (all) COPIED flags of the active tables are set exactly where the refcount is 1.
+4. The dirty and corrupt bits are cleared, and the image is checked again; the result has
+   the second check's counts with the first pass's `*_fixed` numbers, as qemu-img reports.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from . import fileio
+from .format import constants as C
+from .format.entries import encode_refblock, to_be64
+from .image import Qcow2Image
+from .meta import HDR_REFTABLE, MetaWriter
+from .refcounts import CheckResult, check_image
+
+COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
+
+
+def repair_image(path: str, mode: str, filename: str | None = None) -> CheckResult:
+    """Repair the image at path; mode is "leaks" or "all"."""
+    img = Qcow2Image(path, writable=True, allow_corrupt=True)
+    try:
+        return repair_open_image(img, mode, filename if filename is not None else path)
+    finally:
+        img.close()
+
+
+def repair_open_image(img: Qcow2Image, mode: str, filename: str) -> CheckResult:
+    fix_errors = mode == "all"
+    dropped = _drop_wild_entries(img) if fix_errors else 0
+    first = check_image(img, filename, keep=True)
+    corruptions_fixed = dropped
+    leaks_fixed = 0
+    meta = MetaWriter(img)
+    calc, disk = first.calc, first.disk
+    n = len(disk)
+    comp = calc.counts[:n].astype(np.int64)
+    dsk = disk.astype(np.int64)
+    if fix_errors and first.rebuild:
+        _rebuild(img, calc)
+        corruptions_fixed += int(np.count_nonzero(dsk < comp)) + 1
+        leaks_fixed += int(np.count_nonzero(dsk > comp))
+        meta = MetaWriter(img)
+    else:
+        leak = np.flatnonzero(dsk > comp)
+        err = np.flatnonzero(dsk < comp) if fix_errors else np.zeros(0, np.int64)
+        for idx in (leak, err):
+            if not len(idx):
+                continue
+            delta = comp[idx] - dsk[idx]
+            for d in np.unique(delta):
+                meta.change(idx[delta == d], int(d))
+        meta.commit()
+        leaks_fixed += len(leak)
+        corruptions_fixed += len(err)
+    if fix_errors:
+        corruptions_fixed += _fix_copied(img, meta)
+    if corruptions_fixed or leaks_fixed:
+        img._reftable = None
+        img._l2_cache.clear()
+        img._l1 = None
+        res = check_image(img, filename)
+    else:
+        res = first
+        res.calc = res.disk = None
+    if not res.corruptions:
+        # consistent now: clear the dirty and corrupt bits (never while refcounts are bad)
+        meta.set_incompatible(C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT, False)
+        img.dirty = img.corrupt = False
+        fileio.fsync(img.fd)
+    res.corruptions_fixed = corruptions_fixed
+    res.leaks_fixed = leaks_fixed
+    return res
+
+
+def _drop_wild_entries(img: Qcow2Image) -> int:
+    """Replace L2 entries whose host cluster lies past the end of the file (by a cluster or
+    more) or is unaligned, in every L2 table reachable from any L1 table."""
+    cs = img.cluster_size
+    fsize = img.file_size
+    fixed = 0
+    l1s = [(img.l1_table, img.header.l1_table_offset)]
+    for sn in img.snapshots:
+        if sn.l1_table_offset % cs == 0 and sn.l1_size * 8 <= C.MAX_L1_SIZE_BYTES:
+            l1s.append((img.read_l1(sn.l1_table_offset, sn.l1_size), sn.l1_table_offset))
+    seen = set()
+    for l1, l1_off in l1s:
+        offs = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+        bad_l1 = np.flatnonzero((offs != 0) & ((offs % cs != 0) | (offs + cs - fsize >= cs)))
+        for i in bad_l1.tolist():
+            fileio.pwrite(img.fd, struct.pack(">Q", 0), l1_off + 8 * i)
+            l1[i] = 0
+            fixed += 1
+        for o in np.unique(offs[(offs != 0) & (offs % cs == 0) & (offs + cs - fsize < cs)]).tolist():
+            if o in seen:
+                continue
+            seen.add(o)
+            t = img.read_l2(o).copy()
+            e = t[0::2] if img.extended_l2 else t
+            comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+            host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+            if img.has_data_file:
+                bad = np.zeros(len(e), bool)
+            else:
+                bad = ~comp & (host != 0) & ((host % cs != 0) | (host + cs - fsize >= cs))
+            if comp.any():
+                from .format.entries import compressed_extent
+                co, cz = compressed_extent(e[comp], img.cluster_bits)
+                cbad = np.zeros(len(e), bool)
+                cbad[np.flatnonzero(comp)] = (co + cz - fsize >= cs)
+                bad |= cbad
+            if not bad.any():
+                continue
+            repl = np.uint64(C.QCOW_OFLAG_ZERO) if (img.version >= 3 and not img.extended_l2) else np.uint64(0)
+            e[bad] = repl
+            if img.extended_l2:
+                t[0::2] = e
+                t[1::2][bad] = np.uint64(0xFFFFFFFF00000000)
+            fileio.pwrite(img.fd, to_be64(t), o)
+            img._l2_cache[o] = t
+            fixed += int(bad.sum())
+    if fixed:
+        fileio.fsync(img.fd)
+        img._l1 = None
+    return fixed
+
+
+def _fix_copied(img: Qcow2Image, meta: MetaWriter) -> int:
+    """Set COPIED exactly where the refcount is 1, in the active L1 and its L2 tables."""
+    cs = img.cluster_size
+    bits = img.cluster_bits
+    l1 = img.l1_table
+    fixed = 0
+    l2_off = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+    used = np.flatnonzero((l2_off != 0) & (l2_off % cs == 0))
+    changed_l1 = []
+    if len(used):
+        rc = meta.get(l2_off[used] >> bits)
+        want = rc == 1
+        have = (l1[used] & COPIED) != 0
+        for j in np.flatnonzero(want != have).tolist():
+            i = int(used[j])
+            l1[i] = (l1[i] | COPIED) if want[j] else (l1[i] & ~COPIED)
+            changed_l1.append(i)
+            fixed += 1
+    for i in used.tolist():
+        o = int(l2_off[i])
+        t = img.read_l2(o).copy()
+        e = t[0::2] if img.extended_l2 else t
+        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+        host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+        if img.has_data_file:
+            alloc = ~comp & ((host != 0) | ((e & COPIED) != 0))
+            want = np.ones(int(alloc.sum()), bool)
+        else:
+            alloc = ~comp & (host != 0)
+            want = meta.get(host[alloc] >> bits) == 1
+        have = (e[alloc] & COPIED) != 0
+        bad = want != have
+        comp_copied = comp & ((e & COPIED) != 0)
+        if not bad.any() and not comp_copied.any():
+            continue
+        idx = np.flatnonzero(alloc)[bad]
+        e[idx] = np.where(want[bad], e[idx] | COPIED, e[idx] & ~COPIED)
+        e[comp_copied] &= ~COPIED
+        if img.extended_l2:
+            t[0::2] = e
+        fileio.pwrite(img.fd, to_be64(t), o)
+        img._l2_cache[o] = t
+        fixed += int(bad.sum()) + int(comp_copied.sum())
+    if changed_l1:
+        meta.write_l1_entries(l1, changed_l1)
+    fileio.fsync(img.fd)
+    return fixed
+
+
+def _rebuild(img: Qcow2Image, calc) -> None:
+    """Write a new refcount table and blocks from the computed counts, after the end of
+    everything in use, and switch the header to them."""
+    cs = img.cluster_size
+    bits = img.cluster_bits
+    h = img.header
+    counts = calc.counts.astype(np.uint64)
+    # the old refcount structures are not kept: drop their references
+    rt_first = h.refcount_table_offset >> bits
+    counts[rt_first:rt_first + h.refcount_table_clusters] = 0
+    rt = img.refcount_table
+    for o in (rt & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64).tolist():
+        if o and o % cs == 0 and (o >> bits) < len(counts):
+            if counts[o >> bits]:
+                counts[o >> bits] -= np.uint64(1)
+    used = np.flatnonzero(counts)
+    end = max(int(used[-1]) + 1 if len(used) else 1, img.file_clusters)
+    per_block = cs * 8 // img.refcount_bits
+    nb_rb, rt_clusters = 1, 1
+    while True:
+        total = end + nb_rb + rt_clusters
+        need_rb = -(-total // per_block)
+        need_rt = -(-need_rb * 8 // cs)
+        if need_rb <= nb_rb and need_rt <= rt_clusters:
+            break
+        nb_rb, rt_clusters = max(nb_rb, need_rb), max(rt_clusters, need_rt)
+    total = end + nb_rb + rt_clusters
+    full = np.zeros(nb_rb * per_block, np.uint64)
+    full[:min(len(counts), len(full))] = counts[:len(full)]
+    full[end:end + nb_rb + rt_clusters] = 1
+    table = np.zeros(rt_clusters * cs // 8, np.uint64)
+    for b in range(nb_rb):
+        off = (end + b) * cs
+        table[b] = np.uint64(off)
+        fileio.pwrite(img.fd, encode_refblock(full[b * per_block:(b + 1) * per_block],
+                                              img.refcount_order), off)
+    rt_off = (end + nb_rb) * cs
+    fileio.pwrite(img.fd, to_be64(table), rt_off)
+    fileio.fsync(img.fd)
+    fileio.pwrite(img.fd, struct.pack(">QI", rt_off, rt_clusters), HDR_REFTABLE)
+    fileio.fsync(img.fd)
+    h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_clusters
+    img._reftable = table
+    img.file_size = max(img.file_size, total * cs)

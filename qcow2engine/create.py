@@ -245,7 +245,8 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
         table = b"".join(struct.pack(">BB46s", t, bit, name.encode())
                          for (t, bit, name) in _feature_table())
         with_table = exts + [Extension(C.EXT_FEATURE_TABLE, table)]
-        if hdr.header_length + len(build_extensions(with_table)) + len(backing) < cs:
+        # qemu-img 7.2 writes the feature-name table only with clusters of 8 KiB and more
+        if cs >= 8192 and hdr.header_length + len(build_extensions(with_table)) + len(backing) < cs:
             exts = with_table
     ext_bytes = build_extensions(exts)
     if o.backing_file:

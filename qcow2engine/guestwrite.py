@@ -87,6 +87,8 @@ class GuestWriter:
             b = offset + length
         if b <= a:
             return
+        if self.img.version < 3 and len(self.chain.layers) > 1:
+            return      # v2 has no zero flag: freeing would expose the backing file (QEMU: no-op)
         if self.img.has_data_file:
             self._write_zero_data(a, b - a)
             return

@@ -295,12 +295,20 @@ def cmd_create(args) -> int:
         raise CreateError("Backing file specified without backing format")
     if o.size is None and not o.backing_file:
         raise CreateError("Image creation needs a size parameter")
-    if o.size is None:
-        from ..chain import open_layer
-        from ..backing import resolve_backing
-        layer = open_layer(resolve_backing(args.filename, o.backing_file), o.backing_fmt, lock=False)
-        o.size = layer.size
-        layer.close()
+    if o.backing_file and (o.size is None or not args.unsafe):
+        # like qemu-img: the backing file must open (and gives the size when none is given)
+        from ..backing import open_file, resolve_backing, has_protocol
+        from ..errors import ChainError, InvalidImageError
+        if has_protocol(o.backing_file):
+            raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
+        bpath = resolve_backing(args.filename, o.backing_file)
+        try:
+            f = open_file(bpath, o.backing_fmt, lock=False)
+        except InvalidImageError as e:
+            raise ChainError("Could not open backing image: %s" % e) from None
+        if o.size is None:
+            o.size = f.size
+        f.close()
     if not args.quiet:
         sys.stdout.write(formatting_line(args.filename, o, args.fmt) + "\n")
         sys.stdout.flush()

@@ -113,6 +113,21 @@ def build_parser():
     s.add_argument("filename")
     s.add_argument("size", nargs="?")
 
+    s = sub.add_parser("resize", help="change the virtual size of an image")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("--shrink", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("--preallocation", default="off")
+    s.add_argument("filename")
+    s.add_argument("size")
+
+    s = sub.add_parser("amend", help="change image options (compat, lazy_refcounts, refcount_bits)")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("-o", dest="options", action="append", default=[])
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("-p", dest="progress", action="store_true")
+    s.add_argument("filename")
+
     s = sub.add_parser("io", help="run qemu-io style commands (read/write/discard)")
     s.add_argument("-f", dest="fmt")
     s.add_argument("-c", dest="commands", action="append", default=[])
@@ -328,6 +343,37 @@ def _create_with(path, o, fmt):
                 raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
         validate(o)
         create_qcow2(path, o)
+
+
+def cmd_resize(args) -> int:
+    from ..create import parse_size
+    from ..resize import resize_image
+    from ..backing import open_file
+    text = args.size
+    if text[:1] in "+-":
+        f = open_file(args.filename, args.fmt, lock=False)
+        cur = f.size
+        f.close()
+        delta = parse_size(text[1:])
+        new = cur + delta if text[0] == "+" else cur - delta
+    else:
+        new = parse_size(text)
+    if new < 0:
+        _err("New image size must be positive")
+        return 1
+    resize_image(args.filename, new, shrink=args.shrink, fmt=args.fmt)
+    if not args.quiet:
+        sys.stdout.write("Image resized.\n")
+    return 0
+
+
+def cmd_amend(args) -> int:
+    from ..amend import amend_image
+    if not args.options:
+        _err("Must specify options (-o)")
+        return 1
+    amend_image(args.filename, ",".join(args.options))
+    return 0
 
 
 def cmd_io(args) -> int:

@@ -1,0 +1,212 @@
+"""`amend -o compat=...,lazy_refcounts=...,refcount_bits=...`: change image options in place.
+
+- lazy_refcounts: the compatible feature bit (v3 only); turning it off repairs a dirty image.
+- refcount_bits: every refcount block is rewritten with the new width into new clusters; the
+  header switches to the new table and order in one write; then the old structures are freed.
+- compat: 1.1 -> 0.10 expands zero clusters (the format has no zero flag) and needs 16-bit
+  refcounts and no v3-only features; 0.10 -> 1.1 writes the v3 header fields.  The header
+  cluster is rewritten in one write.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import fileio
+from .errors import Qcow2Error
+from .format import constants as C
+from .format.entries import encode_refblock, to_be64
+from .format.header import Extension, build_extensions, build_header
+from .image import Qcow2Image
+
+
+class AmendError(Qcow2Error):
+    pass
+
+
+def amend_image(path: str, options) -> None:
+    from .create import parse_options, CreateOptions
+    spec = parse_options(options, CreateOptions())
+    allowed = {"compat", "lazy_refcounts", "refcount_bits", "size"}
+    bad = [k for k in spec.given if k not in allowed]
+    if bad:
+        raise AmendError("Changing the option '%s' is not supported" % bad[0])
+    from .backing import open_file
+    img = open_file(path, "qcow2", writable=True)
+    try:
+        if "size" in spec.given:
+            from .resize import resize_qcow2
+            resize_qcow2(img, spec.size, shrink=True)
+        if "refcount_bits" in spec.given and spec.refcount_bits != img.refcount_bits:
+            if img.version < 3 and spec.refcount_bits != 16 and spec.compat != "1.1":
+                raise AmendError("Different refcount widths than 16 bits require compatibility "
+                                 "level 1.1 or above (use compat=1.1 or greater)")
+            if img.version < 3:
+                _upgrade(img)
+            _change_refcount_order(img, spec.refcount_bits.bit_length() - 1)
+        if "compat" in spec.given:
+            if spec.compat == "1.1" and img.version < 3:
+                _upgrade(img)
+            elif spec.compat == "0.10" and img.version >= 3:
+                _downgrade(img)
+        if "lazy_refcounts" in spec.given:
+            if img.version < 3 and spec.lazy_refcounts:
+                raise AmendError("Lazy refcounts only supported with compatibility level 1.1 "
+                                 "and above (use compat=1.1 or greater)")
+            if img.version >= 3:
+                h = img.header
+                if spec.lazy_refcounts:
+                    h.compatible_features |= C.COMPAT_LAZY_REFCOUNTS
+                else:
+                    h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
+                _write_header_cluster(img)
+    finally:
+        img.close()
+
+
+def _write_header_cluster(img: Qcow2Image) -> None:
+    """Rewrite the header, its extensions and the backing name in one write."""
+    h = img.header
+    exts = [e for e in img.extensions]
+    ext_bytes = build_extensions(exts) if (exts or img.version >= 3 or img.backing_file) else b""
+    backing = img.backing_file.encode() if img.backing_file else b""
+    body = build_header(h)
+    if img.version < 3:
+        body = body[:C.V2_HEADER_SIZE]
+    if backing:
+        h.backing_file_offset = len(body) + len(ext_bytes)
+        h.backing_file_size = len(backing)
+        body = build_header(h)[:len(body)]
+    data = body + ext_bytes + backing
+    if len(data) > img.cluster_size:
+        raise AmendError("The header does not fit in the first cluster")
+    fileio.pwrite(img.fd, data, 0)
+    fileio.fsync(img.fd)
+
+
+def _upgrade(img: Qcow2Image) -> None:
+    h = img.header
+    h.version = 3
+    h.header_length = 112
+    h.refcount_order = 4
+    img.version = 3
+    if not any(e.type == C.EXT_FEATURE_TABLE for e in img.extensions) and img.cluster_size >= 8192:
+        import struct
+        kinds = {"incompatible": 0, "compatible": 1, "autoclear": 2}
+        table = b"".join(struct.pack(">BB46s", kinds[k], bit, name.encode())
+                         for (k, bit), name in C.FEATURE_NAMES.items())
+        img.extensions.append(Extension(C.EXT_FEATURE_TABLE, table))
+    _write_header_cluster(img)
+
+
+def _downgrade(img: Qcow2Image) -> None:
+    h = img.header
+    if img.refcount_bits != 16:
+        raise AmendError("compat=0.10 requires refcount_bits=16")
+    if img.extended_l2 or img.has_data_file or h.compression_type != 0:
+        raise AmendError("Cannot downgrade an image with extended L2 entries, an external data "
+                         "file or zstd compression")
+    if img.bitmaps:
+        raise AmendError("Cannot downgrade an image with persistent bitmaps")
+    if img.dirty:
+        raise AmendError("Cannot downgrade a dirty image; repair it first")
+    _expand_zero_clusters(img)
+    h.version = 2
+    h.header_length = C.V2_HEADER_SIZE
+    h.incompatible_features = h.compatible_features = h.autoclear_features = 0
+    img.version = 2
+    img.extensions = [e for e in img.extensions if e.type in (C.EXT_BACKING_FORMAT,)] + \
+        [e for e in img.unknown_extensions]
+    _write_header_cluster(img)
+
+
+def _expand_zero_clusters(img: Qcow2Image) -> None:
+    """v2 has no zero flag: zero clusters become real zero data (or unallocated when nothing
+    lies below them).  Snapshots' tables are handled like the active one."""
+    from .meta import MetaWriter
+    meta = MetaWriter(img)
+    cs = img.cluster_size
+    has_backing = bool(img.backing_file)
+    from collections import Counter
+    tables = Counter()          # L2 table -> number of L1 tables that reach it
+    l1s = [img.l1_table] + [img.read_l1(s.l1_table_offset, s.l1_size) for s in img.snapshots]
+    for l1 in l1s:
+        offs = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+        tables.update(int(o) for o in offs[offs != 0])
+    for o, paths in sorted(tables.items()):
+        t = img.read_l2(o).copy()
+        zero = (t & np.uint64(C.QCOW_OFLAG_ZERO)) != 0
+        if not zero.any():
+            continue
+        host = (t & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+        alloc = zero & (host != 0)
+        plain = zero & (host == 0)
+        # preallocated zero clusters: write zeros into them and keep them as data
+        for hst in host[alloc].tolist():
+            fileio.pwrite(img.fd, bytes(cs), hst)
+        if plain.any() and has_backing:
+            newc = meta.allocate(int(plain.sum()))
+            if paths > 1:
+                meta.change(newc, paths - 1)     # every L1 path through this table counts
+            meta.commit()
+            new = newc * cs
+            for hst in new.tolist():
+                fileio.pwrite(img.fd, bytes(cs), hst)
+            flag = np.uint64(C.QCOW_OFLAG_COPIED) if paths == 1 else np.uint64(0)
+            t[np.flatnonzero(plain)] = new.astype(np.uint64) | flag
+        elif plain.any():
+            t[plain] = 0
+        t[alloc] &= ~np.uint64(C.QCOW_OFLAG_ZERO)
+        meta.flush()
+        meta.write_l2(o, t)
+    meta.flush()
+
+
+def _change_refcount_order(img: Qcow2Image, order: int) -> None:
+    """Rewrite all refcounts with a new width in new clusters, then switch and free."""
+    from .meta import MetaWriter
+    cs = img.cluster_size
+    bits = img.cluster_bits
+    old = MetaWriter(img)
+    counts = img.refcounts_all().astype(np.uint64)
+    if counts.size and int(counts.max()) >= (1 << (1 << order)):
+        raise AmendError("Cannot change refcount_bits to %d: some refcounts are too large"
+                         % (1 << order))
+    end = max(int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 1, img.file_clusters)
+    per_block = cs * 8 // (1 << order)
+    nb_rb, rt_clusters = 1, 1
+    while True:
+        total = end + nb_rb + rt_clusters
+        need_rb = -(-total // per_block)
+        need_rt = -(-need_rb * 8 // cs)
+        if need_rb <= nb_rb and need_rt <= rt_clusters:
+            break
+        nb_rb, rt_clusters = max(nb_rb, need_rb), max(rt_clusters, need_rt)
+    full = np.zeros(nb_rb * per_block, np.uint64)
+    full[:len(counts)] = counts
+    full[end:end + nb_rb + rt_clusters] = 1
+    # the old structures stay counted until they are freed below
+    table = np.zeros(rt_clusters * cs // 8, np.uint64)
+    for b in range(nb_rb):
+        off = (end + b) * cs
+        table[b] = np.uint64(off)
+        fileio.pwrite(img.fd, encode_refblock(full[b * per_block:(b + 1) * per_block], order), off)
+    rt_off = (end + nb_rb) * cs
+    fileio.pwrite(img.fd, to_be64(table), rt_off)
+    fileio.fsync(img.fd)
+    h = img.header
+    old_rt = (h.refcount_table_offset, h.refcount_table_clusters)
+    old_blocks = [int(x) & C.REFT_OFFSET_MASK for x in img.refcount_table.tolist()]
+    h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_clusters
+    h.refcount_order = order
+    fileio.pwrite(img.fd, build_header(h)[:h.header_length], 0)   # one write switches both
+    fileio.fsync(img.fd)
+    img.refcount_order = order
+    img.refcount_bits = 1 << order
+    img._reftable = table
+    img.file_size = max(img.file_size, (end + nb_rb + rt_clusters) * cs)
+    del old
+    meta = MetaWriter(img)
+    freed = [o >> bits for o in old_blocks if o] + \
+        list(range(old_rt[0] >> bits, (old_rt[0] >> bits) + old_rt[1]))
+    meta.free(np.array(sorted(set(freed)), np.int64))
+    meta.commit()

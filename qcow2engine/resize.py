@@ -1,0 +1,145 @@
+"""`resize`: change the virtual size of a qcow2 (or raw) image, crash-safely.
+
+Growing a qcow2 image that needs a bigger L1 table writes the new table in new clusters,
+then switches size, L1 size and L1 offset with a single header write (they share one
+sector), then frees the old table.  Shrinking (only with shrink=True, like qemu-img's
+--shrink) first writes the smaller size, then drops the L2 entries and tables past it, then
+frees their clusters: a crash at any point leaves the old or the new image, leaks at most.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from . import fileio
+from .errors import Qcow2Error
+from .format import constants as C
+from .format.entries import compressed_extent, to_be64
+from .image import Qcow2Image, probe_is_qcow2
+from .meta import HDR_SIZE, MetaWriter
+
+
+class ResizeError(Qcow2Error):
+    pass
+
+
+def resize_image(path: str, size: int, *, shrink: bool = False, fmt: str | None = None) -> None:
+    if fmt is None:
+        fmt = "qcow2" if probe_is_qcow2(path) else "raw"
+    if fmt == "raw":
+        from .backing import RawFile
+        from .locking import lock_for_write
+        f = RawFile(path, writable=True)
+        try:
+            lock_for_write(f.fd, path)
+            if size < f.file_size and not shrink:
+                raise ResizeError("Use the --shrink option to perform a shrink operation.")
+            fileio.ftruncate(f.fd, size)
+        finally:
+            f.close()
+        return
+    from .backing import open_file
+    img = open_file(path, "qcow2", writable=True)
+    try:
+        resize_qcow2(img, size, shrink=shrink)
+    finally:
+        img.close()
+
+
+def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
+    if size % 512:
+        raise ResizeError("The new size must be a multiple of 512")
+    if img.encrypted:
+        raise ResizeError("Resizing encrypted images is not supported")
+    if size == img.size:
+        return
+    if img.version < 3 and img.snapshots:
+        raise ResizeError("Can't resize a v2 image which has snapshots")
+    if size < img.size and not shrink:
+        raise ResizeError("Use the --shrink option to perform a shrink operation.")
+    cs = img.cluster_size
+    per_l2 = img.l2_entries
+    need_l1 = -(-size // (per_l2 * cs))
+    if need_l1 * 8 > C.MAX_L1_SIZE_BYTES:
+        raise ResizeError("The image size is too large for file format 'qcow2'")
+    meta = MetaWriter(img)
+    h = img.header
+    if size > img.size:
+        if need_l1 > h.l1_size:
+            old_off, old_n = h.l1_table_offset, h.l1_size
+            l1 = np.zeros(need_l1, np.uint64)
+            l1[:old_n] = img.l1_table
+            first = int(meta.allocate(-(-need_l1 * 8 // cs), contiguous=True)[0])
+            meta.commit()
+            new_off = first * cs
+            fileio.pwrite(img.fd, to_be64(l1), new_off)
+            meta.flush()
+            fileio.pwrite(img.fd, struct.pack(">QIIQ", size, h.crypt_method, need_l1, new_off), HDR_SIZE)
+            meta.flush()
+            h.size, h.l1_size, h.l1_table_offset = size, need_l1, new_off
+            img._l1 = l1
+            if old_n:
+                a = old_off >> img.cluster_bits
+                meta.free(np.arange(a, a + -(-old_n * 8 // cs), dtype=np.int64))
+                meta.commit()
+        else:
+            fileio.pwrite(img.fd, struct.pack(">Q", size), HDR_SIZE)
+            meta.flush()
+            h.size = size
+        img.size = size
+        return
+    # shrink: size first, then drop everything past it
+    fileio.pwrite(img.fd, struct.pack(">Q", size), HDR_SIZE)
+    meta.flush()
+    h.size = img.size = size
+    first_gone = -(-size // cs)                # first guest cluster wholly past the end
+    l1 = img.l1_table
+    release = []
+    changed_l1 = []
+    words = 2 if img.extended_l2 else 1
+    for i in range(first_gone // per_l2, len(l1)):
+        l2off = int(l1[i]) & C.L1E_OFFSET_MASK
+        if not l2off:
+            continue
+        a = max(first_gone - i * per_l2, 0)
+        table = img.read_l2(l2off).copy()
+        e = table[a * words::words]
+        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+        host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+        if not img.has_data_file:
+            release.append(host[~comp & (host != 0)] >> img.cluster_bits)
+        if comp.any():
+            co, cz = compressed_extent(e[comp], img.cluster_bits)
+            for f, last in zip((co >> img.cluster_bits).tolist(),
+                               ((co + cz - 1) >> img.cluster_bits).tolist()):
+                release.append(np.arange(f, last + 1, dtype=np.int64))
+        shared = not (int(l1[i]) & C.QCOW_OFLAG_COPIED)
+        if a == 0:
+            l1[i] = 0
+            changed_l1.append(i)
+            release.append(np.array([l2off >> img.cluster_bits], np.int64))
+        else:
+            table[a * words:] = 0
+            if shared:
+                # a table shared with a snapshot is copied before it is changed
+                new = int(meta.allocate(1)[0]) * cs
+                meta.commit()
+                meta.write_l2(new, table)
+                l1[i] = np.uint64(new) | np.uint64(C.QCOW_OFLAG_COPIED)
+                changed_l1.append(i)
+                release.append(np.array([l2off >> img.cluster_bits], np.int64))
+            else:
+                meta.write_l2(l2off, table)
+    meta.flush()
+    if changed_l1:
+        meta.write_l1_entries(l1, changed_l1)
+        meta.flush()
+    if release:
+        clusters = np.concatenate(release)
+        uniq, counts = np.unique(clusters, return_counts=True)
+        for c in range(1, int(counts.max()) + 1 if len(counts) else 1):
+            meta.free(uniq[counts >= c])
+        meta.commit()
+    img.file_size = os.fstat(img.fd).st_size

@@ -82,11 +82,21 @@ def clip_runs(starts, kinds, hosts, start: int, end: int) -> Runs:
 class Qcow2Layer(Layer):
     format = "qcow2"
 
-    def __init__(self, image: Qcow2Image):
+    def __init__(self, image: Qcow2Image, snapshot=None):
         self.image = image
         self.path = image.path
         self.size = image.size
         self._prealloc = None
+        self._snap_l1 = None
+        if snapshot is not None:
+            # a read-only view of an internal snapshot: its own L1 table and disk size
+            self._snap_l1 = image.read_l1(snapshot.l1_table_offset, snapshot.l1_size)
+            if snapshot.disk_size is not None:
+                self.size = snapshot.disk_size
+
+    @property
+    def l1(self):
+        return self._snap_l1 if self._snap_l1 is not None else self.image.l1_table
 
     def close(self) -> None:
         self.image.close()
@@ -100,7 +110,7 @@ class Qcow2Layer(Layer):
         c0 = start // cs
         c1 = -(-end // cs)
         per_l2 = img.l2_entries
-        l1 = img.l1_table
+        l1 = self.l1
         words = 2 if img.extended_l2 else 1
         # Gather the L2 entries of [c0, c1) into one array (zeros where no L2 table), then
         # classify and group them in one vectorised pass.

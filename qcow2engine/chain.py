@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blockdev import Layer, Qcow2Layer, RawLayer
-from .errors import CorruptImageError, InvalidImageError
+from .errors import CorruptImageError, InvalidImageError, SnapshotError
 from .format import entries as E
 
 from .backing import RawFile, open_file, walk_chain
@@ -218,11 +218,30 @@ class Chain:
 
 
 def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
-               lock: bool = True, for_io: bool = True, writable: bool = False) -> Chain:
+               lock: bool = True, for_io: bool = True, writable: bool = False,
+               snapshot: str | None = None) -> Chain:
     """Open an image and its whole backing chain (relative names resolved per image).
 
     With for_io (the default) encrypted layers are refused: their data cannot be read.
+    snapshot ("NAME", "snapshot.name=NAME" or "snapshot.id=ID") gives the read-only guest
+    view of that internal snapshot of the top image.
     """
     files, warnings = walk_chain(path, fmt, backing=backing, lock=lock, for_io=for_io,
                                  writable=writable)
-    return Chain([_as_layer(f) for f in files], warnings)
+    layers = [_as_layer(f) for f in files]
+    if snapshot is not None:
+        top = layers[0]
+        if not isinstance(top, Qcow2Layer):
+            for f in files:
+                f.close()
+            raise SnapshotError("'%s' has no internal snapshots (raw image)" % path)
+        from .snapshots import find_snapshot
+        kind, _, key = snapshot.partition("=") if "=" in snapshot else ("", "", snapshot)
+        i = find_snapshot(top.image, key, by_id=kind in ("", "snapshot.id"),
+                          by_name=kind in ("", "snapshot.name"))
+        if i is None:
+            for f in files:
+                f.close()
+            raise SnapshotError("Failed to load snapshot: Can't find snapshot '%s'" % key)
+        layers[0] = Qcow2Layer(top.image, top.image.snapshots[i])
+    return Chain(layers, warnings)

@@ -53,6 +53,8 @@ class Qcow2Image:
     `extended_l2`, `refcount_order`, `backing_file`, `backing_format`, `data_file_name`.
     """
 
+    format = "qcow2"
+
     def __init__(self, path, *, fd: int | None = None, lock: bool = True, writable: bool = False,
                  allow_corrupt: bool = False):
         self.path = os.fspath(path)

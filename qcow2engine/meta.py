@@ -115,6 +115,52 @@ class MetaWriter:
         else:
             self.end = max(self.end, int(clusters.max()) + 1)
 
+    def add_many(self, clusters, delta: int) -> None:
+        """Add delta once per occurrence of each cluster index (duplicates allowed), on whole
+        refcount blocks at a time.  Raises before changing a block that would overflow."""
+        idx = np.asarray(clusters, np.int64)
+        if not len(idx):
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0:
+            raise CorruptImageError("negative cluster index")
+        per = self.per_block
+        if hi - lo <= 8 * len(idx) + (1 << 16):
+            cnt = np.bincount(idx - lo, minlength=hi - lo + 1)
+            base = lo
+        else:
+            u, c = np.unique(idx, return_counts=True)
+            for rb in np.unique(u // per).tolist():
+                m = (u // per) == rb
+                dense = np.zeros(per, np.int64)
+                dense[u[m] - rb * per] = c[m]
+                self._add_block(rb, 0, dense, delta)
+            return
+        for rb in range(lo // per, hi // per + 1):
+            a = max(lo, rb * per)
+            b = min(hi + 1, (rb + 1) * per)
+            part = cnt[a - base:b - base]
+            if part.any():
+                self._add_block(rb, a - rb * per, part, delta)
+
+    def _add_block(self, rb: int, start: int, counts: np.ndarray, delta: int) -> None:
+        arr = self._block(rb)
+        cur = arr[start:start + len(counts)].astype(np.int64)
+        new = cur + counts.astype(np.int64) * delta
+        if delta > 0 and int(new.max()) > self.max_ref:
+            raise RefcountOverflow("Refcount overflow: a cluster would need a reference count "
+                                   "above %d (refcount_bits=%d)" % (self.max_ref, self.img.refcount_bits))
+        if delta < 0 and int(new.min()) < 0:
+            raise CorruptImageError("Refcount underflow in refcount block %d" % rb)
+        arr[start:start + len(counts)] = new.astype(np.uint64)
+        self.dirty.add(rb)
+        if not self._has_home(rb):
+            self.homeless.add(rb)
+        if delta < 0:
+            freed = np.flatnonzero((new == 0) & (counts > 0))
+            if len(freed):
+                self.free_hint = min(self.free_hint, rb * self.per_block + start + int(freed[0]))
+
     # ------------------------------------------------------------ allocation
     def _free_runs(self, start: int):
         """Yield (first, length) runs of free clusters from start on; the last one is endless

@@ -100,6 +100,7 @@ def build_parser():
     s.add_argument("-t", dest="cache")
     s.add_argument("-T", dest="src_cache")
     s.add_argument("-U", "--force-share", action="store_true")
+    s.add_argument("-l", dest="snapshot")
     s.add_argument("filename")
     s.add_argument("output")
 
@@ -126,6 +127,17 @@ def build_parser():
     s.add_argument("-o", dest="options", action="append", default=[])
     s.add_argument("-q", dest="quiet", action="store_true")
     s.add_argument("-p", dest="progress", action="store_true")
+    s.add_argument("filename")
+
+    s = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("-l", dest="list", action="store_true")
+    g.add_argument("-c", dest="create")
+    g.add_argument("-a", dest="apply")
+    g.add_argument("-d", dest="delete")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("filename")
 
     s = sub.add_parser("io", help="run qemu-io style commands (read/write/discard)")
@@ -286,7 +298,8 @@ def cmd_convert(args) -> int:
     if args.out_fmt != "raw":
         _err("convert -O %s is not supported yet (raw only)" % args.out_fmt)
         return 1
-    chain = _open_chain(args.filename, args.fmt, args.force_share)
+    from ..chain import open_chain
+    chain = open_chain(args.filename, args.fmt, lock=not args.force_share, snapshot=args.snapshot)
     try:
         progress = _progress_printer() if args.progress and not args.quiet else None
         convert_to_raw(chain, args.output, min_sparse=args.sparse, progress=progress,
@@ -373,6 +386,42 @@ def cmd_amend(args) -> int:
         _err("Must specify options (-o)")
         return 1
     amend_image(args.filename, ",".join(args.options))
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    from ..backing import open_file
+    from ..errors import SnapshotError
+    writing = args.create is not None or args.apply is not None or args.delete is not None
+    if writing and args.force_share:
+        _err("force-share=on can only be used with read-only images")
+        return 1
+    f = open_file(args.filename, args.fmt, lock=not args.force_share, writable=writing)
+    try:
+        if f.format == "raw":
+            raise SnapshotError("Format driver 'raw' does not support internal snapshots")
+        from .. import snapshots as S
+        if args.create is not None:
+            try:
+                S.create_snapshot(f, args.create)
+            except SnapshotError as e:
+                raise SnapshotError("Could not create snapshot '%s': %s" % (args.create, e)) from None
+            except Exception as e:
+                from ..meta import RefcountOverflow
+                if isinstance(e, RefcountOverflow):
+                    raise SnapshotError("Could not create snapshot '%s': %s" % (args.create, e)) from None
+                raise
+        elif args.apply is not None:
+            S.apply_snapshot(f, args.apply)
+        elif args.delete is not None:
+            S.delete_snapshot(f, args.delete)
+        else:
+            from ..info import snapshot_info, snapshot_table_lines
+            snaps = [snapshot_info(sn) for sn in f.snapshots]
+            if snaps:
+                sys.stdout.write("Snapshot list:\n" + "\n".join(snapshot_table_lines(snaps)) + "\n")
+    finally:
+        f.close()
     return 0
 
 

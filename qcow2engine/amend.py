@@ -24,7 +24,7 @@ class AmendError(Qcow2Error):
 
 
 def amend_image(path: str, options) -> None:
-    from .create import parse_options, CreateOptions
+    from .creation import parse_options, CreateOptions
     spec = parse_options(options, CreateOptions())
     allowed = {"compat", "lazy_refcounts", "refcount_bits", "size"}
     bad = [k for k in spec.given if k not in allowed]
@@ -34,7 +34,7 @@ def amend_image(path: str, options) -> None:
     img = open_file(path, "qcow2", writable=True)
     try:
         if "size" in spec.given:
-            from .resize import resize_qcow2
+            from .resizing import resize_qcow2
             resize_qcow2(img, spec.size, shrink=True)
         if "refcount_bits" in spec.given and spec.refcount_bits != img.refcount_bits:
             if img.version < 3 and spec.refcount_bits != 16 and spec.compat != "1.1":

@@ -22,7 +22,7 @@ def info(path: str, fmt: str | None = None, *, backing_chain: bool = False,
          force_share: bool = False):
     """qemu-img info documents (a dict, or a list with backing_chain=True)."""
     from .backing import walk_chain
-    from .info import image_info
+    from .imageinfo import image_info
     files, _ = walk_chain(path, fmt, backing=backing_chain, lock=not force_share, for_io=False)
     try:
         docs = [image_info(f, path if i == 0 else f.path) for i, f in enumerate(files)]
@@ -49,7 +49,7 @@ def check(path: str, repair: str | None = None, *, force_share: bool = False):
 def compare(path1: str, path2: str, fmt1: str | None = None, fmt2: str | None = None,
             strict: bool = False):
     """Compare guest contents like qemu-img compare; a CompareResult."""
-    from .compare import compare_chains
+    from .comparison import compare_chains
     with open_chain(path1, fmt1) as a, open_chain(path2, fmt2) as b:
         return compare_chains(a, b, strict=strict)
 
@@ -64,11 +64,11 @@ def convert_to_raw(src: str, dst: str, fmt: str | None = None, progress=None) ->
 def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow2",
            backing_file: str | None = None, backing_fmt: str | None = None):
     """Create an image like qemu-img create (options: dict or "k=v,k=v")."""
-    from .create import create as _create
+    from .creation import create as _create
     return _create(path, size, options, fmt=fmt, backing_file=backing_file, backing_fmt=backing_fmt)
 
 
 def resize(path: str, size: int, *, shrink: bool = False) -> None:
     """Change the virtual size of a qcow2 image (shrinking needs shrink=True)."""
-    from .resize import resize_image
+    from .resizing import resize_image
     resize_image(path, size, shrink=shrink)

@@ -193,7 +193,7 @@ def _open_chain(path, fmt, force_share, backing=True, for_io=True):
 
 
 def cmd_info(args) -> int:
-    from ..info import image_info, human_info
+    from ..imageinfo import image_info, human_info
     from ..qjson import dumps
     from ..backing import walk_chain
     files, _ = walk_chain(args.filename, args.fmt, backing=args.backing_chain,
@@ -273,7 +273,7 @@ def cmd_map(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ..compare import compare_chains
+    from ..comparison import compare_chains
     args._error_code = 2
     c1 = _open_chain(args.filename1, args.fmt1, args.force_share)
     try:
@@ -310,7 +310,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_create(args) -> int:
-    from ..create import parse_options, parse_size, formatting_line, CreateError
+    from ..creation import parse_options, parse_size, formatting_line, CreateError
     spec = ",".join(args.options) if args.options else None
     o = parse_options(spec)
     if args.size is not None:
@@ -345,7 +345,7 @@ def cmd_create(args) -> int:
 
 
 def _create_with(path, o, fmt):
-    from ..create import create_qcow2, create_raw, validate
+    from ..creation import create_qcow2, create_raw, validate
     if fmt == "raw":
         create_raw(path, o.size, o.preallocation)
     else:
@@ -359,8 +359,8 @@ def _create_with(path, o, fmt):
 
 
 def cmd_resize(args) -> int:
-    from ..create import parse_size
-    from ..resize import resize_image
+    from ..creation import parse_size
+    from ..resizing import resize_image
     from ..backing import open_file
     text = args.size
     if text[:1] in "+-":
@@ -416,7 +416,7 @@ def cmd_snapshot(args) -> int:
         elif args.delete is not None:
             S.delete_snapshot(f, args.delete)
         else:
-            from ..info import snapshot_info, snapshot_table_lines
+            from ..imageinfo import snapshot_info, snapshot_table_lines
             snaps = [snapshot_info(sn) for sn in f.snapshots]
             if snaps:
                 sys.stdout.write("Snapshot list:\n" + "\n".join(snapshot_table_lines(snaps)) + "\n")

@@ -278,6 +278,42 @@ def create_qcow2(path: str, o: CreateOptions) -> None:
             fileio.ftruncate(dfd, o.size if o.data_file_raw or o.preallocation != "off" else 0)
         finally:
             os.close(dfd)
+    # Build the image under a temporary name and rename it into place: a crash leaves the
+    # old file (or none), never a half-written image.  An existing image that another
+    # process uses is refused first.
+    from .locking import lock_for_write
+    guard = None
+    if os.path.exists(path):
+        guard = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lock_for_write(guard, path)
+        except BaseException:
+            os.close(guard)
+            raise
+    final = path
+    path = os.path.join(os.path.dirname(final) or ".",
+                        ".%s.qcow2engine-%d.tmp" % (os.path.basename(final), os.getpid()))
+    try:
+        _build_qcow2(path, o, l1_size)
+        os.rename(path, final)
+        dfd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fileio.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    finally:
+        if guard is not None:
+            os.close(guard)
+
+
+def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
+    cs = o.cluster_size
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         from .locking import lock_for_write

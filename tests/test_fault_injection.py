@@ -1,0 +1,920 @@
+"""Fault injection on every mutating operation of the write path.
+
+For each scenario (an image built with QEMU's tools plus one engine
+operation) we first run the operation on a copy and count its fileio calls
+(N), then, for each injection point i (all of them for small N; the first
+40, a deterministic sample and the last one otherwise), on a fresh copy:
+
+* run the operation with call i failing, in "error" mode (``OSError(EIO)``,
+  the engine's error handling runs) and in "crash" mode (``SimulatedCrash``;
+  no fileio call reaches the disk from then on, image fds are dropped);
+* then, outside the injection, with QEMU's tools: ``qemu-img check
+  --output=json`` reports no corruption (leaks allowed: rc 0 or 3; a dirty
+  lazy_refcounts image may show refcount corruptions, as QEMU's own crashed
+  images do), the guest content (``qemu-img convert -O raw``) is, cluster by
+  cluster, the old content or the new one (the content after a successful
+  run on another copy), and it is entirely the new one if the operation
+  reported success; internal snapshots are untouched;
+* ``qemu-img check -r all`` leaves the image clean (rc 0) with the guest
+  content unchanged by the repair.
+
+A few scenarios are also run with a real process death (``os._exit(137)``
+at call i) in a forked child and in a fresh interpreter running the CLI.
+
+The first part of the file proves the injection framework itself
+(tests/faultinject.py) against a stand-in fileio module.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import os
+import random
+import shutil
+import struct
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from tests.faultinject import (KILL_EXIT_CODE, SimulatedCrash, count_calls, inject,
+                               injection_points, run_killed, run_killed_script, trace_calls)
+from tests.images import qemu_io, read_header, run, set_refcount
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# Caps on injection points per scenario and mode (see injection_points).
+FIRST = int(os.environ.get("QCOW2ENGINE_FI_FIRST", "40"))
+SAMPLE = int(os.environ.get("QCOW2ENGINE_FI_SAMPLE", "12"))
+
+
+# ==========================================================================
+# Part 1: the framework, proven against a stand-in fileio module
+# ==========================================================================
+
+STANDIN_SOURCE = '''
+import os
+
+def pwrite(fd, data, offset):
+    mv = memoryview(data).cast("B")
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+def fsync(fd):
+    os.fdatasync(fd)
+
+def ftruncate(fd, size):
+    os.ftruncate(fd, size)
+
+def fallocate(fd, mode, offset, length):
+    os.posix_fallocate(fd, offset, length)
+'''
+
+# A toy "journaled record" store: a record is written out of place, then the
+# 8-byte header pointer is switched to it.  Header: >Q record offset,
+# then at 8 a close marker.  Record: >I length + payload.
+REC_OFF = 4096
+
+
+def _standin_module(name: str = "fake_fileio") -> types.ModuleType:
+    mod = types.ModuleType(name)
+    exec(compile(STANDIN_SOURCE, name, "exec"), mod.__dict__)
+    return mod
+
+
+def _store_init(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(struct.pack(">Q", 64) + b"\0" * 56 + struct.pack(">I", 3) + b"old")
+
+
+def _store_read(path: Path) -> bytes:
+    buf = path.read_bytes()
+    (off,) = struct.unpack_from(">Q", buf, 0)
+    (n,) = struct.unpack_from(">I", buf, off)
+    return buf[off + 4: off + 4 + n]
+
+
+def _store_update(fio, path: Path, payload: bytes, *, buggy: bool = False,
+                  leak_on_error: bool = False, bypass: bool = False) -> None:
+    """7 calls: ftruncate, pwrite record, fallocate, fsync, pwrite header,
+    fsync, and (in finally) pwrite close marker.  ``buggy`` switches the
+    header before the record is written (not crash safe)."""
+    fd = os.open(path, os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK if hasattr(fcntl, "F_OFD_SETLK") else 37,
+                struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 100, 1, 0))
+    ok = False
+    try:
+        fio.ftruncate(fd, REC_OFF + 4096)
+        rec = struct.pack(">I", len(payload)) + payload
+        if buggy:
+            fio.pwrite(fd, struct.pack(">Q", REC_OFF), 0)
+            fio.pwrite(fd, rec, REC_OFF)
+        else:
+            fio.pwrite(fd, rec, REC_OFF)
+        fio.fallocate(fd, 0, REC_OFF, 4096)
+        fio.fsync(fd)
+        if bypass:
+            os.pwrite(fd, struct.pack(">Q", REC_OFF), 0)
+        elif not buggy:
+            fio.pwrite(fd, struct.pack(">Q", REC_OFF), 0)
+        fio.fsync(fd)
+        ok = True
+    finally:
+        if ok or not leak_on_error:
+            fio.pwrite(fd, b"C", 8)        # may fail too: then fd leaks
+            os.close(fd)
+
+
+class TestFramework:
+    def test_count_and_trace(self, tmp_path):
+        fio = _standin_module()
+        p = tmp_path / "s"
+        _store_init(p)
+        calls = trace_calls(lambda: _store_update(fio, p, b"new"), module=fio)
+        assert [c.name for c in calls] == ["ftruncate", "pwrite", "fallocate", "fsync",
+                                           "pwrite", "fsync", "pwrite"]
+        assert [c.index for c in calls] == list(range(7))
+        assert calls[1].offset == REC_OFF and calls[1].length == 7
+        assert calls[1].path == str(p)
+        assert "pwrite(s, 7 bytes @ 0x1000)" in str(calls[1])
+        assert count_calls(lambda: _store_update(fio, p, b"new2"), module=fio) == 7
+        assert _store_read(p) == b"new2"
+        # the module is restored
+        assert not hasattr(fio.pwrite, "__wrapped__")
+
+    def test_nested_fileio_calls_count_once(self, tmp_path):
+        fio = _standin_module()
+
+        def fsync(fd):           # a fileio function built on another one
+            fio.pwrite(fd, b"", 0)
+            os.fdatasync(fd)
+        fio.fsync = fsync
+        p = tmp_path / "s"
+        _store_init(p)
+        assert count_calls(lambda: _store_update(fio, p, b"x"), module=fio) == 7
+
+    def test_error_mode(self, tmp_path):
+        fio = _standin_module()
+        for i in range(7):
+            p = tmp_path / f"s{i}"
+            _store_init(p)
+            with inject(i, "error", module=fio) as inj:
+                with pytest.raises(OSError) as ei:
+                    _store_update(fio, p, b"new")
+            assert ei.value.errno == errno.EIO
+            assert inj.triggered is not None and inj.triggered.index == i
+            assert not inj.crashed
+            # calls after the failing one still went through (finally block)
+            buf = p.read_bytes()
+            assert inj.count == min(i + 2, 7)     # the rest of try is skipped
+            assert _store_read(p) == (b"new" if i >= 5 else b"old")
+            if i != 6:
+                assert buf[8:9] == b"C"
+                assert inj.leaked_fds() == {}
+            else:                 # the failed marker write skipped os.close: a leak
+                assert list(inj.leaked_fds().values()) == [str(p)]
+                _cleanup(inj)
+            assert not hasattr(fio.pwrite, "__wrapped__")
+
+    def test_crash_mode_stops_all_writes_and_drops_fds(self, tmp_path):
+        fio = _standin_module()
+        for i in range(7):
+            p = tmp_path / f"s{i}"
+            _store_init(p)
+            before = p.read_bytes()
+            with inject(i, "crash", module=fio, paths=[tmp_path]) as inj:
+                with pytest.raises(SimulatedCrash):
+                    _store_update(fio, p, b"new")
+            assert not isinstance(SimulatedCrash("x"), Exception)
+            assert inj.crashed and inj.triggered.index == i
+            # the finally block's marker write was refused: nothing after i on disk
+            buf = p.read_bytes()
+            assert buf[8:9] == b"\0"
+            assert inj.count == i + 1
+            if i == 0:
+                assert buf == before
+            assert _store_read(p) == (b"new" if i >= 5 else b"old")
+            # the leaked fd was dropped: it now points to /dev/null and the
+            # OFD lock on the file is gone
+            assert len(inj.dropped) == 1
+            assert os.readlink(f"/proc/self/fd/{inj.dropped[0]}") == os.devnull
+            fd2 = os.open(p, os.O_RDWR)
+            try:
+                fcntl.fcntl(fd2, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 100, 1, 0))
+            finally:
+                os.close(fd2)
+            _cleanup(inj)     # what the dead stand-in object would do
+
+    def test_every_point_finds_the_non_crash_safe_variant(self, tmp_path):
+        """The loop used on the engine: a correct stand-in always reads old
+        or new; the buggy one is caught at some call index."""
+        fio = _standin_module()
+        _store_init(tmp_path / "c")
+        n = count_calls(lambda: _store_update(fio, tmp_path / "c", b"new"), module=fio)
+        assert n == 7
+        bad = {False: [], True: []}
+        for buggy in (False, True):
+            for mode in ("error", "crash"):
+                for i in range(n):
+                    p = tmp_path / f"b{buggy}{mode}{i}"
+                    _store_init(p)
+                    with inject(i, mode, module=fio, paths=[p]) as inj:
+                        try:
+                            _store_update(fio, p, b"new", buggy=buggy)
+                        except (OSError, SimulatedCrash):
+                            pass
+                    _cleanup(inj)
+                    try:
+                        ok = _store_read(p) in (b"old", b"new")
+                    except struct.error:
+                        ok = False
+                    if not ok:
+                        bad[buggy].append((mode, i))
+        assert bad[False] == []
+        # header switched (call 1) before the record is written (call 2)
+        assert ("crash", 2) in bad[True] and ("error", 2) in bad[True]
+
+    def test_leak_and_bypass_detection(self, tmp_path):
+        fio = _standin_module()
+        p = tmp_path / "s"
+        _store_init(p)
+        with inject(3, "error", module=fio, paths=[tmp_path]) as inj:
+            with pytest.raises(OSError):
+                _store_update(fio, p, b"new", leak_on_error=True)
+        leaked = inj.leaked_fds()
+        assert list(leaked.values()) == [str(p)]
+        assert inj.drop() == list(leaked)
+        os.close(list(leaked)[0])
+
+        _store_init(p)
+        with inject(None, module=fio, paths=[tmp_path]) as inj:
+            _store_update(fio, p, b"new", bypass=True)
+        assert inj.bypasses and "os.pwrite" in inj.bypasses[0]
+        # a write to an unrelated file (outside paths) is not a bypass
+        q = tmp_path.parent / f"{tmp_path.name}-other"
+        with inject(None, module=fio, paths=[tmp_path]) as inj:
+            fd = os.open(q, os.O_RDWR | os.O_CREAT)
+            os.pwrite(fd, b"x", 0)
+            os.close(fd)
+        assert inj.bypasses == []
+        q.unlink()
+
+    def test_injection_points(self):
+        assert injection_points(5) == [0, 1, 2, 3, 4]
+        pts = injection_points(500, first=40, sample=20)
+        assert pts[:40] == list(range(40)) and pts[-1] == 499 and len(pts) == 61
+        assert pts == injection_points(500, first=40, sample=20)
+        assert len(set(pts)) == len(pts) and pts == sorted(pts)
+
+    def test_real_kill_fork(self, tmp_path):
+        fio = _standin_module()
+        for i in (0, 1, 4, 6, 7):
+            p = tmp_path / f"k{i}"
+            _store_init(p)
+            rc = _fork_with_module(fio, p, i)
+            assert rc == (KILL_EXIT_CODE if i < 7 else 0)
+            assert _store_read(p) == (b"new" if i >= 5 else b"old")
+            assert (p.read_bytes()[8:9] == b"C") == (i == 7)
+
+    def test_real_kill_script(self, tmp_path):
+        moddir = tmp_path / "mods"
+        moddir.mkdir()
+        (moddir / "fake_fileio_mod.py").write_text(STANDIN_SOURCE)
+        p = tmp_path / "s"
+        env = dict(os.environ, PYTHONPATH=f"{moddir}{os.pathsep}{Path(__file__).parents[1]}")
+        script = f"""
+            import os, struct
+            import fake_fileio_mod as fio
+            fd = os.open({str(p)!r}, os.O_RDWR)
+            fio.pwrite(fd, b"AAAA", 100)
+            fio.fsync(fd)
+            fio.pwrite(fd, b"BBBB", 200)
+            raise SystemExit(5)
+        """
+        for i, rc, a, b in ((0, 137, False, False), (1, 137, True, False),
+                            (2, 137, True, False), (3, 5, True, True)):
+            _store_init(p)
+            proc = run_killed_script(script, i, module="fake_fileio_mod", env=env)
+            assert proc.returncode == rc, proc.stderr
+            buf = p.read_bytes()
+            assert (buf[100:104] == b"AAAA") == a
+            assert (buf[200:204] == b"BBBB") == b
+
+
+def _cleanup(inj) -> None:
+    """Close what the dead stand-in left: dropped fds (now /dev/null) and
+    fds leaked after an error."""
+    for fd in list(inj.leaked_fds()) + inj.dropped:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    inj.dropped.clear()
+
+
+def _fork_with_module(fio: types.ModuleType, p: Path, i: int) -> int:
+    """run_killed with a stand-in module object: register it in sys.modules
+    so that the child can import it by name."""
+    sys.modules[fio.__name__] = fio
+    try:
+        return run_killed(lambda: _store_update(fio, p, b"new"), i, module=fio.__name__)
+    finally:
+        del sys.modules[fio.__name__]
+
+
+# ==========================================================================
+# Part 2: the engine
+# ==========================================================================
+
+def _rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _qemu_img(*args, cwd) -> Any:
+    return run("qemu-img", *args, cwd=cwd, check=False)
+
+
+def _create(d: Path, name: str, size: int, opts: str | None = None,
+            backing: str | None = None) -> Path:
+    args = ["create", "-q", "-f", "qcow2"]
+    if backing:
+        args += ["-b", backing, "-F", "qcow2"]
+    if opts:
+        args += ["-o", opts]
+    run("qemu-img", *args, name, size, cwd=d)
+    return d / name
+
+
+@dataclass
+class Scenario:
+    name: str
+    build: Callable[[Path], Path]          # template dir -> image path (maybe not yet existing)
+    op: Callable[[Path], Any]              # the engine operation on an image path
+    model: Callable[[bytes], bytes] | None = None   # expected new content from the old
+    kind: str = "guest"                    # "guest" | "create" | "resize"
+    snapshots: tuple[str, ...] = ()
+    # op's return value -> True if it reports a failure (e.g. check_errors)
+    reported_failure: Callable[[Any], bool] = lambda r: False
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# -- engine operations ------------------------------------------------------
+
+def _engine():
+    import qcow2engine
+    return qcow2engine
+
+
+def op_write(offset: int, data: bytes) -> Callable[[Path], None]:
+    def op(img: Path) -> None:
+        with _engine().open_chain(str(img), writable=True) as c:
+            c.write(offset, data)
+    return op
+
+
+def op_write_zeroes(offset: int, length: int, unmap: bool) -> Callable[[Path], None]:
+    def op(img: Path) -> None:
+        with _engine().open_chain(str(img), writable=True) as c:
+            c.write_zeroes(offset, length, unmap=unmap)
+    return op
+
+
+def op_discard(offset: int, length: int) -> Callable[[Path], None]:
+    def op(img: Path) -> None:
+        with _engine().open_chain(str(img), writable=True) as c:
+            c.discard(offset, length)
+    return op
+
+
+def op_create(size: int, options=None, **kw) -> Callable[[Path], None]:
+    def op(img: Path) -> None:
+        _engine().create(str(img), size, options, **kw)
+    return op
+
+
+def op_repair(img: Path):
+    return _engine().check(str(img), repair="all")
+
+
+def _repair_failed(result) -> bool:
+    return bool(getattr(result, "check_errors", 0)) or getattr(result, "exit_code", 0) not in (0,)
+
+
+def op_resize(size: int, shrink: bool = False) -> Callable[[Path], None]:
+    def op(img: Path) -> None:
+        _engine().resize(str(img), size, shrink=shrink)
+    return op
+
+
+def m_write(offset: int, data: bytes) -> Callable[[bytes], bytes]:
+    return lambda old: old[:offset] + data + old[offset + len(data):]
+
+
+def m_zero(offset: int, length: int) -> Callable[[bytes], bytes]:
+    return lambda old: old[:offset] + bytes(length) + old[offset + length:]
+
+
+def m_resize(size: int) -> Callable[[bytes], bytes]:
+    return lambda old: old[:size] + bytes(max(0, size - len(old)))
+
+
+# -- template images (built with QEMU's tools) -------------------------------
+
+def b_alloc_4k_rc64(d: Path) -> Path:
+    # 4k clusters, 64-bit refcounts: a refcount block covers 2 MiB of file,
+    # an L2 table 2 MiB of guest.  The file is ~1.9 MiB: the write below
+    # needs a new L2 table and a new refcount block.
+    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=4k,refcount_bits=64")
+    qemu_io(img.name, "write -P 0x11 0 1900k", cwd=d)
+    return img
+
+
+def b_64k(d: Path) -> Path:
+    img = _create(d, "img.qcow2", 8 * MiB, "cluster_size=64k")
+    qemu_io(img.name, "write -P 0x21 0 256k", "write -P 0x22 1M 64k",
+            "write -P 0x23 5M 100k", cwd=d)
+    return img
+
+
+def b_4k(d: Path) -> Path:
+    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=4k")
+    qemu_io(img.name, "write -P 0x71 0 1M", "write -P 0x72 3M 4k", cwd=d)
+    return img
+
+
+def b_backing(d: Path) -> Path:
+    _create(d, "base.qcow2", 8 * MiB)
+    qemu_io("base.qcow2", "write -P 0xb0 0 8M", cwd=d)
+    img = _create(d, "top.qcow2", 8 * MiB, "cluster_size=64k", backing="base.qcow2")
+    qemu_io(img.name, "write -P 0x41 64k 64k", cwd=d)
+    return img
+
+
+def b_snapshot(d: Path) -> Path:
+    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=64k")
+    qemu_io(img.name, "write -P 0x51 0 1M", cwd=d)
+    run("qemu-img", "snapshot", "-c", "s1", img.name, cwd=d)
+    qemu_io(img.name, "write -P 0x52 2M 64k", cwd=d)
+    return img
+
+
+def b_extl2_backing(d: Path) -> Path:
+    _create(d, "base.qcow2", 8 * MiB)
+    qemu_io("base.qcow2", "write -P 0xc0 0 8M", cwd=d)
+    img = _create(d, "top.qcow2", 8 * MiB, "cluster_size=64k,extended_l2=on",
+                  backing="base.qcow2")
+    qemu_io(img.name, "write -P 0x61 4k 4k", "write -z 40k 2k", cwd=d)
+    return img
+
+
+def b_empty(d: Path) -> Path:
+    return d / "new.qcow2"
+
+
+def b_empty_with_base(d: Path) -> Path:
+    _create(d, "base.qcow2", 8 * MiB)
+    qemu_io("base.qcow2", "write -P 0xd0 0 3M", "write -P 0xd1 7M 1M", cwd=d)
+    return d / "new.qcow2"
+
+
+def b_leaks(d: Path) -> Path:
+    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=64k")
+    qemu_io(img.name, "write -P 0x31 0 192k", "write -P 0x32 2M 64k", cwd=d)
+    cs = 64 * KiB
+    # the header cluster with refcount 2 (a leak; a data cluster would be an
+    # OFLAG_COPIED corruption) ...
+    set_refcount(img, 0, 2)
+    # ... and an unreferenced cluster past the end with refcount 1 (leak)
+    end = (img.stat().st_size + cs - 1) // cs * cs
+    with open(img, "r+b") as f:
+        f.truncate(end + cs)
+    set_refcount(img, end // cs, 1)
+    rc = _qemu_img("check", img.name, cwd=d).returncode
+    assert rc == 3, "template should have leaks only"
+    return img
+
+
+def b_dirty_lazy(d: Path) -> Path:
+    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=64k,lazy_refcounts=on")
+    qemu_io(img.name, "write -P 0x81 0 128k", cwd=d)
+    proc = qemu_io(img.name, "write -P 0x82 1M 128k", "write -P 0x83 3M 5k", "abort",
+                   cwd=d, check=False)
+    assert proc.returncode != 0, "qemu-io abort did not abort"
+    assert read_header(img)["incompatible_features"] & 1, "template should be dirty"
+    return img
+
+
+def b_grow(d: Path) -> Path:
+    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=4k")
+    qemu_io(img.name, "write -P 0x91 0 64k", f"write -P 0x92 {4 * MiB - 4096} 4k", cwd=d)
+    return img
+
+
+def b_shrink(d: Path) -> Path:
+    img = _create(d, "img.qcow2", 8 * MiB, "cluster_size=64k")
+    qemu_io(img.name, "write -P 0xa1 0 1M", "write -P 0xa2 3M 2M", "write -P 0xa3 7M 1M",
+            cwd=d)
+    return img
+
+
+def b_alloc_512_rc64(d: Path) -> Path:
+    # 512-byte clusters, 64-bit refcounts: a refcount block covers 32 KiB of
+    # file and the one-cluster refcount table 2 MiB.  The file is ~1.95 MiB:
+    # the write below must grow the refcount table.
+    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=512,refcount_bits=64")
+    qemu_io(img.name, "write -P 0x12 0 1800k", cwd=d)
+    return img
+
+
+D1 = _rand(300 * KiB, 1)
+D2 = _rand(200_000, 2)
+D3 = _rand(200_000, 3)
+D4 = _rand(70_000, 4)
+D5 = _rand(100_000, 5)
+D6 = _rand(70_000, 6)
+
+SCENARIOS = [
+    # allocating write: new data clusters, a new L2 table, a new refcount block
+    Scenario("write_alloc_4k_rc64", b_alloc_4k_rc64,
+             op_write(2 * MiB - 5000, D1), m_write(2 * MiB - 5000, D1)),
+    # 512-byte clusters: the refcount table itself must grow
+    Scenario("write_reftable_grow_512", b_alloc_512_rc64,
+             op_write(3 * MiB + 300, D1), m_write(3 * MiB + 300, D1)),
+    # partly in place, partly allocating with zero-filled tail
+    Scenario("write_alloc_64k", b_64k, op_write(200_000, D2), m_write(200_000, D2)),
+    # in place only (all clusters allocated, refcount 1)
+    Scenario("write_inplace_64k", b_64k, op_write(100, D3), m_write(100, D3)),
+    # COW from a backing file: unaligned head and tail over 2 clusters
+    Scenario("write_cow_backing", b_backing, op_write(3 * MiB + 1000, D4),
+             m_write(3 * MiB + 1000, D4)),
+    # COW of clusters (and their L2 table) shared with an internal snapshot
+    Scenario("write_cow_snapshot", b_snapshot, op_write(300_000, D5), m_write(300_000, D5),
+             snapshots=("s1",)),
+    # extended L2 over a backing file: partial subclusters, 2 clusters
+    Scenario("write_extl2_backing", b_extl2_backing, op_write(10_000, D6),
+             m_write(10_000, D6)),
+    Scenario("write_zeroes_64k", b_64k, op_write_zeroes(100_000, 300_000, False),
+             m_zero(100_000, 300_000)),
+    Scenario("write_zeroes_unmap_4k", b_4k, op_write_zeroes(40 * KiB + 100, 80 * KiB, True),
+             m_zero(40 * KiB + 100, 80 * KiB)),
+    Scenario("discard_64k", b_64k, op_discard(0, 256 * KiB), m_zero(0, 256 * KiB)),
+    Scenario("discard_snapshot", b_snapshot, op_discard(128 * KiB, 256 * KiB),
+             m_zero(128 * KiB, 256 * KiB), snapshots=("s1",)),
+    Scenario("create_64k", b_empty, op_create(4 * MiB, "cluster_size=64k"),
+             lambda old: bytes(4 * MiB), kind="create"),
+    Scenario("create_extl2_backing", b_empty_with_base,
+             op_create(8 * MiB, {"cluster_size": "64k", "extended_l2": "on"},
+                       backing_file="base.qcow2", backing_fmt="qcow2"),
+             None, kind="create"),
+    Scenario("create_prealloc_metadata_4k", b_empty,
+             op_create(2 * MiB, "cluster_size=4k,preallocation=metadata"),
+             lambda old: bytes(2 * MiB), kind="create"),
+    Scenario("repair_leaks", b_leaks, op_repair, lambda old: old,
+             reported_failure=_repair_failed),
+    Scenario("repair_dirty_lazy", b_dirty_lazy, op_repair, lambda old: old,
+             reported_failure=_repair_failed),
+    Scenario("resize_grow_4k", b_grow, op_resize(12 * MiB), m_resize(12 * MiB), kind="resize"),
+    Scenario("resize_shrink_64k", b_shrink, op_resize(4 * MiB, shrink=True),
+             m_resize(4 * MiB), kind="resize"),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+# -- inspecting an image with QEMU's tools ------------------------------------
+
+def _header_flags(img: Path) -> tuple[bool, bool]:
+    """(dirty bit, lazy_refcounts)"""
+    h = read_header(img)
+    return bool(h["incompatible_features"] & 1), bool(h["compatible_features"] & 1)
+
+
+def _check(img: Path) -> tuple[int, dict, str]:
+    import json
+    p = _qemu_img("check", "--output=json", img.name, cwd=img.parent)
+    try:
+        data = json.loads(p.stdout) if p.stdout.strip() else {}
+    except ValueError:
+        data = {}
+    return p.returncode, data, p.stderr.strip()
+
+
+def _guest(img: Path, snapshot: str | None = None) -> bytes | str:
+    """Guest content via qemu-img convert -O raw, or an error string."""
+    out = img.parent / f".guest-{os.getpid()}.raw"
+    args = ["convert", "-f", "qcow2", "-O", "raw"]
+    if snapshot:
+        args += ["-l", f"snapshot.name={snapshot}"]
+    p = _qemu_img(*args, img.name, out.name, cwd=img.parent)
+    try:
+        if p.returncode != 0:
+            return f"qemu-img convert failed rc={p.returncode}: {p.stderr.strip()}"
+        return out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _is_qcow2_file(img: Path) -> bool:
+    try:
+        with open(img, "rb") as f:
+            return f.read(4) == b"QFI\xfb"
+    except FileNotFoundError:
+        return False
+
+
+def _cluster_size(img: Path) -> int:
+    return read_header(img)["cluster_size"]
+
+
+def _diff_blocks(a: bytes, b: bytes, g: int) -> np.ndarray:
+    """Boolean array: block k of size g differs between a and b."""
+    n = len(a)
+    pad = -n % g
+    x = np.frombuffer(a + bytes(pad), dtype=np.uint8).reshape(-1, g)
+    y = np.frombuffer(b + bytes(pad), dtype=np.uint8).reshape(-1, g)
+    return (x != y).any(axis=1)
+
+
+def _old_or_new(content: bytes, old: bytes, new: bytes, g: int, *,
+                tail_may_be_zero_from: int | None = None) -> str | None:
+    """None if every g-sized block of content is the old or the new one."""
+    if len(content) != len(old) or len(old) != len(new):
+        return f"size {len(content)} (old {len(old)}, new {len(new)})"
+    bad = _diff_blocks(content, old, g) & _diff_blocks(content, new, g)
+    if tail_may_be_zero_from is not None:
+        zero = bytes(len(content))
+        k = tail_may_be_zero_from // g
+        bad[k:] &= _diff_blocks(content, zero, g)[k:]
+    if bad.any():
+        idx = np.nonzero(bad)[0]
+        return (f"{len(idx)} cluster(s) of {g} bytes are neither old nor new, first at guest "
+                f"offset {int(idx[0]) * g:#x}")
+    return None
+
+
+# -- per-scenario preparation (template, counts, old and new contents) --------
+
+@dataclass
+class Prepared:
+    template: Path
+    img_rel: str
+    old: bytes | None                 # None for create
+    new: bytes
+    snaps: dict[str, bytes]
+    calls: list
+    points: list[int]
+    granularity: int
+
+
+_PREPARED: dict[str, Prepared] = {}
+_PREP_ERRORS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def fi_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("faultinject")
+
+
+def _prepare(sc: Scenario, root: Path) -> Prepared:
+    """Template image, fileio calls of a successful run, old and new content
+    (once per scenario; a failure is remembered for the scenario's other tests)."""
+    if sc.name in _PREPARED:
+        return _PREPARED[sc.name]
+    if sc.name in _PREP_ERRORS:
+        pytest.fail(f"{sc.name}: preparation failed: {_PREP_ERRORS[sc.name]}")
+    tdir = root / "templates" / sc.name
+    w = root / "baseline" / sc.name
+    try:
+        tdir.mkdir(parents=True)
+        img = sc.build(tdir)
+        rel = str(img.relative_to(tdir))
+        old = None if sc.kind == "create" else _guest(img)
+        assert not isinstance(old, str), old
+        snaps = {s: _guest(img, s) for s in sc.snapshots}
+        # a successful run on a copy: count calls, take the new content
+        shutil.copytree(tdir, w)
+        wimg = w / rel
+        with inject(None, paths=[w]) as inj:
+            sc.op(wimg)
+        calls = inj.calls
+        assert calls, f"{sc.name}: the operation made no fileio call"
+        assert not inj.bypasses, f"{sc.name}: writes bypassing fileio: {inj.bypasses[:3]}"
+        gc.collect()
+        assert not inj.leaked_fds(), f"{sc.name}: fds left open: {inj.leaked_fds()}"
+        rc, data, err = _check(wimg)
+        assert rc == 0, f"{sc.name}: after a successful run qemu-img check rc={rc} {data} {err}"
+        new = _guest(wimg)
+        assert not isinstance(new, str), new
+        for s, content in snaps.items():
+            assert _guest(wimg, s) == content, f"{sc.name}: snapshot {s} changed"
+        g = _cluster_size(wimg)
+    except BaseException as e:
+        _PREP_ERRORS[sc.name] = f"{type(e).__name__}: {e}"
+        shutil.rmtree(tdir, ignore_errors=True)
+        shutil.rmtree(w, ignore_errors=True)
+        raise
+    p = Prepared(tdir, rel, old, new, snaps, calls,
+                 injection_points(len(calls), FIRST, SAMPLE), g)
+    _PREPARED[sc.name] = p
+    shutil.rmtree(w)
+    return p
+
+
+def _chain(e: BaseException | None):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _verify(sc: Scenario, prep: Prepared, img: Path, succeeded: bool) -> list[str]:
+    """QEMU's view of the image after the (failed or not) operation."""
+    problems: list[str] = []
+    if sc.kind == "create" and (not _is_qcow2_file(img)):
+        # nothing (or not yet a qcow2 file) was created: the "old" state
+        if succeeded:
+            problems.append("create reported success but no qcow2 image exists")
+        return problems
+    rc, data, err = _check(img)
+    dirty, lazy = _header_flags(img)
+    corr, cerr = data.get("corruptions", 0), data.get("check-errors", 0)
+    if rc not in (0, 3) or corr or cerr:
+        if not (dirty and lazy and rc == 2 and not cerr):
+            problems.append(f"qemu-img check rc={rc} corruptions={corr} check-errors={cerr} "
+                            f"leaks={data.get('leaks', 0)} dirty={dirty}: "
+                            + " | ".join(err.splitlines()[:4]))
+            return problems
+    content = _guest(img)
+    if isinstance(content, str):
+        return problems + [content]
+    problems += _content_problems(sc, prep, content, succeeded)
+    for s, snap in prep.snaps.items():
+        if _guest(img, s) != snap:
+            problems.append(f"internal snapshot {s} content changed")
+    if rc != 0 or dirty:
+        r = _qemu_img("check", "-r", "all", img.name, cwd=img.parent)
+        if r.returncode != 0:
+            problems.append(f"qemu-img check -r all rc={r.returncode}: "
+                            + " | ".join((r.stdout + r.stderr).strip().splitlines()[-4:]))
+            return problems
+        rc2, data2, err2 = _check(img)
+        if rc2 != 0:
+            problems.append(f"after qemu-img check -r all, check rc={rc2} {data2} {err2}")
+        if _guest(img) != content:
+            problems.append("qemu-img check -r all changed the guest content")
+    return problems
+
+
+def _content_problems(sc: Scenario, prep: Prepared, content: bytes, succeeded: bool
+                      ) -> list[str]:
+    g = prep.granularity
+    new = prep.new
+    if succeeded:
+        return [] if content == new else ["operation reported success but the content is "
+                                          "not the new one: "
+                                          + str(_old_or_new(content, new, new, g))]
+    if sc.kind == "create":
+        if content == new:
+            return []
+        return [f"half-created image passes qemu-img check but its guest content is not the "
+                f"new one (virtual size {len(content)}, expected {len(new)})"]
+    old = prep.old
+    if sc.kind == "resize":
+        if len(content) == len(new):
+            why = _old_or_new(content, new, new, g)
+            return [] if why is None else [f"resized image (new size): {why}"]
+        if len(content) == len(old):
+            ref = new + old[len(new):] if len(new) < len(old) else old
+            # shrink interrupted: the part beyond the new size may already be discarded
+            why = _old_or_new(content, old, ref, g,
+                              tail_may_be_zero_from=len(new) if len(new) < len(old) else None)
+            return [] if why is None else [f"image at the old size: {why}"]
+        return [f"virtual size {len(content)} is neither old {len(old)} nor new {len(new)}"]
+    why = _old_or_new(content, old, new, g)
+    return [] if why is None else [why]
+
+
+def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> list[str]:
+    w = root / f"{sc.name}-{mode}-{i}"
+    shutil.copytree(prep.template, w)
+    img = w / prep.img_rel
+    problems: list[str] = []
+    exc: BaseException | None = None
+    result = None
+    with inject(i, mode, paths=[w]) as inj:
+        try:
+            result = sc.op(img)
+        except SimulatedCrash as e:
+            exc = e
+        except Exception as e:      # noqa: BLE001 - judged below
+            exc = e
+    desc = [repr(x) for x in _chain(exc)]
+    kinds = [type(x) for x in _chain(exc)]
+    injected = any(isinstance(x, OSError) and x.errno == errno.EIO for x in _chain(exc))
+    reported = sc.reported_failure(result)
+    succeeded = not desc and not reported
+    del exc, result
+    gc.collect()
+    if inj.triggered is None:
+        problems.append(f"only {inj.count} fileio calls this time (baseline {len(prep.calls)})"
+                        + (f", raising {desc[0]}" if desc else ""))
+    elif mode == "crash":
+        if not desc:
+            problems.append("SimulatedCrash was swallowed: the operation returned normally")
+            succeeded = True
+        elif kinds[0] is not SimulatedCrash:
+            problems.append(f"{desc[0]} raised instead of the SimulatedCrash")
+    else:
+        if desc and not injected:
+            problems.append(f"unexpected exception {desc[0]} (the injected EIO is not in its "
+                            f"cause chain)")
+        if succeeded and inj.triggered.name in ("fsync", "fdatasync"):
+            problems.append("fsync EIO swallowed: the operation reported success")
+        leaked = inj.leaked_fds()
+        if leaked:
+            problems.append(f"fds left open after the error: {sorted(leaked.values())}")
+            inj.drop()
+    if inj.bypasses:
+        problems.append(f"writes bypassing fileio: {inj.bypasses[:3]}")
+    problems += _verify(sc, prep, img, succeeded)
+    shutil.rmtree(w)
+    return [f"{mode} at {inj.triggered or f'#{i}'}: {p}" for p in problems]
+
+
+# -- the tests ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [s.name for s in SCENARIOS])
+def test_baseline(fi_root, name):
+    """A successful run gives a clean image with the expected content."""
+    sc = BY_NAME[name]
+    prep = _prepare(sc, fi_root)
+    expect = sc.model(prep.old) if sc.model else None
+    if sc.name == "create_extl2_backing":
+        expect = _guest(prep.template / "base.qcow2")
+    assert expect is not None
+    why = _old_or_new(prep.new, expect, expect, prep.granularity) \
+        if len(prep.new) == len(expect) else f"size {len(prep.new)} != {len(expect)}"
+    assert prep.new == expect, f"{name}: content after the operation differs: {why}"
+
+
+@pytest.mark.parametrize("mode", ["error", "crash"])
+@pytest.mark.parametrize("name", [s.name for s in SCENARIOS])
+def test_fault_injection(fi_root, name, mode):
+    sc = BY_NAME[name]
+    prep = _prepare(sc, fi_root)
+    failures: list[str] = []
+    for i in prep.points:
+        failures += _run_point(sc, prep, fi_root, i, mode)
+    assert not failures, (f"{name}: {len(failures)} failure(s) over {len(prep.points)} "
+                          f"injection points of {len(prep.calls)} calls:\n"
+                          + "\n".join(failures[:25]))
+
+
+def _kill_points(n: int, k: int = 6) -> list[int]:
+    return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)}) if n > 1 else [0]
+
+
+@pytest.mark.parametrize("name", ["write_alloc_4k_rc64", "write_cow_snapshot",
+                                  "repair_leaks", "resize_shrink_64k", "create_64k"])
+def test_real_kill_fork(fi_root, name):
+    """A real process death (os._exit(137) at fileio call i) in a forked child."""
+    sc = BY_NAME[name]
+    prep = _prepare(sc, fi_root)
+    failures = []
+    for i in _kill_points(len(prep.calls)):
+        w = fi_root / f"{name}-kill-{i}"
+        shutil.copytree(prep.template, w)
+        img = w / prep.img_rel
+        rc = run_killed(lambda: sc.op(img), i, paths=[w])
+        if rc != KILL_EXIT_CODE:
+            failures.append(f"kill at #{i}: child exited {rc}, not killed")
+        failures += [f"kill at {prep.calls[i]}: {p}" for p in _verify(sc, prep, img, False)]
+        shutil.rmtree(w)
+    assert not failures, "\n".join(failures)
+
+
+def test_real_kill_cli_repair(fi_root):
+    """`python -m qcow2engine check -r all` killed at fileio call i."""
+    sc = BY_NAME["repair_dirty_lazy"]
+    prep = _prepare(sc, fi_root)
+    failures = []
+    for i in _kill_points(len(prep.calls), 4):
+        w = fi_root / f"cli-kill-{i}"
+        shutil.copytree(prep.template, w)
+        img = w / prep.img_rel
+        proc = run_killed_script(
+            "from qcow2engine.cli.main import main\n"
+            f"raise SystemExit(main(['check', '-r', 'all', {img.name!r}]))\n",
+            i, cwd=w)
+        if proc.returncode != KILL_EXIT_CODE:
+            failures.append(f"kill at #{i}: exit {proc.returncode}: {proc.stderr[-500:]}")
+        failures += [f"kill at {prep.calls[i]}: {p}" for p in _verify(sc, prep, img, False)]
+        shutil.rmtree(w)
+    assert not failures, "\n".join(failures)

@@ -48,7 +48,11 @@ class MetaWriter:
         self.per_block = self.cs * 8 // img.refcount_bits
         self.max_ref = (1 << img.refcount_bits) - 1
         self.reftable = img.refcount_table.copy()
-        self.blocks: dict = {}
+        # all refcounts loaded so far, in one flat array in the image's own width
+        bits = img.refcount_bits
+        self.dtype = np.uint8 if bits <= 8 else np.dtype("u%d" % (bits // 8))
+        self.flat = np.zeros(0, self.dtype)
+        self.loaded = np.zeros(0, bool)
         self.dirty: set = set()
         self.homeless: set = set()       # refblocks that exist only in memory
         self.reftable_dirty: set = set()
@@ -61,31 +65,53 @@ class MetaWriter:
         if self.sync:
             fileio.fsync(self.fd)
 
-    def _block(self, rb: int) -> np.ndarray:
-        arr = self.blocks.get(rb)
-        if arr is not None:
-            return arr
+    def _grow(self, nblocks: int) -> None:
+        if nblocks <= len(self.loaded):
+            return
+        n = max(nblocks, 2 * len(self.loaded), 16)
+        flat = np.zeros(n * self.per_block, self.dtype)
+        flat[:len(self.flat)] = self.flat
+        loaded = np.zeros(n, bool)
+        loaded[:len(self.loaded)] = self.loaded
+        self.flat, self.loaded = flat, loaded
+
+    def _load(self, rb: int) -> None:
+        self._grow(rb + 1)
         off = int(self.reftable[rb]) & C.REFT_OFFSET_MASK if rb < len(self.reftable) else 0
         if off:
             if off % self.cs:
                 raise CorruptImageError("Refcount block %d offset %#x is not cluster aligned" % (rb, off))
-            arr = decode_refblock(self.img.pread(self.cs, off), self.img.refcount_order).astype(np.uint64)
-        else:
-            arr = np.zeros(self.per_block, np.uint64)
-        self.blocks[rb] = arr
-        return arr
+            self.flat[rb * self.per_block:(rb + 1) * self.per_block] = decode_refblock(
+                self.img.pread(self.cs, off), self.img.refcount_order)
+        self.loaded[rb] = True
+
+    def _ensure(self, rbs) -> None:
+        for rb in rbs:
+            rb = int(rb)
+            if rb >= len(self.loaded) or not self.loaded[rb]:
+                self._load(rb)
+
+    def _block(self, rb: int) -> np.ndarray:
+        """The refcounts of one block: a writable view into the flat array."""
+        if rb >= len(self.loaded) or not self.loaded[rb]:
+            self._load(rb)
+        return self.flat[rb * self.per_block:(rb + 1) * self.per_block]
+
+    def _is_loaded(self, rb: int) -> bool:
+        return rb < len(self.loaded) and bool(self.loaded[rb])
 
     def _has_home(self, rb: int) -> bool:
         return rb < len(self.reftable) and (int(self.reftable[rb]) & C.REFT_OFFSET_MASK) != 0
 
     def get(self, clusters) -> np.ndarray:
         clusters = np.asarray(clusters, np.int64)
-        out = np.zeros(len(clusters), np.uint64)
-        rbs = clusters // self.per_block
-        for rb in np.unique(rbs):
-            m = rbs == rb
-            out[m] = self._block(int(rb))[clusters[m] % self.per_block]
-        return out
+        if not len(clusters):
+            return np.zeros(0, self.dtype)
+        lo = int(clusters.min())
+        rbs = np.flatnonzero(np.bincount(clusters // self.per_block - lo // self.per_block)) \
+            + lo // self.per_block
+        self._ensure(rbs.tolist())
+        return self.flat[clusters]
 
     def change(self, clusters, delta: int) -> None:
         """Add delta to the refcount of each cluster (each index once per call)."""
@@ -103,10 +129,7 @@ class MetaWriter:
                 raise CorruptImageError("Refcount underflow for a cluster in refcount block %d" % rb)
         for rb, idx in groups:
             arr = self._block(rb)
-            if delta > 0:
-                arr[idx] += np.uint64(delta)
-            else:
-                arr[idx] -= np.uint64(-delta)
+            arr[idx] = (arr[idx].astype(np.int64) + delta).astype(self.dtype)
             self.dirty.add(rb)
             if not self._has_home(rb):
                 self.homeless.add(rb)
@@ -117,7 +140,8 @@ class MetaWriter:
 
     def add_many(self, clusters, delta: int) -> None:
         """Add delta once per occurrence of each cluster index (duplicates allowed), on whole
-        refcount blocks at a time.  Raises before changing a block that would overflow."""
+        ranges of the flat refcount array.  Raises before changing anything that would
+        overflow or underflow."""
         idx = np.asarray(clusters, np.int64)
         if not len(idx):
             return
@@ -125,10 +149,8 @@ class MetaWriter:
         if lo < 0:
             raise CorruptImageError("negative cluster index")
         per = self.per_block
-        if hi - lo <= 8 * len(idx) + (1 << 16):
-            cnt = np.bincount(idx - lo, minlength=hi - lo + 1)
-            base = lo
-        else:
+        if hi - lo > 8 * len(idx) + (1 << 16):
+            # sparse: group by block
             u, c = np.unique(idx, return_counts=True)
             for rb in np.unique(u // per).tolist():
                 m = (u // per) == rb
@@ -136,12 +158,43 @@ class MetaWriter:
                 dense[u[m] - rb * per] = c[m]
                 self._add_block(rb, 0, dense, delta)
             return
-        for rb in range(lo // per, hi // per + 1):
-            a = max(lo, rb * per)
-            b = min(hi + 1, (rb + 1) * per)
-            part = cnt[a - base:b - base]
-            if part.any():
-                self._add_block(rb, a - rb * per, part, delta)
+        cnt = np.bincount(idx - lo, minlength=hi - lo + 1)
+        if delta < 0:
+            cnt = -cnt
+        if abs(delta) != 1:
+            cnt = cnt * abs(delta)
+        slab = 1 << 20
+        work = []
+        for s0 in range(lo, hi + 1, slab):
+            part = cnt[s0 - lo:min(s0 + slab, hi + 1) - lo]
+            nz = np.flatnonzero(part)
+            if not len(nz):
+                continue
+            a, b = s0 + int(nz[0]), s0 + int(nz[-1]) + 1
+            part = part[nz[0]:nz[-1] + 1]
+            self._ensure(range(a // per, (b - 1) // per + 1))
+            cur = self.flat[a:b]
+            if delta > 0:
+                if int((cur.astype(np.int64) + part).max()) > self.max_ref:
+                    raise RefcountOverflow("Refcount overflow: a cluster would need a reference "
+                                           "count above %d (refcount_bits=%d)"
+                                           % (self.max_ref, self.img.refcount_bits))
+            elif int((cur.astype(np.int64) + part).min()) < 0:
+                raise CorruptImageError("Refcount underflow for a cluster near index %d" % a)
+            work.append((a, b, part))
+        for a, b, part in work:       # everything validated: now apply
+            new = self.flat[a:b].astype(np.int64) + part
+            self.flat[a:b] = new.astype(self.dtype)
+            for rb in range(a // per, (b - 1) // per + 1):
+                self.dirty.add(rb)
+                if not self._has_home(rb):
+                    self.homeless.add(rb)
+            if delta < 0:
+                freed = np.flatnonzero((new == 0) & (part != 0))
+                if len(freed):
+                    self.free_hint = min(self.free_hint, a + int(freed[0]))
+            else:
+                self.end = max(self.end, b)
 
     def _add_block(self, rb: int, start: int, counts: np.ndarray, delta: int) -> None:
         arr = self._block(rb)
@@ -152,7 +205,7 @@ class MetaWriter:
                                    "above %d (refcount_bits=%d)" % (self.max_ref, self.img.refcount_bits))
         if delta < 0 and int(new.min()) < 0:
             raise CorruptImageError("Refcount underflow in refcount block %d" % rb)
-        arr[start:start + len(counts)] = new.astype(np.uint64)
+        arr[start:start + len(counts)] = new.astype(self.dtype)
         self.dirty.add(rb)
         if not self._has_home(rb):
             self.homeless.add(rb)
@@ -171,7 +224,7 @@ class MetaWriter:
         prev_end = None
         while True:
             rb = c // per
-            if rb * per >= self.end and rb not in self.blocks and not self._has_home(rb):
+            if rb * per >= self.end and not self._is_loaded(rb) and not self._has_home(rb):
                 yield (cur if cur is not None else c), None
                 return
             lo = c - rb * per
@@ -240,7 +293,7 @@ class MetaWriter:
                 free = np.flatnonzero(arr == 0)
                 if len(free):
                     c = rb * self.per_block + int(free[0])
-                    arr[int(free[0])] += np.uint64(1)
+                    arr[int(free[0])] += 1
                     self.end = max(self.end, c + 1)
                 else:
                     c = int(self.allocate(1)[0])
@@ -281,7 +334,7 @@ class MetaWriter:
         # 1. refcount blocks
         for rb in sorted(self.dirty):
             off = int(self.reftable[rb]) & C.REFT_OFFSET_MASK
-            fileio.pwrite(self.fd, encode_refblock(self.blocks[rb], self.img.refcount_order), off)
+            fileio.pwrite(self.fd, encode_refblock(self._block(rb), self.img.refcount_order), off)
         self.dirty.clear()
         self.flush()
         if new_rt is None:

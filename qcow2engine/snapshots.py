@@ -64,8 +64,8 @@ class _Tree:
         self.used = np.flatnonzero(offs)
         self.l2_offsets = offs[self.used]
 
-    def tables(self):
-        """Yield (l1 index, l2 offset, table) in batches read with large preads."""
+    def batches(self):
+        """Yield (l1 indices, l2 offsets, 2-D tables) in batches read with large preads."""
         img = self.img
         from .refcounts import _read_tables
         for b in range(0, len(self.used), BATCH):
@@ -74,18 +74,26 @@ class _Tree:
             for o in offs:
                 if o % img.cluster_size:
                     raise SnapshotError("L2 table offset %#x is not cluster aligned" % o)
-            tabs = _read_tables(img, offs)
+            yield idx, offs, _read_tables(img, offs)
+
+    def tables(self):
+        """Yield (l1 index, l2 offset, table) one table at a time."""
+        for idx, offs, tabs in self.batches():
             for i, o, t in zip(idx.tolist(), offs, tabs):
                 yield i, o, t
 
-    def data_clusters(self, table: np.ndarray) -> np.ndarray:
-        """Host cluster indices referenced by one L2 table (compressed ranges expanded)."""
+    def data_clusters(self, tables: np.ndarray) -> np.ndarray:
+        """Host cluster indices referenced by L2 tables (compressed ranges expanded)."""
         img = self.img
-        e = table[0::2] if img.extended_l2 else table
+        e = (tables[..., 0::2] if img.extended_l2 else tables).reshape(-1)
         comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
-        host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        out = [host[~comp & (host != 0)] >> img.cluster_bits]
-        if comp.any():
+        host = (e & np.uint64(C.L2E_OFFSET_MASK)).view(np.int64)
+        any_comp = bool(comp.any())
+        keep = host != 0
+        if any_comp:
+            keep &= ~comp
+        out = [host[keep] >> img.cluster_bits]
+        if any_comp:
             co, cz = compressed_extent(e[comp], img.cluster_bits)
             first = co >> img.cluster_bits
             last = (co + cz - 1) >> img.cluster_bits
@@ -101,11 +109,14 @@ def _add_tree(meta: MetaWriter, tree: _Tree, delta: int) -> None:
     """delta on every L2 table and data cluster under tree (one reference per path)."""
     bits = tree.img.cluster_bits
     refs = [tree.l2_offsets >> bits]
-    for _, _, t in tree.tables():
-        refs.append(tree.data_clusters(t))
-        if sum(len(r) for r in refs) > (1 << 22):
+    n = len(refs[0])
+    for _, _, tabs in tree.batches():
+        d = tree.data_clusters(tabs)
+        refs.append(d)
+        n += len(d)
+        if n > (1 << 22):
             meta.add_many(np.concatenate(refs), delta)
-            refs = []
+            refs, n = [], 0
     if refs:
         meta.add_many(np.concatenate(refs), delta)
 
@@ -273,12 +284,10 @@ def delete_snapshot(img: Qcow2Image, key: str, *, by_id: bool = False) -> Snapsh
     sn = snaps.pop(i)
     meta = MetaWriter(img)
     tree = _Tree(img, img.read_l1(sn.l1_table_offset, sn.l1_size))
-    # validate the decrements first (a damaged image must not be made worse)
-    probe = MetaWriter(img)
-    _add_tree(probe, tree, -1)
-    del probe
-    _write_table(img, meta, snaps)
+    # the decrements are computed (and validated) in memory first; they reach the disk only
+    # after the new table no longer lists the snapshot
     _add_tree(meta, tree, -1)
+    _write_table(img, meta, snaps)
     if sn.l1_size:
         a = sn.l1_table_offset >> img.cluster_bits
         meta.free(np.arange(a, a + -(-sn.l1_size * 8 // img.cluster_size), dtype=np.int64))

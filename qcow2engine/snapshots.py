@@ -106,19 +106,13 @@ class _Tree:
 
 
 def _add_tree(meta: MetaWriter, tree: _Tree, delta: int) -> None:
-    """delta on every L2 table and data cluster under tree (one reference per path)."""
-    bits = tree.img.cluster_bits
-    refs = [tree.l2_offsets >> bits]
-    n = len(refs[0])
+    """delta on every L2 table and data cluster under tree (one reference per path).
+
+    The L2 tables (spread over the file) and each batch of data clusters (usually a dense
+    range) are added separately, which keeps the temporaries small."""
+    meta.add_many(tree.l2_offsets >> tree.img.cluster_bits, delta)
     for _, _, tabs in tree.batches():
-        d = tree.data_clusters(tabs)
-        refs.append(d)
-        n += len(d)
-        if n > (1 << 22):
-            meta.add_many(np.concatenate(refs), delta)
-            refs, n = [], 0
-    if refs:
-        meta.add_many(np.concatenate(refs), delta)
+        meta.add_many(tree.data_clusters(tabs), delta)
 
 
 def _fix_copied(img: Qcow2Image, meta: MetaWriter) -> None:

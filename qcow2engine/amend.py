@@ -15,8 +15,9 @@ from . import fileio
 from .errors import Qcow2Error
 from .format import constants as C
 from .format.entries import encode_refblock, to_be64
-from .format.header import Extension, build_extensions, build_header
+from .format.header import Extension, build_header
 from .image import Qcow2Image
+from .meta import write_header_cluster
 
 
 class AmendError(Qcow2Error):
@@ -58,29 +59,9 @@ def amend_image(path: str, options) -> None:
                     h.compatible_features |= C.COMPAT_LAZY_REFCOUNTS
                 else:
                     h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
-                _write_header_cluster(img)
+                write_header_cluster(img)
     finally:
         img.close()
-
-
-def _write_header_cluster(img: Qcow2Image) -> None:
-    """Rewrite the header, its extensions and the backing name in one write."""
-    h = img.header
-    exts = [e for e in img.extensions]
-    ext_bytes = build_extensions(exts) if (exts or img.version >= 3 or img.backing_file) else b""
-    backing = img.backing_file.encode() if img.backing_file else b""
-    body = build_header(h)
-    if img.version < 3:
-        body = body[:C.V2_HEADER_SIZE]
-    if backing:
-        h.backing_file_offset = len(body) + len(ext_bytes)
-        h.backing_file_size = len(backing)
-        body = build_header(h)[:len(body)]
-    data = body + ext_bytes + backing
-    if len(data) > img.cluster_size:
-        raise AmendError("The header does not fit in the first cluster")
-    fileio.pwrite(img.fd, data, 0)
-    fileio.fsync(img.fd)
 
 
 def _upgrade(img: Qcow2Image) -> None:
@@ -95,7 +76,7 @@ def _upgrade(img: Qcow2Image) -> None:
         table = b"".join(struct.pack(">BB46s", kinds[k], bit, name.encode())
                          for (k, bit), name in C.FEATURE_NAMES.items())
         img.extensions.append(Extension(C.EXT_FEATURE_TABLE, table))
-    _write_header_cluster(img)
+    write_header_cluster(img)
 
 
 def _downgrade(img: Qcow2Image) -> None:
@@ -116,7 +97,7 @@ def _downgrade(img: Qcow2Image) -> None:
     img.version = 2
     img.extensions = [e for e in img.extensions if e.type in (C.EXT_BACKING_FORMAT,)] + \
         [e for e in img.unknown_extensions]
-    _write_header_cluster(img)
+    write_header_cluster(img)
 
 
 def _expand_zero_clusters(img: Qcow2Image) -> None:

@@ -34,13 +34,20 @@ class RawFile:
     """An open raw image file."""
     format = "raw"
 
-    def __init__(self, path: str, writable: bool = False):
+    def __init__(self, path: str, writable: bool = False, lock: bool = True):
         self.path = path
         self.writable = writable
         try:
             self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as e:
             raise InvalidImageError("Could not open '%s': %s" % (path, e.strerror)) from None
+        if lock:
+            from .locking import lock_for_read, lock_for_write
+            try:
+                (lock_for_write if writable else lock_for_read)(self.fd, path)
+            except BaseException:
+                os.close(self.fd)
+                raise
         st = os.fstat(self.fd)
         self.file_size = st.st_size
         self.allocated_size = st.st_blocks * 512
@@ -70,7 +77,7 @@ def open_file(path: str, fmt: str | None, *, lock: bool = True, writable: bool =
                 raise
         return img
     if fmt == "raw":
-        return RawFile(path, writable=writable)
+        return RawFile(path, writable=writable, lock=lock)
     raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
 
 
@@ -79,7 +86,10 @@ def walk_chain(path: str, fmt: str | None = None, *, backing: bool = True, lock:
     """Open an image and (with backing) every image below it.  Returns (files, warnings).
 
     Only the top image is opened writable.  With for_io, encrypted images are refused.
+    lock=True locks every image as QEMU would; lock="top" only the top one.
     """
+    if writable and lock is False:
+        raise InvalidImageError("force-share=on can only be used with read-only images")
     files = []
     warnings = []
     seen = set()
@@ -98,7 +108,8 @@ def walk_chain(path: str, fmt: str | None = None, *, backing: bool = True, lock:
             if key in seen:
                 raise ChainError("Backing file loop: '%s' appears twice in the chain of '%s'" % (cur_path, path))
             seen.add(key)
-            f = open_file(cur_path, cur_fmt, lock=lock, writable=writable and not files)
+            f = open_file(cur_path, cur_fmt, lock=(lock is True) or (lock == "top" and not files),
+                          writable=writable and not files)
             files.append(f)
             is_qcow2 = isinstance(f, Qcow2Image)
             if for_io and is_qcow2 and f.encrypted:

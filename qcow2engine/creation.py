@@ -270,26 +270,25 @@ def create_qcow2(path: str, o: CreateOptions) -> None:
     entry = 16 if o.extended_l2 else 8
     l2_cov = (cs // entry) * cs
     l1_size = -(-o.size // l2_cov)
+    # Build the image under a temporary name and rename it into place: a crash leaves the
+    # old file (or none), never a half-written image.  An existing image (or data file)
+    # that another process uses is refused before anything is touched.
+    guard = _guard(path)
     if o.data_file:
         dpath = o.data_file if os.path.isabs(o.data_file) else \
             os.path.join(os.path.dirname(path), o.data_file)
-        dfd = os.open(dpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        dfd = os.open(dpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            from .locking import lock_for_write
+            lock_for_write(dfd, dpath)
+            fileio.ftruncate(dfd, 0)
             fileio.ftruncate(dfd, o.size if o.data_file_raw or o.preallocation != "off" else 0)
+        except BaseException:
+            if guard is not None:
+                os.close(guard)
+            raise
         finally:
             os.close(dfd)
-    # Build the image under a temporary name and rename it into place: a crash leaves the
-    # old file (or none), never a half-written image.  An existing image that another
-    # process uses is refused first.
-    from .locking import lock_for_write
-    guard = None
-    if os.path.exists(path):
-        guard = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            lock_for_write(guard, path)
-        except BaseException:
-            os.close(guard)
-            raise
     final = path
     path = os.path.join(os.path.dirname(final) or ".",
                         ".%s.qcow2engine-%d.tmp" % (os.path.basename(final), os.getpid()))
@@ -310,6 +309,20 @@ def create_qcow2(path: str, o: CreateOptions) -> None:
     finally:
         if guard is not None:
             os.close(guard)
+
+
+def _guard(path: str):
+    """Lock an existing file for writing (refusing one in use); returns the fd or None."""
+    if not os.path.exists(path):
+        return None
+    from .locking import lock_for_write
+    guard = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        lock_for_write(guard, path)
+    except BaseException:
+        os.close(guard)
+        raise
+    return guard
 
 
 def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
@@ -392,8 +405,11 @@ def _preallocate(img, meta, o: CreateOptions) -> None:
 
 
 def create_raw(path: str, size: int, preallocation: str = "off") -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        from .locking import lock_for_write
+        lock_for_write(fd, path)
+        fileio.ftruncate(fd, 0)
         fileio.ftruncate(fd, size)
         if preallocation in ("falloc", "full") and size:
             fileio.fallocate(fd, 0, 0, size)

@@ -94,6 +94,22 @@ class GuestWriter:
             return
         self._zero_units(a, b, unmap=True, discard=True)
 
+    def make_empty(self) -> None:
+        """Drop every cluster of the image (all of it reads from the backing file again):
+        the L1 table is cleared first, then the tables and data lose their references."""
+        from .snapshots import _Tree, _add_tree
+        img = self.img
+        l1 = img.l1_table
+        tree = _Tree(img, l1.copy())
+        if not len(tree.used):
+            return
+        _add_tree(self.meta, tree, -1)          # computed (and validated) in memory first
+        l1[tree.used] = 0
+        self.meta.write_l1_entries(l1, tree.used)
+        self.meta.flush()
+        img._l2_cache.clear()
+        self.meta.commit()
+
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.img.size:
             raise ValueError("request [%d, %d) is outside the disk (size %d)"
@@ -138,11 +154,27 @@ class GuestWriter:
         raise CorruptImageError("%s; the image has been marked corrupt" % msg)
 
     # ------------------------------------------------------------ data writes
-    def _write_data(self, offset: int, data: np.ndarray) -> None:
+    def write_clusters(self, offset: int, data, sel: np.ndarray) -> None:
+        """Write only the clusters of [offset, offset+len(data)) selected by the boolean
+        array sel (one entry per cluster; offset cluster aligned): a sparse copy in one
+        request, as convert does."""
+        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        self._check_range(offset, len(buf))
+        if offset % self.cs:
+            raise ValueError("write_clusters needs a cluster-aligned offset")
+        if sel.any():
+            self._write_data(offset, buf, sel=np.asarray(sel, bool))
+
+    def _write_data(self, offset: int, data: np.ndarray, sel: np.ndarray | None = None) -> None:
         cs = self.cs
         end = offset + len(data)
         c0, c1 = offset // cs, -(-end // cs)
         tables = self._tables(c0, c1)
+        if sel is not None:
+            for t in tables:
+                first = t[0] * self.per_l2 + t[3] - c0
+                if not sel[first:first + t[4] - t[3]].any():
+                    t[2] = "keep"          # nothing selected in this table: leave it alone
         # Per cluster: entries (and bitmaps) gathered from the tables.
         ent = np.concatenate([t[1][(2 * t[3] if self.ext else t[3]):(2 * t[4] if self.ext else t[4]):(2 if self.ext else 1)] for t in tables])
         bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables]) if self.ext else None
@@ -170,13 +202,16 @@ class GuestWriter:
                         (newc & ((keep_old & ~touched) != 0))
         else:
             need_fill = ~full & (newc | zero_flag)
+        if sel is not None:
+            newc &= sel
+            need_fill &= sel
         # data file images map guest cluster g to host offset g*cs, unrefcounted
         fill_idx = np.flatnonzero(need_fill)
         fills = {int(k): np.frombuffer(self.chain.read(int(g[k]) * cs, cs), np.uint8).copy()
                  for k in fill_idx}
         # --- allocation
         n_new = int(newc.sum())
-        new_tables = [t for t in tables if t[2] != "own"]
+        new_tables = [t for t in tables if t[2] in ("new", "cow")]
         new_host = np.zeros(len(g), np.int64)
         if self.img.has_data_file:
             new_host[newc] = g[newc] * cs
@@ -187,7 +222,7 @@ class GuestWriter:
         self.meta.commit()
         # --- guest data
         dest = np.where(newc, new_host, host)
-        direct = np.flatnonzero(~need_fill)
+        direct = np.flatnonzero(~need_fill if sel is None else (~need_fill & sel))
         self._write_direct(dest[direct] + lo[direct], (g[direct] * cs + lo[direct]) - offset,
                            hi[direct] - lo[direct], data)
         for k in fill_idx:
@@ -203,6 +238,10 @@ class GuestWriter:
             new_bmp = np.where(newc, keep_old, abits) | touched
             zb = (bmp >> np.uint64(32)) & ~new_bmp & np.uint64(0xFFFFFFFF)
             new_bmp = new_bmp | (zb << np.uint64(32))
+        if sel is not None:
+            new_ent = np.where(sel, new_ent, ent)
+            if self.ext:
+                new_bmp = np.where(sel, new_bmp, bmp)
         # release list: old host clusters replaced by new ones
         old_release = np.flatnonzero(newc & has_host & ~comp) if not self.img.has_data_file else np.zeros(0, np.int64)
         comp_release = np.flatnonzero(newc & comp)
@@ -317,6 +356,9 @@ class GuestWriter:
         for t in tables:
             table, state, a, b = t[1], t[2], t[3], t[4]
             n = b - a
+            if state == "keep":
+                pos += n
+                continue
             if self.ext:
                 table[2 * a:2 * b:2] = ent_new[pos:pos + n]
                 table[2 * a + 1:2 * b:2] = bmp_new[pos:pos + n]
@@ -329,7 +371,7 @@ class GuestWriter:
         l1 = img.l1_table
         changed = []
         for t in tables:
-            if t[2] != "own":
+            if t[2] in ("new", "cow"):
                 l1[t[0]] = np.uint64(t[6]) | COPIED
                 changed.append(t[0])
         if changed:

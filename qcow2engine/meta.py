@@ -388,3 +388,25 @@ class MetaWriter:
         h.incompatible_features = new
         fileio.pwrite(self.fd, struct.pack(">Q", new), HDR_INCOMPAT)
         self.flush()
+
+
+def write_header_cluster(img) -> None:
+    """Rewrite the header, its extensions and the backing file name in one write (they all
+    live in cluster 0), then flush.  Used to change the backing file or the version."""
+    from .format.header import build_extensions
+    h = img.header
+    exts = list(img.extensions)
+    ext_bytes = build_extensions(exts) if (exts or img.version >= 3 or img.backing_file) else b""
+    backing = img.backing_file.encode() if img.backing_file else b""
+    fixed = C.V2_HEADER_SIZE if img.version < 3 else h.header_length
+    if backing:
+        h.backing_file_offset = fixed + len(ext_bytes)
+        h.backing_file_size = len(backing)
+    else:
+        h.backing_file_offset = h.backing_file_size = 0
+    data = build_header(h)[:fixed] + ext_bytes + backing
+    if len(data) > img.cluster_size:
+        raise Qcow2Error("The header, its extensions and the backing file name do not fit in "
+                         "the first cluster")
+    fileio.pwrite(img.fd, data, 0)
+    fileio.fsync(img.fd)

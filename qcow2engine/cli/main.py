@@ -212,10 +212,20 @@ def cmd_info(args) -> int:
 
 def cmd_check(args) -> int:
     from ..chain import open_layer
-    from ..qjson import dumps
     if args.repair and args.force_share:
         _err("force-share=on can only be used with read-only images")
         return 1
+    if args.repair:
+        from ..backing import open_file
+        from ..repair import repair_image
+        probe = open_file(args.filename, args.fmt, lock=False)
+        fmt = probe.format
+        probe.close()
+        if fmt != "qcow2":
+            _err("This image format does not support checks")
+            return 63
+        res = repair_image(args.filename, args.repair, args.filename)
+        return _print_check(args, res)
     layer = open_layer(args.filename, args.fmt, lock=not args.force_share)
     try:
         if layer.format != "qcow2":
@@ -224,15 +234,15 @@ def cmd_check(args) -> int:
         if layer.image.backing_file:
             # qemu-img check opens the whole chain: a broken chain fails the check
             _open_chain(args.filename, args.fmt, args.force_share, for_io=False).close()
-        if args.repair:
-            layer.close()
-            from ..repair import repair_image
-            res = repair_image(args.filename, args.repair, args.filename)
-        else:
-            from ..refcounts import check_image
-            res = check_image(layer.image, args.filename)
+        from ..refcounts import check_image
+        res = check_image(layer.image, args.filename)
     finally:
         layer.close()
+    return _print_check(args, res)
+
+
+def _print_check(args, res) -> int:
+    from ..qjson import dumps
     for m in res.messages:
         sys.stderr.write(m + "\n")
     if res.messages_dropped:

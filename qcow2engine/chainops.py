@@ -1,0 +1,236 @@
+"""Backing-chain operations offline: rebase (safe and unsafe), commit, stream.
+
+Every data movement goes through the crash-safe write path in chunks, and the guest view
+of the chain is the same before, during and after the operation; backing pointers change
+only at the end, with one write of the header cluster.  Long operations report progress
+through a callback progress(done_bytes, total_bytes) and can be interrupted between chunks
+(or anywhere: an interruption is a crash, which the write path survives).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .backing import has_protocol, resolve_backing, walk_chain
+from .chain import Chain, open_chain
+from .errors import ChainError, UnsupportedFeatureError
+from .format import constants as C
+from .format import entries as E
+from .format.header import Extension
+from .meta import write_header_cluster
+
+CHUNK = 32 << 20
+
+
+def set_backing(img, name: str | None, fmt: str | None) -> None:
+    """Point a qcow2 image at another backing file (name as stored), or at none."""
+    if name and len(name.encode()) > C.MAX_BACKING_FILE_NAME:
+        raise ChainError("Backing file name too long")
+    img.extensions = [e for e in img.extensions if e.type != C.EXT_BACKING_FORMAT]
+    if name and fmt:
+        img.extensions.insert(0, Extension(C.EXT_BACKING_FORMAT, fmt.encode()))
+    img.backing_file = name or None
+    img.backing_format = fmt if name else None
+    img.header.extensions = img.extensions
+    write_header_cluster(img)
+
+
+def _file_key(path: str):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _copy_ranges(dst: Chain, src: Chain, ranges, progress=None, total=None, done=0):
+    """Copy the guest view of src over ranges [(start, end, zero_only)] into dst."""
+    for s, e, zero in ranges:
+        for c in range(s, e, CHUNK):
+            ce = min(c + CHUNK, e)
+            if zero:
+                dst.write_zeroes(c, ce - c)
+            else:
+                dst.write(c, src.read(c, ce - c))
+            done += ce - c
+            if progress:
+                progress(done, total)
+    return done
+
+
+def _runs_of(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """Merge consecutive selected segments into (start, end) ranges."""
+    idx = np.flatnonzero(mask)
+    if not len(idx):
+        return []
+    brk = np.flatnonzero(starts[idx][1:] != ends[idx][:-1]) + 1
+    out = []
+    for grp in np.split(idx, brk):
+        out.append((int(starts[grp[0]]), int(ends[grp[-1]])))
+    return out
+
+
+def rebase(path: str, backing: str | None, backing_fmt: str | None = None, *,
+           unsafe: bool = False, progress=None) -> None:
+    """Change the backing file of path.  Safe mode first copies into path every range where
+    the old and the new backing files differ, so the guest view does not change."""
+    backing = backing or None
+    if backing and not backing_fmt:
+        # refused before anything is copied (qemu-img 7.2 refuses only after the copy)
+        raise ChainError("backing format must be specified (-F)")
+    if backing and has_protocol(backing):
+        raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % backing)
+    if backing_fmt not in (None, "qcow2", "raw"):
+        raise UnsupportedFeatureError("Unknown driver '%s'" % backing_fmt)
+    if unsafe:
+        files, _ = walk_chain(path, "qcow2", backing=False, writable=True)
+        try:
+            set_backing(files[0], backing, backing_fmt)
+        finally:
+            files[0].close()
+        return
+    top = open_chain(path, "qcow2", writable=True, lock="top")
+    try:
+        img = top.layers[0].image
+        new = None
+        if backing:
+            npath = resolve_backing(path, backing)
+            if _file_key(npath) == _file_key(path):
+                raise ChainError("Cannot rebase '%s' onto itself" % path)
+            new = open_chain(npath, backing_fmt, lock=False)
+        try:
+            _rebase_copy(top, new, progress)
+        finally:
+            if new is not None:
+                new.close()
+        set_backing(img, backing, backing_fmt)
+    finally:
+        top.close()
+
+
+def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
+    size = top.size
+    # position of the new backing file in the current chain, if it is there
+    k = None
+    if new is not None:
+        key = _file_key(new.layers[0].path)
+        for d, layer in enumerate(top.layers[1:], start=1):
+            if _file_key(layer.path) == key:
+                k = d
+                break
+    old = Chain(top.layers[1:]) if len(top.layers) > 1 else None
+    unit = top.layers[0].image.subcluster_size
+    done = 0
+    for ex in top.iter_extents(0, size):
+        below = ex.depth >= 1
+        if k is not None:
+            # ranges answered at or below the new backing file read the same afterwards
+            need = below & (ex.depth < k)
+            zero_only = E.ZERO_KINDS[ex.kinds] | ~E.ALLOCATED_KINDS[ex.kinds]
+            ranges = [(s, e, False) for s, e in _runs_of(need & ~zero_only, ex.starts, ex.ends)]
+            ranges += [(s, e, True) for s, e in _runs_of(need & zero_only, ex.starts, ex.ends)]
+            ranges.sort()
+            done = _copy_ranges(top, top, ranges, progress, size, done)
+            continue
+        for s, e in _runs_of(below, ex.starts, ex.ends):
+            for c in range(s, e, CHUNK):
+                ce = min(c + CHUNK, e)
+                a = np.frombuffer(old.read(c, ce - c), np.uint8) if old else np.zeros(ce - c, np.uint8)
+                b = np.frombuffer(new.read(c, ce - c), np.uint8) if new else np.zeros(ce - c, np.uint8)
+                # compare unit by unit; write the old view where it differs
+                first = c // unit * unit
+                pad_a = np.zeros(-(-(ce - first) // unit) * unit, np.uint8)
+                pad_b = pad_a.copy()
+                pad_a[c - first:ce - first] = a
+                pad_b[c - first:ce - first] = b
+                diff = (pad_a.reshape(-1, unit) != pad_b.reshape(-1, unit)).any(axis=1)
+                for us, ue in _runs_of(diff, np.arange(len(diff)), np.arange(1, len(diff) + 1)):
+                    ws, we = max(first + us * unit, c), min(first + ue * unit, ce)
+                    if not pad_a[ws - first:we - first].any():
+                        top.write_zeroes(ws, we - ws)
+                    else:
+                        top.write(ws, pad_a[ws - first:we - first])
+                done += ce - c
+                if progress:
+                    progress(done, size)
+
+
+def commit(path: str, base: str | None = None, *, drop: bool = False, progress=None) -> str:
+    """Write the data of path (and of the layers between it and base) into base — by default
+    its immediate backing file — and, unless drop (or base given), empty path afterwards.
+    Returns the base's path."""
+    chain = open_chain(path, "qcow2", lock=False)
+    try:
+        if len(chain.layers) < 2:
+            raise ChainError("Image does not have a backing file")
+        k = 1
+        if base is not None:
+            key = _file_key(base if os.path.isabs(base) or os.path.exists(base) else
+                            resolve_backing(path, base))
+            for d, layer in enumerate(chain.layers[1:], start=1):
+                if _file_key(layer.path) == key:
+                    k = d
+                    break
+            else:
+                raise ChainError("'%s' is not in the backing chain of '%s'" % (base, path))
+            drop = True
+        base_layer = chain.layers[k]
+        base_path = base_layer.path
+        base_fmt = base_layer.format
+    finally:
+        chain.close()
+    # locks: the top (emptied) and the base (written) are taken for writing
+    top = open_chain(path, "qcow2", writable=not drop, lock="top")
+    try:
+        if base_layer_grow_needed(top, k):
+            from .resizing import resize_image
+            resize_image(base_path, top.size, fmt=base_fmt)
+        dst = open_chain(base_path, base_fmt, writable=True)
+        try:
+            src = Chain(top.layers[:k])
+            total = top.size
+            done = 0
+            for ex in src.iter_extents(0, top.size):
+                # only what the layers above the base hold; the rest already reads from it
+                above = E.ALLOCATED_KINDS[ex.kinds]
+                zero = above & E.ZERO_KINDS[ex.kinds]
+                ranges = [(s, e, False) for s, e in _runs_of(above & ~zero, ex.starts, ex.ends)]
+                ranges += [(s, e, True) for s, e in _runs_of(zero, ex.starts, ex.ends)]
+                ranges.sort()
+                done = _copy_ranges(dst, top, ranges, progress, total, done)
+            dst.flush()
+        finally:
+            dst.close()
+        if not drop:
+            from .guestwrite import GuestWriter
+            GuestWriter(top).make_empty()
+    finally:
+        top.close()
+    return base_path
+
+
+def base_layer_grow_needed(top: Chain, k: int) -> bool:
+    return top.layers[k].size < top.size
+
+
+def stream(path: str, base: str | None = None, *, progress=None) -> None:
+    """Pull into path the data of the layers between it and base (all of them by default),
+    then point path at base (or at nothing).  The guest view never changes."""
+    chain = open_chain(path, "qcow2", lock=False)
+    try:
+        if base is None:
+            new_name, new_fmt = None, None
+        else:
+            bpath = base if os.path.isabs(base) or os.path.exists(base) else resolve_backing(path, base)
+            key = _file_key(bpath)
+            for layer in chain.layers[1:]:
+                if _file_key(layer.path) == key:
+                    break
+            else:
+                raise ChainError("'%s' is not in the backing chain of '%s'" % (base, path))
+            new_fmt = layer.format
+            if os.path.isabs(base):
+                new_name = base
+            else:
+                new_name = os.path.relpath(layer.path, os.path.dirname(os.path.abspath(path)))
+    finally:
+        chain.close()
+    rebase(path, new_name, new_fmt, progress=progress)

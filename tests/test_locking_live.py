@@ -300,3 +300,50 @@ def test_two_engine_writers_in_one_process_conflict(image):
     with qcow2engine.open_chain(image, writable=True):
         pass
     assert held_lock_bytes(image) == []
+
+
+def test_force_share_never_writes(image, vm):
+    """-U is for read-only use: a writer with it is refused, as qemu-io refuses it."""
+    vm.add_qcow2(image, "d0")
+    before = digest(image)
+    rc, out, err = engine("io", "-U", "-c", "write -P 0x66 0 4k", image)
+    assert rc == 1 and "force-share" in err and err.count("\n") == 1
+    with pytest.raises(qcow2engine.Qcow2Error):
+        qcow2engine.open_chain(image, writable=True, force_share=True)
+    assert digest(image) == before
+
+
+def test_create_raw_over_image_in_use_refused(image, vm):
+    vm.add_qcow2(image, "d0")
+    before = digest(image)
+    rc, out, err = engine("create", "-q", "-f", "raw", image, "16M")
+    assert rc == 1 and "lock" in err
+    assert digest(image) == before
+
+
+def test_create_does_not_truncate_a_data_file_in_use(tmp_path, vm):
+    a = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "data_file=%s,data_file_raw=on" % (tmp_path / "d.raw"), str(a), "16M"],
+                   check=True, cwd=tmp_path)
+    subprocess.run(["qemu-io", "-c", "write -P 0x42 0 1M", str(a)], check=True,
+                   capture_output=True, cwd=tmp_path)
+    data = tmp_path / "d.raw"
+    before = digest(data)
+    vm.add_qcow2(str(a), "d0")
+    rc, out, err = engine("create", "-q", "-f", "qcow2", "-o", "data_file=%s" % data,
+                          tmp_path / "c.qcow2", "16M", cwd=tmp_path)
+    assert rc == 1 and "lock" in err
+    assert digest(data) == before
+
+
+def test_raw_image_in_use_is_locked(tmp_path):
+    raw = tmp_path / "r.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"], check=True)
+    before = digest(raw)
+    with QemuVM(machine="pc") as v:
+        v.add_raw(str(raw), "r0")
+        v.cmd("device_add", driver="virtio-blk-pci", drive="r0", id="vd0")
+        rc, out, err = engine("io", "-f", "raw", "-c", "write 0 4k", raw)
+        assert rc == 1 and "lock" in err
+    assert digest(raw) == before

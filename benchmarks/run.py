@@ -1,4 +1,4 @@
-"""Benchmark qcow2engine against qemu-img on the same images.
+"""Benchmark qcow2engine against qemu-img / qemu-io on the same images.
 
 Usage (from the repository root)::
 
@@ -10,16 +10,27 @@ For every workload the harness
 1. builds its input images, cached in ``WORKDIR/<profile>/<artifact>/``
    (profile is ``full`` or ``quick``) and rebuilt only when missing, when
    their build parameters changed, or with ``--rebuild``;
-2. runs the ``qemu-img`` command and the equivalent ``qcow2engine`` command
-   (``python -m qcow2engine`` with the same arguments) once each, untimed, so
-   both read their input from the page cache, and keeps their outputs for the
-   correctness check;
-3. runs them alternately (qemu-img, engine, qemu-img, engine, ...) N times,
+2. runs the reference command (``qemu-img ...``, or ``qemu-io ...`` for the
+   ``write-*`` workloads) and the equivalent ``qcow2engine`` command
+   (``python -m qcow2engine`` with the same arguments; ``qcow2engine io`` for
+   qemu-io) once each, untimed, so both read their input from the page cache,
+   and keeps their outputs for the correctness check;
+3. runs them alternately (qemu, engine, qemu, engine, ...) N times,
    measuring wall time and peak RSS of each process, deleting output files
    before (and after) every run so both tools always write fresh files;
 4. compares the outputs of the two tools (parsed JSON for check/map/info,
-   byte contents for convert) and prints a table: medians, ratio
-   engine/qemu-img, the target and whether it is met.
+   byte contents for convert, ``qemu-img compare`` + ``qemu-img check`` for
+   the written images) and prints a table: medians, ratio engine/qemu, the
+   target and whether it is met.
+
+Workloads that modify an image (the qemu-io ``write-*`` ones) have a
+``prepare`` hook: before every run (warm-up and timed), untimed, it puts a
+fresh copy of the starting image in place (``cp --sparse=always`` of a cached
+template) and the harness syncs, so each run of either tool starts from the
+same bytes and only the command itself is timed.  Their qemu-io command
+scripts (``-c`` arguments) are generated per profile and, should the argument
+list get long, split into several invocations run back to back inside one
+timed measurement, identically for both tools (see ``IO_ARGV_BYTES``).
 
 A failing or timed-out command never aborts the run: it is reported in the
 table as ``error: ...`` / ``timeout``.  The harness does not import anything
@@ -176,6 +187,35 @@ def build_small(d: Path, p: dict, qemu_img: str) -> None:
                   "img.qcow2"], cwd=d)
 
 
+def build_empty(d: Path, p: dict, qemu_img: str) -> None:
+    """Empty qcow2 (the starting image of the sequential write workloads)."""
+    _run_checked([qemu_img, "create", "-q", "-f", "qcow2", "-o",
+                  f"cluster_size={p['cluster_size']}", "img.qcow2",
+                  str(p["size"])], cwd=d)
+
+
+def build_backing(d: Path, p: dict, qemu_img: str) -> None:
+    """A qcow2 base full of data and two empty overlays on it.
+
+    ``base.qcow2`` (default 64 KiB clusters) is written whole with
+    ``qemu-io -c 'write -P 0x5a 0 SIZE'``.  ``overlay.qcow2`` and
+    ``overlay-extl2.qcow2`` (``extended_l2=on``) have the given cluster size
+    and name the base by its absolute path, so copies of them placed anywhere
+    (by the workloads' prepare step) still find it.
+    """
+    size = str(p["size"])
+    base = (d / "base.qcow2").resolve()
+    _run_checked([qemu_img, "create", "-q", "-f", "qcow2", str(base), size])
+    _run_checked([_qemu_io(qemu_img), "-f", "qcow2", "-c",
+                  f"write -q -P 0x5a 0 {size}", str(base)])
+    cs = p["cluster_size"]
+    for name, extra in (("overlay.qcow2", ""),
+                        ("overlay-extl2.qcow2", ",extended_l2=on")):
+        _run_checked([qemu_img, "create", "-q", "-f", "qcow2", "-o",
+                      f"cluster_size={cs}{extra}", "-b", str(base),
+                      "-F", "qcow2", name, size], cwd=d)
+
+
 def build_chain(d: Path, p: dict, qemu_img: str) -> None:
     """``depth`` images: a base and depth-1 overlays, each with a bit of data.
 
@@ -233,6 +273,15 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
         "full": {"depth": 64, "size": 1 * GiB},
         "quick": {"depth": 64, "size": 1 * GiB},
     }),
+    Artifact("empty-64k", build_empty, {
+        "full": {"size": 2 * GiB, "cluster_size": 64 * KiB},
+        "quick": {"size": 512 * MiB, "cluster_size": 64 * KiB},
+    }),
+    Artifact("backing-data", build_backing, {
+        "full": {"size": 1 * GiB, "cluster_size": 64 * KiB},
+        "quick": {"size": 256 * MiB, "cluster_size": 64 * KiB},
+    }, files={"base": "base.qcow2", "overlay": "overlay.qcow2",
+              "overlay_extl2": "overlay-extl2.qcow2"}),
 ]}
 
 
@@ -318,8 +367,12 @@ DEFAULT_JSON_IGNORE = frozenset({"filename", "full-backing-filename",
 
 
 def json_equal(ignore: frozenset[str] = DEFAULT_JSON_IGNORE):
-    """Verifier: stdout of both tools equal as parsed JSON (minus ``ignore``)."""
-    def verify(q: "RunOutputs", e: "RunOutputs") -> str | None:
+    """Verifier: stdout of both tools equal as parsed JSON (minus ``ignore``).
+
+    A verifier is called as ``verify(qemu_outputs, engine_outputs, qemu_img)``
+    and returns None when the outputs agree, else a short message.
+    """
+    def verify(q: "RunOutputs", e: "RunOutputs", qemu_img: str) -> str | None:
         try:
             a = json.loads(q.stdout.read_bytes())
         except ValueError as exc:
@@ -360,7 +413,7 @@ def files_equal(placeholder: str = "out"):
     Sparse-aware: only ranges that hold data in at least one of the files
     are read; holes in both are zeros in both.
     """
-    def verify(q: "RunOutputs", e: "RunOutputs") -> str | None:
+    def verify(q: "RunOutputs", e: "RunOutputs", qemu_img: str) -> str | None:
         pa, pb = q.files[placeholder], e.files[placeholder]
         if not pa.exists():
             return "qemu-img output missing"
@@ -399,6 +452,56 @@ def files_equal(placeholder: str = "out"):
     return verify
 
 
+def _io_report_lines(path: Path) -> list[str]:
+    """qemu-io's per-command lines minus the timing ones ("... ops; ...")."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln and " ops; " not in ln]
+
+
+def images_equal(placeholder: str = "out"):
+    """Verifier for written images: ``qemu-img compare`` of the two results
+    exits 0, ``qemu-img check`` finds nothing wrong in the engine's, and both
+    tools reported the same per-command lines ("wrote N/N bytes at offset X").
+    """
+    def verify(q: "RunOutputs", e: "RunOutputs", qemu_img: str) -> str | None:
+        pa, pb = q.files[placeholder], e.files[placeholder]
+        if not pa.exists():
+            return "qemu output missing"
+        if not pb.exists():
+            return "engine output missing"
+        la, lb = _io_report_lines(q.stdout), _io_report_lines(e.stdout)
+        if la != lb:
+            i = next((k for k, (x, y) in enumerate(zip(la, lb)) if x != y),
+                     min(len(la), len(lb)))
+            x = la[i] if i < len(la) else "<end>"
+            y = lb[i] if i < len(lb) else "<end>"
+            return f"mismatch: report line {i + 1}: {x!r} vs {y!r}"[:90]
+        proc = subprocess.run([qemu_img, "compare", "-f", "qcow2", "-F", "qcow2",
+                               str(pa), str(pb)], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            msg = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
+            return (f"mismatch: qemu-img compare exit {proc.returncode}: "
+                    f"{msg[0] if msg else ''}")[:90]
+        proc = subprocess.run([qemu_img, "check", "--output=json", "-f", "qcow2",
+                               str(pb)], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True)
+        try:
+            rep = json.loads(proc.stdout)
+        except ValueError:
+            rep = {}
+        bad = {k: rep.get(k, 0) for k in ("corruptions", "leaks", "check-errors")}
+        if proc.returncode != 0 or any(bad.values()):
+            return (f"engine image not clean: qemu-img check exit {proc.returncode}"
+                    + "".join(f", {k} {v}" for k, v in bad.items() if v))[:90]
+        return None
+    verify.__doc__ = "qemu-img compare + check"
+    return verify
+
+
 # --------------------------------------------------------------------------
 # Workloads
 # --------------------------------------------------------------------------
@@ -410,32 +513,121 @@ class Target:
     rss_mib: float | None = None   # optional cap on the engine's peak RSS
 
     def describe(self) -> str:
-        s = (f"<= {self.value:.2f}x" if self.kind == "ratio"
-             else f"<= {self.value:g} s")
+        if self.kind == "ratio" and self.value == float("inf"):
+            s = "report only"
+        else:
+            s = (f"<= {self.value:.2f}x" if self.kind == "ratio"
+                 else f"<= {self.value:g} s")
         if self.rss_mib is not None:
             s += f", RSS <= {self.rss_mib:g} MiB"
         return s
+
+
+# In a workload's args: replaced by ``-c CMD`` for each command of its
+# ``io_script`` (see Workload).
+IO_COMMANDS = "{io_commands}"
+
+# Longest -c argument list (bytes, "-c" and NULs included) given to one
+# invocation.  Linux allows ARG_MAX (usually 2 MiB, argv + environment) in
+# total and 128 KiB per single argument; longer scripts are split into
+# several invocations, at the same places for both tools.
+IO_ARGV_BYTES = 256 * KiB
+
+# Reference program of a workload -> engine subcommand doing the same.
+ENGINE_SUBCOMMAND = {"qemu-img": (), "qemu-io": ("io",)}
 
 
 @dataclass(frozen=True)
 class Workload:
     """One benchmark.
 
-    ``args`` are the qemu-img arguments (without the program name), with
-    ``{placeholder}`` for artifact files and ``{out}`` (etc., see
-    ``outputs``) for per-tool output files.  The engine gets the same
-    arguments unless ``engine_args`` is given.  stdout of each command goes
-    to a file that ``verify`` can read.
+    ``args`` are the arguments of the reference program ``tool`` (qemu-img
+    or qemu-io; without the program name), with ``{placeholder}`` for
+    artifact files and ``{out}`` (etc., see ``outputs``) for per-tool output
+    files.  The engine gets the same arguments (after ``io`` for qemu-io)
+    unless ``engine_args`` is given.  stdout of each command goes to a file
+    that ``verify`` can read.
+
+    ``prepare(inputs, outputs, qemu_img)`` (optional) runs, untimed, before
+    every run of either tool, after the run's output files were deleted;
+    ``inputs`` maps the artifact's placeholders and ``outputs`` the run's
+    output placeholders to paths.  It typically copies a starting image to
+    ``{out}`` for a command that modifies it in place.
+
+    ``io_script(params)`` (optional) returns a list of qemu-io commands for
+    the profile's ``params`` (the artifact's build parameters updated with
+    the workload's own ``params``); the ``IO_COMMANDS`` entry of ``args`` becomes
+    ``-c CMD`` for each (split over several invocations if the argument list
+    would exceed ``IO_ARGV_BYTES``).
     """
     name: str
     description: str
     artifact: str
     args: tuple[str, ...]
     target: Target
-    verify: Optional[Callable[["RunOutputs", "RunOutputs"], Optional[str]]] = None
+    verify: Optional[Callable[["RunOutputs", "RunOutputs", str], Optional[str]]] = None
     engine_args: Optional[tuple[str, ...]] = None
     outputs: tuple[str, ...] = ()          # placeholders naming output files
     ok_returncodes: tuple[int, ...] = (0,)
+    tool: str = "qemu-img"                 # reference program: qemu-img | qemu-io
+    prepare: Optional[Callable[[dict[str, Path], dict[str, Path], str], None]] = None
+    io_script: Optional[Callable[[dict], list[str]]] = None
+    params: dict[str, dict] = field(default_factory=dict)   # per profile
+
+
+def copy_image(src: str, dst: str = "out"):
+    """Prepare hook: ``cp --sparse=always`` artifact file ``{src}`` to ``{dst}``."""
+    def prepare(inputs: dict[str, Path], outputs: dict[str, Path],
+                qemu_img: str) -> None:
+        _run_checked(["cp", "--sparse=always", str(inputs[src]),
+                      str(outputs[dst])])
+    prepare.__doc__ = f"copy {{{src}}} to {{{dst}}}"
+    return prepare
+
+
+def _qsize(n: int) -> str:
+    """A byte count in qemu-io's notation (1G, 1M, 4k, or plain bytes)."""
+    for suffix, unit in (("G", GiB), ("M", MiB), ("k", KiB)):
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def seq_write_script(p: dict) -> list[str]:
+    """``length`` bytes from offset 0 in requests of ``request`` bytes."""
+    req = p["request"]
+    return [f"write -P {p['pattern']:#04x} {_qsize(off)} {_qsize(min(req, p['length'] - off))}"
+            for off in range(0, p["length"], req)]
+
+
+def random_write_script(p: dict) -> list[str]:
+    """``count`` writes of ``request`` bytes at random ``request``-aligned
+    offsets below ``size`` (the artifact's disk size; offsets may repeat), each with a random pattern byte
+    1..255, from ``random.Random(seed)``."""
+    import random
+    rng = random.Random(p["seed"])
+    req = p["request"]
+    out = []
+    for _ in range(p["count"]):
+        off = rng.randrange(p["size"] // req) * req
+        out.append(f"write -P {rng.randrange(1, 256):#04x} {off} {_qsize(req)}")
+    return out
+
+
+def split_io_commands(cmds: list[str], limit: int | None = None) -> list[list[str]]:
+    """Cut a command list into chunks of at most ``limit`` (default
+    ``IO_ARGV_BYTES``) argv bytes."""
+    limit = IO_ARGV_BYTES if limit is None else limit
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for c in cmds:
+        n = len("-c") + 1 + len(c.encode()) + 1
+        if chunks[-1] and used + n > limit:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(c)
+        used += n
+    return chunks
 
 
 WORKLOADS: list[Workload] = [
@@ -470,6 +662,53 @@ WORKLOADS: list[Workload] = [
              "chain-64",
              ("info", "--output=json", "--backing-chain", "{img}"),
              Target("seconds", 0.15), json_equal()),
+    # qemu-io write workloads: {out} is a fresh copy of the starting image
+    # for every run (prepare hook), written in place by the timed command.
+    Workload("write-seq-1g",
+             "qemu-io write -P 0xab 0 1G (one request) into an empty 2 GiB "
+             "image, 64 KiB clusters",
+             "empty-64k",
+             ("-f", "qcow2", IO_COMMANDS, "{out}"),
+             Target("ratio", 1.0), images_equal("out"), outputs=("out",),
+             tool="qemu-io", prepare=copy_image("img"),
+             io_script=seq_write_script,
+             params={"full": {"length": 1 * GiB, "request": 1 * GiB,
+                              "pattern": 0xab},
+                     "quick": {"length": 256 * MiB, "request": 256 * MiB,
+                               "pattern": 0xab}}),
+    Workload("write-seq-1g-1m",
+             "the same 1 GiB as 1024 requests of 1 MiB (-c each), one "
+             "invocation",
+             "empty-64k",
+             ("-f", "qcow2", IO_COMMANDS, "{out}"),
+             Target("ratio", 1.0), images_equal("out"), outputs=("out",),
+             tool="qemu-io", prepare=copy_image("img"),
+             io_script=seq_write_script,
+             params={"full": {"length": 1 * GiB, "request": 1 * MiB,
+                              "pattern": 0xab},
+                     "quick": {"length": 256 * MiB, "request": 1 * MiB,
+                               "pattern": 0xab}}),
+    Workload("write-rand-4k-backing",
+             "2000 random 4 KiB writes (seeded, -c each) into an empty "
+             "1 GiB overlay (64 KiB clusters, COW) of a full 1 GiB base",
+             "backing-data",
+             ("-f", "qcow2", IO_COMMANDS, "{out}"),
+             Target("ratio", float("inf")), images_equal("out"),
+             outputs=("out",), tool="qemu-io", prepare=copy_image("overlay"),
+             io_script=random_write_script,
+             params={"full": {"count": 2000, "request": 4 * KiB, "seed": 4},
+                     "quick": {"count": 500, "request": 4 * KiB, "seed": 4}}),
+    Workload("write-rand-4k-extl2",
+             "the same random writes, overlay with extended_l2=on "
+             "(subcluster COW)",
+             "backing-data",
+             ("-f", "qcow2", IO_COMMANDS, "{out}"),
+             Target("ratio", float("inf")), images_equal("out"),
+             outputs=("out",), tool="qemu-io",
+             prepare=copy_image("overlay_extl2"),
+             io_script=random_write_script,
+             params={"full": {"count": 2000, "request": 4 * KiB, "seed": 4},
+                     "quick": {"count": 500, "request": 4 * KiB, "seed": 4}}),
 ]
 
 
@@ -495,9 +734,11 @@ def _noop() -> None:
     pass
 
 
-def _first_stderr_line(path: Path, argv0: str = "") -> str:
+def _first_stderr_line(path: Path, argv0: str = "", start: int = 0) -> str:
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -521,44 +762,72 @@ class Runner:
         self.rss_method = ("/usr/bin/time -f %M" if use_gnu_time
                            else "os.wait4 ru_maxrss (includes harness RSS at fork)")
 
-    def run(self, argv: list[str], stdout: Path, timeout: float,
+    def run(self, argvs: list[list[str]], stdout: Path, timeout: float,
             ok_returncodes: tuple[int, ...] = (0,)) -> RunResult:
+        """Run the invocations ``argvs`` one after the other (usually one).
+
+        Returns their summed wall time (process start to reaped) and the
+        largest peak RSS; stops at the first failing one.  stdout/stderr of
+        all go to ``stdout`` and ``stdout.with_suffix(".stderr")``;
+        ``timeout`` applies to the sequence as a whole.
+        """
         stderr = stdout.with_suffix(".stderr")
-        rss_file = stdout.with_suffix(".rss")
+        total = 0.0
+        peak: int | None = None
+        rc: int | None = None
+        with open(stdout, "wb") as out, open(stderr, "wb") as err:
+            for argv in argvs:
+                r = self._run_one(argv, out, err, stdout.with_suffix(".rss"),
+                                  stderr, timeout - total, ok_returncodes)
+                total += r.seconds
+                rc = r.returncode
+                if r.rss_kib is not None:
+                    peak = r.rss_kib if peak is None else max(peak, r.rss_kib)
+                if r.error:
+                    if r.error.startswith("timeout"):
+                        r.error = f"timeout after {timeout:g} s"
+                    return RunResult(total, peak, rc, r.error)
+        return RunResult(total, peak, rc, None)
+
+    def _run_one(self, argv: list[str], out, err, rss_file: Path,
+                 stderr: Path, timeout: float,
+                 ok_returncodes: tuple[int, ...]) -> RunResult:
         full = argv
         if self.use_gnu_time:
             rss_file.unlink(missing_ok=True)
             full = [GNU_TIME, "-f", "%M", "-o", str(rss_file), "--"] + argv
         timed_out = threading.Event()
-        with open(stdout, "wb") as out, open(stderr, "wb") as err:
-            kwargs: dict[str, Any] = {}
-            if not self.use_gnu_time:
-                # Force fork() instead of vfork(): a vfork child's ru_maxrss
-                # inherits the harness's high-water RSS.
-                kwargs["preexec_fn"] = _noop
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.Popen(full, stdin=subprocess.DEVNULL,
-                                        stdout=out, stderr=err, cwd=self.cwd,
-                                        env=self.env, start_new_session=True,
-                                        **kwargs)
-            except OSError as exc:
-                return RunResult(0.0, None, None, f"error: {exc}")
+        out.flush()
+        err.flush()
+        err_pos = err.tell()
+        kwargs: dict[str, Any] = {}
+        if not self.use_gnu_time:
+            # Force fork() instead of vfork(): a vfork child's ru_maxrss
+            # inherits the harness's high-water RSS.
+            kwargs["preexec_fn"] = _noop
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen(full, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, cwd=self.cwd,
+                                    env=self.env, start_new_session=True,
+                                    **kwargs)
+        except OSError as exc:
+            return RunResult(0.0, None, None, f"error: {exc}")
 
-            def kill() -> None:
-                timed_out.set()
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-
-            timer = threading.Timer(timeout, kill)
-            timer.start()
+        def kill() -> None:
+            timed_out.set()
             try:
-                _, status, ru = os.wait4(proc.pid, 0)
-            finally:
-                t1 = time.perf_counter()
-                timer.cancel()
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+        timer = threading.Timer(max(timeout, 0.0), kill)
+        timer.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            t1 = time.perf_counter()
+            timer.cancel()
         rc = os.waitstatus_to_exitcode(status)
         proc.returncode = rc           # already reaped; keep Popen quiet
         rss: int | None = ru.ru_maxrss
@@ -573,7 +842,7 @@ class Runner:
         if timed_out.is_set():
             error = f"timeout after {timeout:g} s"
         elif rc not in ok_returncodes:
-            msg = _first_stderr_line(stderr, argv[0])
+            msg = _first_stderr_line(stderr, argv[0], err_pos)
             if self.use_gnu_time and rc == 127 and not msg:
                 msg = "command not found"
             error = f"error: {msg or f'exit status {rc}'}"
@@ -651,32 +920,70 @@ class WorkloadResult:
 
 def run_workload(w: Workload, files: dict[str, Path], runner: Runner,
                  run_dir: Path, qemu_img: str, engine_cmd: list[str],
-                 repeat: int, timeout: float, budget: float) -> WorkloadResult:
+                 repeat: int, timeout: float, budget: float,
+                 params: dict | None = None) -> WorkloadResult:
+    """``params``: the artifact's build parameters for the profile updated
+    with the workload's (input of ``w.io_script``)."""
     stats = {t: ToolStats() for t in TOOLS}
-    prefix = {"qemu-img": [qemu_img], "engine": engine_cmd}
+    reference = [qemu_img] if w.tool == "qemu-img" else [_qemu_io(qemu_img)]
+    prefix = {"qemu-img": reference,
+              "engine": engine_cmd + list(ENGINE_SUBCOMMAND[w.tool])}
+    label = {"qemu-img": w.tool, "engine": "engine"}
+    chunks = (split_io_commands(w.io_script(params or {}))
+              if w.io_script else [[]])
+    if len(chunks) > 1:
+        log(f"    {sum(map(len, chunks))} commands in {len(chunks)} "
+            "invocations per run")
 
     def paths(tool: str, tag: str) -> RunOutputs:
         outs = {o: run_dir / f"{w.name}.{tool}.{tag}.{o}" for o in w.outputs}
         return RunOutputs(run_dir / f"{w.name}.{tool}.{tag}.stdout", outs)
 
-    def argv(tool: str, ro: RunOutputs) -> list[str]:
+    def argv(tool: str, ro: RunOutputs) -> list[list[str]]:
+        """The invocations of one run (one unless the io script is split)."""
         subst = {k: str(v) for k, v in files.items()}
         subst.update({k: str(v) for k, v in ro.files.items()})
         args = w.engine_args if (tool == "engine" and w.engine_args) else w.args
-        return prefix[tool] + [a.format(**subst) for a in args]
+        out = []
+        for chunk in chunks:
+            a: list[str] = []
+            for x in args:
+                if x == IO_COMMANDS:
+                    for c in chunk:
+                        a += ["-c", c]
+                else:
+                    a.append(x.format(**subst))
+            out.append(prefix[tool] + a)
+        return out
 
     def clean(ro: RunOutputs) -> None:
         for p in ro.files.values():
             p.unlink(missing_ok=True)
 
+    def prepare(ro: RunOutputs) -> str | None:
+        """Untimed set-up of one run; returns an error message or None."""
+        clean(ro)
+        if w.prepare is None:
+            return None
+        try:
+            w.prepare(files, ro.files, qemu_img)
+        except Exception as exc:  # noqa: BLE001 - report, don't crash
+            return f"error: prepare: {exc}"[:70]
+        os.sync()   # the copy's writeback must not land in the timed run
+        return None
+
     os.sync()
     # Untimed warm-up; its outputs are kept for the correctness check.
     warm = {t: paths(t, "warmup") for t in TOOLS}
     for tool in TOOLS:
-        clean(warm[tool])
+        err = prepare(warm[tool])
+        if err:
+            stats[tool].error = err
+            log(f"    warm-up {label[tool]:8s} {err}")
+            continue
         r = runner.run(argv(tool, warm[tool]), warm[tool].stdout, timeout,
                        w.ok_returncodes)
-        log(f"    warm-up {tool:8s} {r.seconds:8.3f} s"
+        log(f"    warm-up {label[tool]:8s} {r.seconds:8.3f} s"
             + (f"  {r.error}" if r.error else ""))
         if r.error:
             stats[tool].error = r.error
@@ -690,31 +997,36 @@ def run_workload(w: Workload, files: dict[str, Path], runner: Runner,
             st = stats[tool]
             if st.error or (st.times and spent[tool] > budget):
                 continue
-            clean(timed[tool])
+            err = prepare(timed[tool])
+            if err:
+                st.error = err
+                log(f"    run {i + 1} {label[tool]:8s} {err}")
+                continue
             r = runner.run(argv(tool, timed[tool]), timed[tool].stdout,
                            timeout, w.ok_returncodes)
             clean(timed[tool])      # deleting drops the dirty pages unwritten
             spent[tool] += r.seconds
             if r.error:
                 st.error = r.error
-                log(f"    run {i + 1} {tool:8s} {r.error}")
+                log(f"    run {i + 1} {label[tool]:8s} {r.error}")
                 continue
             st.times.append(r.seconds)
             if r.rss_kib is not None:
                 st.rss_kib.append(r.rss_kib)
-            log(f"    run {i + 1} {tool:8s} {r.seconds:8.3f} s  "
+            log(f"    run {i + 1} {label[tool]:8s} {r.seconds:8.3f} s  "
                 f"{(r.rss_kib or 0) / 1024:7.1f} MiB")
 
     res = WorkloadResult(w, stats)
     if w.verify is None:
         res.verify = "n/a"
     elif stats["qemu-img"].error:
-        res.verify = "n/a (qemu-img failed)"
+        res.verify = f"n/a ({w.tool} failed)"
     elif stats["engine"].error:
         res.verify = "n/a (engine failed)"
     else:
         try:
-            res.verify = w.verify(warm["qemu-img"], warm["engine"]) or "ok"
+            res.verify = (w.verify(warm["qemu-img"], warm["engine"], qemu_img)
+                          or "ok")
         except Exception as exc:  # noqa: BLE001 - report, don't crash
             res.verify = f"verify error: {exc}"
     for tool in TOOLS:
@@ -796,8 +1108,9 @@ def _fmt_mib(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-HEADERS = ["workload", "qemu-img s", "engine s", "ratio", "target", "result",
-           "qemu-img RSS MiB", "engine RSS MiB", "outputs"]
+# "qemu" is qemu-img, or qemu-io for the write-* workloads (see --list).
+HEADERS = ["workload", "qemu s", "engine s", "ratio", "target", "result",
+           "qemu RSS MiB", "engine RSS MiB", "outputs"]
 
 
 def table_rows(results: list[WorkloadResult]) -> list[list[str]]:
@@ -832,7 +1145,8 @@ def noise_notes(results: list[WorkloadResult]) -> list[str]:
     """One line per workload whose run times varied by more than 50%."""
     notes = []
     for r in results:
-        parts = [f"{t} {_fmt_s(min(s.times))}-{_fmt_s(max(s.times))} s"
+        label = {"qemu-img": r.workload.tool}
+        parts = [f"{label.get(t, t)} {_fmt_s(min(s.times))}-{_fmt_s(max(s.times))} s"
                  for t, s in r.stats.items() if s.spread > NOISY_SPREAD]
         if parts:
             notes.append(f"{r.workload.name}: noisy timings ({', '.join(parts)})")
@@ -932,7 +1246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for w in WORKLOADS:
-            print(f"{w.name:24s} target {w.target.describe():28s} {w.description}")
+            print(f"{w.name:24s} {w.tool:8s} target {w.target.describe():28s} "
+                  f"{w.description}")
         return 0
 
     profile = "quick" if args.quick else "full"
@@ -992,8 +1307,10 @@ def main(argv: list[str] | None = None) -> int:
         if files is None:
             res = WorkloadResult(w, {t: ToolStats() for t in TOOLS}, error=err)
         else:
+            art = ARTIFACTS[w.artifact]
+            params = {**art.params[profile], **w.params.get(profile, {})}
             res = run_workload(w, files, runner, run_dir, qemu_img, engine_cmd,
-                               repeat, timeout, budget)
+                               repeat, timeout, budget, params)
             res.build_seconds = dt
         log(f"    -> {res.verdict()}; outputs: {res.verify}")
         results.append(res)

@@ -115,3 +115,120 @@ def _chunk_tasks(ex, write_zeros: bool):
         sub = Extents(ex.starts[sel], ex.ends[sel], ex.depth[sel], ex.kinds[sel], ex.hosts[sel])
         yield s, e - s, sub
         i = j
+
+
+def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
+                     backing: str | None = None, backing_fmt: str | None = None,
+                     min_sparse: int = 4096, progress=None, threads: int = 2) -> None:
+    """Copy the guest view of chain into a new qcow2 image dst.
+
+    Zero blocks (min_sparse granularity) are left unallocated.  With a backing file for the
+    target, only what the source's top layer holds is copied (the rest is expected to come
+    from that backing file).  With compress, each cluster is compressed (zlib or zstd per
+    the compression_type option) on `threads` cores and packed back to back.
+    """
+    from .creation import parse_options
+    from .chain import open_chain
+    o = parse_options(options)
+    o.size = chain.size
+    if backing:
+        o.backing_file, o.backing_fmt = backing, backing_fmt
+    _create(dst, o)
+    target = open_chain(dst, "qcow2", writable=True, lock="top")
+    target.sync = False                  # a fresh file: one flush at the end is enough
+    try:
+        img = target.layers[0].image
+        cs = img.cluster_size
+        from .guestwrite import GuestWriter
+        writer = GuestWriter(target, sync=False)
+        size = chain.size
+        done = 0
+        top_only = backing is not None
+        span = max(cs, (16 << 20) // cs * cs)
+        pool = ThreadPoolExecutor(max_workers=max(1, threads))
+
+        def read(a, b):
+            buf = np.zeros(b - a, np.uint8)
+            for ex in chain.iter_extents(a, b):
+                if top_only:
+                    sel = ex.depth == 0
+                    from .chain import Extents
+                    ex = Extents(ex.starts[sel], ex.ends[sel], ex.depth[sel], ex.kinds[sel], ex.hosts[sel])
+                chain.read_extents_into(buf, a, ex)
+            return buf
+
+        pending = []
+        starts = list(range(0, size, span))
+        for s in starts:
+            pending.append((s, pool.submit(read, s, min(s + span, size))))
+            if len(pending) < 3 and s != starts[-1]:
+                continue
+            s0, fut = pending.pop(0)
+            buf = fut.result()
+            _store(writer, img, chain, s0, buf, compress, min_sparse, top_only, pool)
+            done += len(buf)
+            if progress:
+                progress(done, size)
+        for s0, fut in pending:
+            buf = fut.result()
+            _store(writer, img, chain, s0, buf, compress, min_sparse, top_only, pool)
+            done += len(buf)
+            if progress:
+                progress(done, size)
+        pool.shutdown()
+        from . import fileio
+        fileio.fsync(img.fd)
+    finally:
+        target.close()
+
+
+def _create(dst: str, o) -> None:
+    from .creation import create_qcow2, validate
+    if o.backing_file:
+        from .backing import has_protocol
+        from .errors import ChainError
+        if has_protocol(o.backing_file):
+            raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
+    validate(o)
+    create_qcow2(dst, o)
+
+
+def _store(writer, img, chain, base: int, buf: np.ndarray, compress: bool, min_sparse: int,
+           top_only: bool, pool) -> None:
+    cs = img.cluster_size
+    n = -(-len(buf) // cs)
+    padded = buf if len(buf) == n * cs else np.concatenate([buf, np.zeros(n * cs - len(buf), np.uint8)])
+    if min_sparse > 0:
+        nz = padded.view(np.uint64).reshape(n, cs // 8).any(axis=1)
+    else:
+        nz = np.ones(n, bool)
+    if top_only:
+        # where the source top is unallocated, leave the target unallocated too
+        alloc = np.zeros(n, bool)
+        for ex in chain.iter_extents(base, base + len(buf)):
+            sel = ex.depth == 0
+            for a, b in zip(ex.starts[sel].tolist(), ex.ends[sel].tolist()):
+                alloc[(a - base) // cs:-(-(b - base) // cs)] = True
+        zero_alloc = alloc & ~nz
+        for k in np.flatnonzero(zero_alloc).tolist():
+            s = base + k * cs
+            writer.write_zeroes(s, min(cs, base + len(buf) - s))
+        nz &= alloc
+    if not nz.any():
+        return
+    if not compress:
+        writer.write_clusters(base, padded[:len(buf)], nz)
+        return
+    idx = np.flatnonzero(nz)
+    zstd = img.header.compression_type == 1
+    blobs = list(pool.map(lambda k: _compress(padded[k * cs:(k + 1) * cs].tobytes(), zstd), idx.tolist()))
+    writer.write_compressed(base // cs, idx, blobs, padded)
+
+
+def _compress(data: bytes, zstd: bool) -> bytes:
+    if zstd:
+        import zstandard
+        return zstandard.ZstdCompressor().compress(data)
+    import zlib
+    c = zlib.compressobj(6, zlib.DEFLATED, -12)
+    return c.compress(data) + c.flush()

@@ -94,6 +94,61 @@ class GuestWriter:
             return
         self._zero_units(a, b, unmap=True, discard=True)
 
+    def write_compressed(self, c0: int, idx: np.ndarray, blobs: list, clusters: np.ndarray) -> None:
+        """Store guest clusters c0+idx as compressed clusters (blobs: the compressed bytes of
+        each, packed back to back); clusters whose blob would not be smaller are written
+        normally from `clusters` (the uncompressed data of clusters c0.. as one array)."""
+        cs = self.cs
+        if self.img.has_data_file:
+            raise UnsupportedFeatureError("Compression is not supported with external data files")
+        big = np.array([len(b) >= cs for b in blobs], bool)
+        if big.any():
+            sel = np.zeros(len(clusters) // cs, bool)
+            sel[idx[big]] = True
+            self.write_clusters(c0 * cs, clusters[:min(len(clusters), self.img.size - c0 * cs)], sel)
+        idx = idx[~big]
+        blobs = [b for b, k in zip(blobs, big) if not k]
+        if not len(idx):
+            return
+        lens = np.array([len(b) for b in blobs], np.int64)
+        rel = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        total = int(lens.sum())
+        first = int(self.meta.allocate(-(-total // cs), contiguous=True)[0])
+        start = first * cs
+        offs = start + rel
+        fc = offs >> self.bits
+        lc = (offs + lens - 1) >> self.bits
+        # a host cluster holding parts of k compressed clusters has refcount k
+        touch = np.concatenate([np.arange(a, b + 1) for a, b in zip(fc.tolist(), lc.tolist())])
+        counts = np.bincount(touch - first)
+        extra = np.repeat(np.arange(len(counts)) + first, np.maximum(counts - 1, 0))
+        self.meta.add_many(extra, +1)
+        g0, g1 = c0 + int(idx.min()), c0 + int(idx.max()) + 1
+        tables = self._tables(g0, g1)
+        for t in tables:
+            if t[2] in ("new", "cow"):
+                t.append(int(self.meta.allocate(1)[0]) << self.bits)
+        self.meta.commit()
+        fileio.pwrite(self.img.fd, b"".join(blobs), start)
+        self.meta.flush()
+        x = C.compressed_offset_bits(self.bits)
+        nsec = ((offs + lens - 1) >> 9) - (offs >> 9)
+        desc = (offs.astype(np.uint64) | (nsec.astype(np.uint64) << np.uint64(x))) | COMPRESSED
+        words = 2 if self.ext else 1
+        old = np.concatenate([t[1][t[3] * words:t[4] * words:words] for t in tables])
+        new_ent = old.copy()
+        pos = (c0 + idx) - g0
+        new_ent[pos] = desc
+        new_bmp = None
+        if self.ext:
+            new_bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables])
+            new_bmp[pos] = 0
+        self._store(tables, ent_new=new_ent, bmp_new=new_bmp, c0=g0)
+        repl = old[pos]
+        comp = (repl & COMPRESSED) != 0
+        host = (repl & OFF).astype(np.int64)
+        self._release(host[~comp & (host != 0)], repl[comp], tables)
+
     def make_empty(self) -> None:
         """Drop every cluster of the image (all of it reads from the backing file again):
         the L1 table is cleared first, then the tables and data lose their references."""
@@ -219,7 +274,8 @@ class GuestWriter:
             new_host[newc] = self.meta.allocate(n_new) << self.bits
         for t in new_tables:
             t.append(int(self.meta.allocate(1)[0]) << self.bits)
-        self.meta.commit()
+        # refcounts and guest data are independent of each other: one flush covers both
+        self.meta.commit(flush=False)
         # --- guest data
         dest = np.where(newc, new_host, host)
         direct = np.flatnonzero(~need_fill if sel is None else (~need_fill & sel))
@@ -353,6 +409,7 @@ class GuestWriter:
         """Write the L2 tables (new ones first written whole), then the L1 entries."""
         img = self.img
         pos = 0
+        wrote = False
         for t in tables:
             table, state, a, b = t[1], t[2], t[3], t[4]
             n = b - a
@@ -365,9 +422,17 @@ class GuestWriter:
             else:
                 table[a:b] = ent_new[pos:pos + n]
             pos += n
-            target = t[6] if state != "own" else t[5]
-            self.meta.write_l2(target, table)
-        self.meta.flush()
+            if state == "own":
+                cached = img._l2_cache.get(t[5])
+                if cached is not None and np.array_equal(cached, table):
+                    continue           # nothing changed in this table (in-place data write)
+                self.meta.write_l2(t[5], table)
+                wrote = True
+            else:
+                self.meta.write_l2(t[6], table)
+                wrote = True
+        if wrote:
+            self.meta.flush()
         l1 = img.l1_table
         changed = []
         for t in tables:

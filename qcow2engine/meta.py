@@ -310,8 +310,9 @@ class MetaWriter:
         self.reftable[rb] = np.uint64(offset)
         self.reftable_dirty.add(rb)
 
-    def commit(self) -> None:
-        """Write all changed refcounts in a crash-safe order; ends with a flush."""
+    def commit(self, flush: bool = True) -> None:
+        """Write all changed refcounts in a crash-safe order; ends with a flush unless
+        flush=False (the caller then flushes before anything that relies on them)."""
         if not self.dirty and not self.homeless:
             return
         self._reftable_moved = False
@@ -336,16 +337,19 @@ class MetaWriter:
             off = int(self.reftable[rb]) & C.REFT_OFFSET_MASK
             fileio.pwrite(self.fd, encode_refblock(self._block(rb), self.img.refcount_order), off)
         self.dirty.clear()
-        self.flush()
         if new_rt is None:
-            # 2. refcount table entries in place
-            for rb in sorted(self.reftable_dirty):
-                fileio.pwrite(self.fd, struct.pack(">Q", int(self.reftable[rb])),
-                              h.refcount_table_offset + 8 * rb)
-            self.reftable_dirty.clear()
-            self.flush()
+            # 2. refcount table entries in place (new blocks must be on disk before them)
+            if self.reftable_dirty:
+                self.flush()
+                for rb in sorted(self.reftable_dirty):
+                    fileio.pwrite(self.fd, struct.pack(">Q", int(self.reftable[rb])),
+                                  h.refcount_table_offset + 8 * rb)
+                self.reftable_dirty.clear()
+            if flush:
+                self.flush()
             self.img._reftable = self.reftable
             return
+        self.flush()
         # 2. new table, 3. header switch, 4. free the old table
         table = np.zeros(new_rt[1] * self.cs // 8, np.uint64)
         table[:len(self.reftable)] = self.reftable

@@ -101,6 +101,10 @@ def build_parser():
     s.add_argument("-T", dest="src_cache")
     s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("-l", dest="snapshot")
+    s.add_argument("-o", dest="options", action="append", default=[])
+    s.add_argument("-c", dest="compress", action="store_true")
+    s.add_argument("-B", dest="backing")
+    s.add_argument("-F", dest="backing_fmt")
     s.add_argument("filename")
     s.add_argument("output")
 
@@ -128,6 +132,44 @@ def build_parser():
     s.add_argument("-q", dest="quiet", action="store_true")
     s.add_argument("-p", dest="progress", action="store_true")
     s.add_argument("filename")
+
+    s = sub.add_parser("rebase", help="change the backing file (safe: copying what differs)")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("-b", dest="backing", required=True)
+    s.add_argument("-F", "-B", dest="backing_fmt")
+    s.add_argument("-u", dest="unsafe", action="store_true")
+    s.add_argument("-p", dest="progress", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("-t", dest="cache")
+    s.add_argument("-T", dest="src_cache")
+    s.add_argument("filename")
+
+    s = sub.add_parser("commit", help="write an image's data into its backing file")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("-b", dest="base")
+    s.add_argument("-d", dest="drop", action="store_true")
+    s.add_argument("-p", dest="progress", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("-t", dest="cache")
+    s.add_argument("-r", dest="rate")
+    s.add_argument("filename")
+
+    s = sub.add_parser("stream", help="pull the backing chain's data into an image (offline "
+                                      "block-stream), then point it at BASE or at nothing")
+    s.add_argument("-b", dest="base")
+    s.add_argument("-p", dest="progress", action="store_true")
+    s.add_argument("-q", dest="quiet", action="store_true")
+    s.add_argument("filename")
+
+    s = sub.add_parser("measure", help="the size a new image needs")
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("-O", dest="out_fmt", default="raw")
+    s.add_argument("-o", dest="options", action="append", default=[])
+    s.add_argument("--size", type=_size)
+    s.add_argument("-l", dest="snapshot")
+    s.add_argument("-U", "--force-share", action="store_true")
+    _output_arg(s)
+    s.add_argument("filename", nargs="?")
 
     s = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
     g = s.add_mutually_exclusive_group()
@@ -304,18 +346,103 @@ def cmd_compare(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from ..convert import convert_to_raw
-    if args.out_fmt != "raw":
-        _err("convert -O %s is not supported yet (raw only)" % args.out_fmt)
+    from ..convert import convert_to_raw, convert_to_qcow2
+    if args.out_fmt not in ("raw", "qcow2"):
+        _err("Unknown file format '%s'" % args.out_fmt)
+        return 1
+    if args.out_fmt == "raw" and (args.compress or args.backing):
+        _err("Compression and backing files need -O qcow2")
+        return 1
+    if args.backing and not args.backing_fmt:
+        _err("Backing file specified without backing format")
         return 1
     from ..chain import open_chain
     chain = open_chain(args.filename, args.fmt, lock=not args.force_share, snapshot=args.snapshot)
     try:
-        progress = _progress_printer() if args.progress and not args.quiet else None
-        convert_to_raw(chain, args.output, min_sparse=args.sparse, progress=progress,
-                       create=not args.no_create)
+        progress = _progress(args, "convert")
+        if args.out_fmt == "raw":
+            convert_to_raw(chain, args.output, min_sparse=args.sparse, progress=progress,
+                           create=not args.no_create)
+        else:
+            convert_to_qcow2(chain, args.output, ",".join(args.options) or None,
+                             compress=args.compress, backing=args.backing,
+                             backing_fmt=args.backing_fmt, min_sparse=args.sparse,
+                             progress=progress)
+        if progress:
+            progress.close()
     finally:
         chain.close()
+    return 0
+
+
+def _progress(args, what: str):
+    """A progress bar with rate and ETA (tqdm, on stderr) when -p was given."""
+    if not getattr(args, "progress", False) or getattr(args, "quiet", False):
+        return None
+    from tqdm import tqdm
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
+               dynamic_ncols=True, leave=True)
+
+    def cb(done, total):
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+    cb.close = bar.close
+    return cb
+
+
+def cmd_rebase(args) -> int:
+    from ..chainops import rebase
+    progress = _progress(args, "rebase")
+    rebase(args.filename, args.backing, args.backing_fmt, unsafe=args.unsafe, progress=progress)
+    if progress:
+        progress.close()
+    return 0
+
+
+def cmd_commit(args) -> int:
+    from ..chainops import commit
+    progress = _progress(args, "commit")
+    commit(args.filename, args.base, drop=args.drop, progress=progress)
+    if progress:
+        progress.close()
+    if not args.quiet:
+        sys.stdout.write("Image committed.\n")
+    return 0
+
+
+def cmd_stream(args) -> int:
+    from ..chainops import stream
+    progress = _progress(args, "stream")
+    stream(args.filename, args.base, progress=progress)
+    if progress:
+        progress.close()
+    return 0
+
+
+def cmd_measure(args) -> int:
+    from ..measure import measure
+    from ..qjson import dumps
+    if (args.size is None) == (args.filename is None):
+        _err("Either --size N or one filename must be specified.")
+        return 1
+    opts = ",".join(args.options) or None
+    if args.filename:
+        from ..chain import open_chain
+        chain = open_chain(args.filename, args.fmt, lock=not args.force_share, snapshot=args.snapshot)
+        try:
+            res = measure(chain, options=opts, out_fmt=args.out_fmt)
+        finally:
+            chain.close()
+    else:
+        res = measure(None, args.size, options=opts, out_fmt=args.out_fmt)
+    if args.output == "json":
+        sys.stdout.write(dumps(res) + "\n")
+    else:
+        sys.stdout.write("required size: %d\nfully allocated size: %d\n"
+                         % (res["required"], res["fully-allocated"]))
+        if "bitmaps" in res:
+            sys.stdout.write("bitmaps size: %d\n" % res["bitmaps"])
     return 0
 
 

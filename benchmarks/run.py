@@ -216,6 +216,55 @@ def build_backing(d: Path, p: dict, qemu_img: str) -> None:
                       "-F", "qcow2", name, size], cwd=d)
 
 
+def build_commit_chain(d: Path, p: dict, qemu_img: str) -> None:
+    """A 1 GiB qcow2 base full of data and an overlay with ``overlay_data`` bytes of
+    other data written over it (in 1 MiB stripes spread over the disk)."""
+    size = p["size"]
+    base = (d / "base.qcow2").resolve()
+    _run_checked([qemu_img, "create", "-q", "-f", "qcow2", str(base), str(size)])
+    _run_checked([_qemu_io(qemu_img), "-f", "qcow2", "-c",
+                  f"write -q -P 0x5a 0 {size}", str(base)])
+    _run_checked([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                  "overlay.qcow2", str(size)], cwd=d)
+    stripe = 1 * MiB
+    n = p["overlay_data"] // stripe
+    step = size // n
+    cmds = []
+    for i in range(n):
+        cmds += ["-c", f"write -q -P {i % 250 + 3} {i * step} {stripe}"]
+    _run_checked([_qemu_io(qemu_img), "-f", "qcow2", *cmds, "overlay.qcow2"], cwd=d)
+
+
+def copy_chain(outbase: str = "outbase", out: str = "out"):
+    """Prepare hook: fresh copies of the base and the overlay, the overlay re-pointed at
+    the copied base (so the timed command never touches the cached artifact)."""
+    def prepare(inputs: dict[str, Path], outputs: dict[str, Path], qemu_img: str) -> None:
+        _run_checked(["cp", "--sparse=always", str(inputs["base"]), str(outputs[outbase])])
+        _run_checked(["cp", "--sparse=always", str(inputs["overlay"]), str(outputs[out])])
+        _run_checked([qemu_img, "rebase", "-u", "-b", str(outputs[outbase]), "-F", "qcow2",
+                      str(outputs[out])])
+    prepare.__doc__ = "copy base and overlay"
+    return prepare
+
+
+def chain_equal(*placeholders: str):
+    """Verifier: for each placeholder, qemu-img compare of the two results exits 0 and
+    qemu-img check of the engine's result is clean."""
+    def verify(q: "RunOutputs", e: "RunOutputs", qemu_img: str) -> str | None:
+        for ph in placeholders:
+            pa, pb = q.files[ph], e.files[ph]
+            proc = subprocess.run([qemu_img, "compare", str(pa), str(pb)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                return f"mismatch on {{{ph}}}: {proc.stdout.strip()[:60]}"
+            proc = subprocess.run([qemu_img, "check", str(pb)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                return f"engine {{{ph}}} not clean (check exit {proc.returncode})"
+        return None
+    verify.__doc__ = "qemu-img compare + check of " + ", ".join(placeholders)
+    return verify
+
+
 def build_chain(d: Path, p: dict, qemu_img: str) -> None:
     """``depth`` images: a base and depth-1 overlays, each with a bit of data.
 
@@ -282,6 +331,10 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
         "quick": {"size": 256 * MiB, "cluster_size": 64 * KiB},
     }, files={"base": "base.qcow2", "overlay": "overlay.qcow2",
               "overlay_extl2": "overlay-extl2.qcow2"}),
+    Artifact("commit-chain", build_commit_chain, {
+        "full": {"size": 1 * GiB, "overlay_data": 768 * MiB},
+        "quick": {"size": 256 * MiB, "overlay_data": 192 * MiB},
+    }, files={"base": "base.qcow2", "overlay": "overlay.qcow2"}),
 ]}
 
 
@@ -709,6 +762,29 @@ WORKLOADS: list[Workload] = [
              io_script=random_write_script,
              params={"full": {"count": 2000, "request": 4 * KiB, "seed": 4},
                      "quick": {"count": 500, "request": 4 * KiB, "seed": 4}}),
+    # chain operations: each run works on fresh copies of the base and the overlay
+    Workload("commit-768m",
+             "commit of a 768 MiB overlay into its 1 GiB base",
+             "commit-chain",
+             ("commit", "-q", "{out}"),
+             Target("ratio", 1.0), chain_equal("outbase", "out"),
+             outputs=("out", "outbase"), prepare=copy_chain()),
+    Workload("rebase-flatten-1g",
+             "safe rebase onto nothing (-b \"\") of the same overlay",
+             "commit-chain",
+             ("rebase", "-b", "", "{out}"),
+             Target("ratio", 1.0), chain_equal("out"),
+             outputs=("out", "outbase"), prepare=copy_chain()),
+    Workload("convert-qcow2-scattered",
+             "convert -O qcow2 of the scattered 4 KiB-cluster image",
+             "scattered-4k",
+             ("convert", "-O", "qcow2", "{img}", "{out}"),
+             Target("ratio", 1.0), chain_equal("out"), outputs=("out",)),
+    Workload("convert-qcow2-compress",
+             "convert -O qcow2 -c (zlib) of the compressible 1 GiB image",
+             "compressed-zlib",
+             ("convert", "-O", "qcow2", "-c", "{img}", "{out}"),
+             Target("ratio", 1.0), chain_equal("out"), outputs=("out",)),
 ]
 
 

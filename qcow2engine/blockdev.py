@@ -48,6 +48,19 @@ def rle(kinds: np.ndarray, hosts: np.ndarray, unit: int, first: int):
     return (first + idx.astype(np.int64) * unit, kinds[idx], hosts[idx])
 
 
+def pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Read len(out) bytes at offset straight into out; past the end of the file: zeros."""
+    mv = memoryview(out).cast("B")
+    done = 0
+    n = len(mv)
+    while done < n:
+        got = os.preadv(fd, [mv[done:done + (1 << 30)]], offset + done)
+        if got <= 0:
+            mv[done:] = bytes(n - done)
+            return
+        done += got
+
+
 class Layer:
     """Common interface of one image in a chain."""
     path: str
@@ -204,6 +217,12 @@ class Qcow2Layer(Layer):
             raise UnsupportedFeatureError("Encrypted images are not supported for reading")
         return pread_full(img.data_fd_for_read(), length, host)
 
+    def read_data_into(self, out: np.ndarray, host: int) -> None:
+        img = self.image
+        if img.encrypted:
+            raise UnsupportedFeatureError("Encrypted images are not supported for reading")
+        pread_into(img.data_fd_for_read(), out, host)
+
     def read_compressed(self, desc: int) -> bytes:
         """Decompress one compressed cluster (raw deflate or zstd) to cluster_size bytes."""
         img = self.image
@@ -263,11 +282,26 @@ class RawLayer(Layer):
     def read_data(self, host: int, length: int) -> bytes:
         return pread_full(self.fd, length, host)
 
+    def read_data_into(self, out: np.ndarray, host: int) -> None:
+        pread_into(self.fd, out, host)
+
     # guest writes on a raw layer are plain file writes
     def write(self, offset: int, data) -> None:
         from . import fileio
         self._check(offset, len(memoryview(data).cast("B")))
         fileio.pwrite(self.fd, data, offset)
+
+    def write_clusters(self, offset: int, data, sel) -> None:
+        """Write the selected 64 KiB units of data at offset (runs in single writes)."""
+        g = 64 << 10
+        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        idx = np.flatnonzero(sel)
+        if not len(idx):
+            return
+        brk = np.flatnonzero(np.diff(idx) != 1) + 1
+        for grp in np.split(idx, brk):
+            a, b = int(grp[0]) * g, min((int(grp[-1]) + 1) * g, len(buf))
+            self.write(offset + a, buf[a:b])
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         from . import fileio

@@ -183,11 +183,17 @@ class Chain:
     def read(self, offset: int, length: int) -> bytes:
         """Guest bytes [offset, offset+length) (zeros past the end of the disk)."""
         out = np.zeros(length, np.uint8)
-        end = min(offset + length, self.size)
+        self.read_into(out, offset, zeroed=True)
+        return out.tobytes()
+
+    def read_into(self, out: np.ndarray, offset: int, zeroed: bool = False) -> None:
+        """Fill the uint8 array out with the guest bytes from offset on (no extra copies)."""
+        if not zeroed:
+            out[:] = 0
+        end = min(offset + len(out), self.size)
         if end > offset:
             for ex in self.iter_extents(offset, end):
                 self.read_extents_into(out, offset, ex)
-        return out.tobytes()
 
     def read_extents_into(self, out: np.ndarray, base: int, ex: Extents, data_only=None) -> None:
         """Fill out[s-base:e-base] for every extent holding data (zeros stay untouched)."""
@@ -204,8 +210,7 @@ class Chain:
             s = int(ex.starts[i]); e = int(ex.ends[i])
             layer = self.layers[int(ex.depth[i])]
             if kinds[i] == E.NORMAL:
-                buf = layer.read_data(int(ex.hosts[i]), e - s)
-                out[s - base:e - base] = np.frombuffer(buf, np.uint8)
+                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]))
             else:
                 desc = int(ex.hosts[i])
                 key = (id(layer), desc)

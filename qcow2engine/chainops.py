@@ -41,18 +41,56 @@ def _file_key(path: str):
     return st.st_dev, st.st_ino
 
 
-def _copy_ranges(dst: Chain, src: Chain, ranges, progress=None, total=None, done=0):
-    """Copy the guest view of src over ranges [(start, end, zero_only)] into dst."""
-    for s, e, zero in ranges:
-        for c in range(s, e, CHUNK):
-            ce = min(c + CHUNK, e)
-            if zero:
-                dst.write_zeroes(c, ce - c)
-            else:
-                dst.write(c, src.read(c, ce - c))
-            done += ce - c
-            if progress:
-                progress(done, total)
+WINDOW = 256 << 20
+
+
+def _granule(chain: Chain) -> int:
+    img = getattr(chain.layers[0], "image", None)
+    return img.cluster_size if img is not None else 64 << 10
+
+
+def _copy_into(dst: Chain, view: Chain, ranges, zero_ranges=(), progress=None, total=None,
+               done=0):
+    """Make dst read like view over the byte ranges: data ranges are copied as whole dst
+    clusters (the view of a whole cluster is right everywhere in it), zero-only ranges are
+    zeroed through metadata.  One write request per window of WINDOW bytes."""
+    g = _granule(dst)
+    size = min(dst.size, view.size)
+    ranges = sorted((max(0, s), min(e, size)) for s, e in ranges if e > s)
+    zero_ranges = sorted((max(0, s), min(e, size)) for s, e in zero_ranges if e > s)
+    ri = 0
+    while ri < len(ranges):
+        w = ranges[ri][0] // WINDOW * WINDOW
+        we = min(w + WINDOW, size)
+        sel = np.zeros(-(-(we - w) // g), bool)
+        buf = np.zeros(we - w, np.uint8)
+        while ri < len(ranges) and ranges[ri][0] < we:
+            s, e = ranges[ri]
+            e2 = min(e, we)
+            a, b = (s - w) // g, -(-(e2 - w) // g)
+            sel[a:b] = True
+            if e > we:
+                ranges[ri] = (we, e)
+                break
+            ri += 1
+        # read the view of every selected cluster
+        idx = np.flatnonzero(sel)
+        brk = np.flatnonzero(np.diff(idx) != 1) + 1
+        for grp in np.split(idx, brk):
+            rs, re_ = w + int(grp[0]) * g, min(w + (int(grp[-1]) + 1) * g, we)
+            view.read_into(buf[rs - w:re_ - w], rs, zeroed=True)
+        writer = dst._writer()
+        if hasattr(writer, "write_clusters"):
+            writer.write_clusters(w, buf, sel)
+        else:
+            for grp in np.split(idx, brk):
+                rs, re_ = w + int(grp[0]) * g, min(w + (int(grp[-1]) + 1) * g, we)
+                dst.write(rs, buf[rs - w:re_ - w])
+        done += int(sel.sum()) * g
+        if progress:
+            progress(min(done, total or done), total)
+    for s, e in zero_ranges:
+        dst.write_zeroes(s, e - s)
     return done
 
 
@@ -125,32 +163,30 @@ def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
             # ranges answered at or below the new backing file read the same afterwards
             need = below & (ex.depth < k)
             zero_only = E.ZERO_KINDS[ex.kinds] | ~E.ALLOCATED_KINDS[ex.kinds]
-            ranges = [(s, e, False) for s, e in _runs_of(need & ~zero_only, ex.starts, ex.ends)]
-            ranges += [(s, e, True) for s, e in _runs_of(need & zero_only, ex.starts, ex.ends)]
-            ranges.sort()
-            done = _copy_ranges(top, top, ranges, progress, size, done)
+            done = _copy_into(top, top, _runs_of(need & ~zero_only, ex.starts, ex.ends),
+                              _runs_of(need & zero_only, ex.starts, ex.ends), progress, size, done)
             continue
+        diff_ranges, zero_ranges = [], []
         for s, e in _runs_of(below, ex.starts, ex.ends):
             for c in range(s, e, CHUNK):
                 ce = min(c + CHUNK, e)
                 a = np.frombuffer(old.read(c, ce - c), np.uint8) if old else np.zeros(ce - c, np.uint8)
                 b = np.frombuffer(new.read(c, ce - c), np.uint8) if new else np.zeros(ce - c, np.uint8)
-                # compare unit by unit; write the old view where it differs
+                # compare unit by unit; where the views differ the old view is kept
                 first = c // unit * unit
                 pad_a = np.zeros(-(-(ce - first) // unit) * unit, np.uint8)
                 pad_b = pad_a.copy()
                 pad_a[c - first:ce - first] = a
                 pad_b[c - first:ce - first] = b
-                diff = (pad_a.reshape(-1, unit) != pad_b.reshape(-1, unit)).any(axis=1)
-                for us, ue in _runs_of(diff, np.arange(len(diff)), np.arange(1, len(diff) + 1)):
-                    ws, we = max(first + us * unit, c), min(first + ue * unit, ce)
-                    if not pad_a[ws - first:we - first].any():
-                        top.write_zeroes(ws, we - ws)
-                    else:
-                        top.write(ws, pad_a[ws - first:we - first])
-                done += ce - c
-                if progress:
-                    progress(done, size)
+                ua, ub = pad_a.reshape(-1, unit), pad_b.reshape(-1, unit)
+                diff = (ua != ub).any(axis=1)
+                nonzero = ua.any(axis=1)
+                ar = np.arange(len(diff))
+                for us, ue in _runs_of(diff & nonzero, ar, ar + 1):
+                    diff_ranges.append((max(first + us * unit, c), min(first + ue * unit, ce)))
+                for us, ue in _runs_of(diff & ~nonzero, ar, ar + 1):
+                    zero_ranges.append((max(first + us * unit, c), min(first + ue * unit, ce)))
+        done = _copy_into(top, top, diff_ranges, zero_ranges, progress, size, done)
 
 
 def commit(path: str, base: str | None = None, *, drop: bool = False, progress=None) -> str:
@@ -192,10 +228,8 @@ def commit(path: str, base: str | None = None, *, drop: bool = False, progress=N
                 # only what the layers above the base hold; the rest already reads from it
                 above = E.ALLOCATED_KINDS[ex.kinds]
                 zero = above & E.ZERO_KINDS[ex.kinds]
-                ranges = [(s, e, False) for s, e in _runs_of(above & ~zero, ex.starts, ex.ends)]
-                ranges += [(s, e, True) for s, e in _runs_of(zero, ex.starts, ex.ends)]
-                ranges.sort()
-                done = _copy_ranges(dst, top, ranges, progress, total, done)
+                done = _copy_into(dst, top, _runs_of(above & ~zero, ex.starts, ex.ends),
+                                  _runs_of(zero, ex.starts, ex.ends), progress, total, done)
             dst.flush()
         finally:
             dst.close()

@@ -86,12 +86,29 @@ def _copy_into(dst: Chain, view: Chain, ranges, zero_ranges=(), progress=None, t
             for grp in np.split(idx, brk):
                 rs, re_ = w + int(grp[0]) * g, min(w + (int(grp[-1]) + 1) * g, we)
                 dst.write(rs, buf[rs - w:re_ - w])
+        _forget_cached_tables(view, dst)
         done += int(sel.sum()) * g
         if progress:
             progress(min(done, total or done), total)
     for s, e in zero_ranges:
         dst.write_zeroes(s, e - s)
+    _forget_cached_tables(view, dst)
     return done
+
+
+def _forget_cached_tables(view: Chain, dst: Chain) -> None:
+    """When view reads a file that dst writes through another open file (commit: the base),
+    its cached L1/L2 tables are stale after a write: drop them."""
+    if view is dst:
+        return
+    key = _file_key(dst.layers[0].path)
+    for layer in view.layers:
+        img = getattr(layer, "image", None)
+        if img is not None and _file_key(layer.path) == key:
+            img._l1 = None
+            img._l2_cache.clear()
+            img._reftable = None
+            img.file_size = os.fstat(img.fd).st_size
 
 
 def _runs_of(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray):

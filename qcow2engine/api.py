@@ -11,11 +11,12 @@ def open_image(path: str, *, writable: bool = False, force_share: bool = False):
 
 
 def open_chain(path: str, fmt: str | None = None, *, writable: bool = False,
-               force_share: bool = False) -> Chain:
+               force_share: bool = False, snapshot: str | None = None) -> Chain:
     """Open an image and its backing chain; read(), extents(), and with writable=True
-    write(), write_zeroes(), discard() on the top image."""
+    write(), write_zeroes(), discard() on the top image.  snapshot ("NAME",
+    "snapshot.name=NAME", "snapshot.id=ID") gives the read-only view of that snapshot."""
     from .chain import open_chain as _open
-    return _open(path, fmt, writable=writable, lock=not force_share)
+    return _open(path, fmt, writable=writable, lock=not force_share, snapshot=snapshot)
 
 
 def info(path: str, fmt: str | None = None, *, backing_chain: bool = False,

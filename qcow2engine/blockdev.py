@@ -102,10 +102,9 @@ class Qcow2Layer(Layer):
         self._prealloc = None
         self._snap_l1 = None
         if snapshot is not None:
-            # a read-only view of an internal snapshot: its own L1 table and disk size
+            # a read-only view of an internal snapshot: its own L1 table, seen at the
+            # image's current size (as qemu-img convert -l shows it)
             self._snap_l1 = image.read_l1(snapshot.l1_table_offset, snapshot.l1_size)
-            if snapshot.disk_size is not None:
-                self.size = snapshot.disk_size
 
     @property
     def l1(self):

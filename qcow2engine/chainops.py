@@ -111,6 +111,30 @@ def _forget_cached_tables(view: Chain, dst: Chain) -> None:
             img.file_size = os.fstat(img.fd).st_size
 
 
+def _find_in_chain(chain: Chain, path: str, name: str) -> int:
+    """Depth of the layer that name designates, as qemu-img matches -b: the name stored in
+    the image above it, or a path (relative to the current directory or to that image)."""
+    keys = {}
+    for cand in (name, resolve_backing(path, name)):
+        try:
+            keys[_file_key(cand)] = True
+        except OSError:
+            pass
+    for d, layer in enumerate(chain.layers[1:], start=1):
+        above = chain.layers[d - 1]
+        stored = getattr(getattr(above, "image", None), "backing_file", None)
+        if stored == name:
+            return d
+        for cand in (resolve_backing(above.path, name),):
+            try:
+                keys.setdefault(_file_key(cand), True)
+            except OSError:
+                pass
+        if _file_key(layer.path) in keys:
+            return d
+    raise ChainError("'%s' is not in the backing chain of '%s'" % (name, path))
+
+
 def _runs_of(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray):
     """Merge consecutive selected segments into (start, end) ranges."""
     idx = np.flatnonzero(mask)
@@ -216,14 +240,7 @@ def commit(path: str, base: str | None = None, *, drop: bool = False, progress=N
             raise ChainError("Image does not have a backing file")
         k = 1
         if base is not None:
-            key = _file_key(base if os.path.isabs(base) or os.path.exists(base) else
-                            resolve_backing(path, base))
-            for d, layer in enumerate(chain.layers[1:], start=1):
-                if _file_key(layer.path) == key:
-                    k = d
-                    break
-            else:
-                raise ChainError("'%s' is not in the backing chain of '%s'" % (base, path))
+            k = _find_in_chain(chain, path, base)
             drop = True
         base_layer = chain.layers[k]
         base_path = base_layer.path
@@ -270,13 +287,7 @@ def stream(path: str, base: str | None = None, *, progress=None) -> None:
         if base is None:
             new_name, new_fmt = None, None
         else:
-            bpath = base if os.path.isabs(base) or os.path.exists(base) else resolve_backing(path, base)
-            key = _file_key(bpath)
-            for layer in chain.layers[1:]:
-                if _file_key(layer.path) == key:
-                    break
-            else:
-                raise ChainError("'%s' is not in the backing chain of '%s'" % (base, path))
+            layer = chain.layers[_find_in_chain(chain, path, base)]
             new_fmt = layer.format
             if os.path.isabs(base):
                 new_name = base

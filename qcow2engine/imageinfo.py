@@ -27,7 +27,8 @@ def snapshot_info(sn) -> dict:
         "vm-clock-nsec": sn.vm_clock_nsec % 1000000000,
     }
     if sn.icount is not None:
-        d["icount"] = sn.icount
+        # QEMU keeps icount as a signed 64-bit number
+        d["icount"] = sn.icount - (1 << 64) if sn.icount >= (1 << 63) else sn.icount
     return d
 
 

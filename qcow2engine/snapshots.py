@@ -235,6 +235,8 @@ def apply_snapshot(img: Qcow2Image, key: str) -> SnapshotEntry:
     if i is None:
         raise SnapshotError("Could not apply snapshot '%s': Failed to load snapshot: "
                             "No such file or directory" % key)
+    if img.bitmaps:
+        raise SnapshotError("Could not apply snapshot '%s': Device has active dirty bitmaps" % key)
     sn = img.snapshots[i]
     cs = img.cluster_size
     h = img.header
@@ -276,12 +278,13 @@ def delete_snapshot(img: Qcow2Image, key: str, *, by_id: bool = False) -> Snapsh
         raise SnapshotError("Could not delete snapshot '%s': snapshot not found" % key)
     snaps = list(img.snapshots)
     sn = snaps.pop(i)
-    meta = MetaWriter(img)
     tree = _Tree(img, img.read_l1(sn.l1_table_offset, sn.l1_size))
-    # the decrements are computed (and validated) in memory first; they reach the disk only
-    # after the new table no longer lists the snapshot
+    # 1. the new table no longer lists the snapshot (allocated from the refcounts as they
+    #    are on disk: nothing the snapshot still references can be reused for it)
+    _write_table(img, MetaWriter(img), snaps)
+    # 2. only now do its clusters lose their references (a failure from here on leaks)
+    meta = MetaWriter(img)
     _add_tree(meta, tree, -1)
-    _write_table(img, meta, snaps)
     if sn.l1_size:
         a = sn.l1_table_offset >> img.cluster_bits
         meta.free(np.arange(a, a + -(-sn.l1_size * 8 // img.cluster_size), dtype=np.int64))

@@ -182,6 +182,9 @@ def build_parser():
     s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("filename")
 
+    sub.add_parser("live", add_help=False, help="drive a running QEMU over QMP "
+                   "(live --qmp SOCKET {info,snapshot,commit,stream,jobs,cancel,...})")
+
     s = sub.add_parser("io", help="run qemu-io style commands (read/write/discard)")
     s.add_argument("-f", dest="fmt")
     s.add_argument("-c", dest="commands", action="append", default=[])
@@ -193,6 +196,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["live"]:  # a running QEMU: its own parser, imported only when used
+        from qmp_bridge.cli import main as live_main
+        return live_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

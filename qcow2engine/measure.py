@@ -98,7 +98,7 @@ def measure(chain=None, size: int | None = None, options=None, out_fmt: str = "q
     order = o.refcount_bits.bit_length() - 1
     full = prealloc_size(vsize, cs, order, o.extended_l2)
     req = data_size(chain, cs) if chain is not None else 0
-    out = {"required": full - vsize + req, "fully-allocated": full}
+    out = {"required": full - _div_up(vsize, cs) * cs + req, "fully-allocated": full}
     if chain is not None:
         top = getattr(chain.layers[0], "image", None)
         out["bitmaps"] = bitmaps_size(top, cs)

@@ -307,7 +307,10 @@ class RawLayer(Layer):
         self._check(offset, length)
         try:
             fileio.fallocate(self.fd, 0x10, offset, length)    # FALLOC_FL_ZERO_RANGE
-        except OSError:
+        except OSError as e:
+            import errno
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
             step = 16 << 20
             for p in range(offset, offset + length, step):
                 fileio.pwrite(self.fd, bytes(min(step, offset + length - p)), p)

@@ -148,13 +148,10 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
         pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
         def read(a, b):
+            # the full guest view: with a target backing file, clusters the top only partly
+            # covers still need the rest of their content
             buf = np.zeros(b - a, np.uint8)
-            for ex in chain.iter_extents(a, b):
-                if top_only:
-                    sel = ex.depth == 0
-                    from .chain import Extents
-                    ex = Extents(ex.starts[sel], ex.ends[sel], ex.depth[sel], ex.kinds[sel], ex.hosts[sel])
-                chain.read_extents_into(buf, a, ex)
+            chain.read_into(buf, a, zeroed=True)
             return buf
 
         pending = []
@@ -203,17 +200,22 @@ def _store(writer, img, chain, base: int, buf: np.ndarray, compress: bool, min_s
     else:
         nz = np.ones(n, bool)
     if top_only:
-        # where the source top is unallocated, leave the target unallocated too
+        # only target clusters the source's top touches are written (whole, from the full
+        # view); where that view is all zeros, a zero cluster is enough
         alloc = np.zeros(n, bool)
         for ex in chain.iter_extents(base, base + len(buf)):
             sel = ex.depth == 0
             for a, b in zip(ex.starts[sel].tolist(), ex.ends[sel].tolist()):
                 alloc[(a - base) // cs:-(-(b - base) // cs)] = True
-        zero_alloc = alloc & ~nz
-        for k in np.flatnonzero(zero_alloc).tolist():
-            s = base + k * cs
-            writer.write_zeroes(s, min(cs, base + len(buf) - s))
-        nz &= alloc
+        zero_alloc = alloc & ~padded.view(np.uint64).reshape(n, cs // 8).any(axis=1)
+        idx = np.flatnonzero(zero_alloc)
+        if len(idx):
+            brk = np.flatnonzero(np.diff(idx) != 1) + 1
+            for grp in np.split(idx, brk):
+                s = base + int(grp[0]) * cs
+                e = min(base + (int(grp[-1]) + 1) * cs, base + len(buf))
+                writer.write_zeroes(s, e - s)
+        nz = alloc & ~zero_alloc
     if not nz.any():
         return
     if not compress:

@@ -6,7 +6,6 @@ required: the same metadata plus only the clusters that hold data in the source.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .format import entries as E
 
@@ -52,8 +51,7 @@ def data_size(chain, cluster_size: int) -> int:
     size = chain.size
     for ex in chain.iter_extents(0, size):
         k = ex.kinds
-        raw = np.array([getattr(chain.layers[d], "format", "") == "raw" for d in ex.depth.tolist()], bool)
-        data = (E.DATA_KINDS[k] & ~E.ZERO_KINDS[k]) | (k == E.DATA_ZERO) | raw
+        data = E.DATA_KINDS[k] & ~E.ZERO_KINDS[k]       # holes and zero clusters need nothing
         for s, e, dflag in zip(ex.starts.tolist(), ex.ends.tolist(), data.tolist()):
             if e <= offset:
                 continue
@@ -92,14 +90,19 @@ def measure(chain=None, size: int | None = None, options=None, out_fmt: str = "q
     vsize = chain.size if chain is not None else (size if size is not None else o.size)
     if vsize is None:
         raise ValueError("Either --size N or one filename must be specified")
+    vsize = _div_up(vsize, 512) * 512
     if out_fmt == "raw":
         return {"required": vsize, "fully-allocated": vsize}
     cs = o.cluster_size
     order = o.refcount_bits.bit_length() - 1
+    l2e = 16 if o.extended_l2 else 8
+    if _div_up(vsize, cs * (cs // l2e)) * 8 > 32 * 1024 * 1024:
+        from .errors import Qcow2Error
+        raise Qcow2Error("The image size is too large (try using a larger cluster size)")
     full = prealloc_size(vsize, cs, order, o.extended_l2)
     req = data_size(chain, cs) if chain is not None else 0
     out = {"required": full - _div_up(vsize, cs) * cs + req, "fully-allocated": full}
-    if chain is not None:
-        top = getattr(chain.layers[0], "image", None)
+    top = getattr(chain.layers[0], "image", None) if chain is not None else None
+    if top is not None and o.compat != "0.10":
         out["bitmaps"] = bitmaps_size(top, cs)
     return out

@@ -20,7 +20,6 @@ from .format import entries as E
 from .format.header import Extension
 from .meta import write_header_cluster
 
-CHUNK = 32 << 20
 
 
 def set_backing(img, name: str | None, fmt: str | None) -> None:
@@ -195,8 +194,6 @@ def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
             if _file_key(layer.path) == key:
                 k = d
                 break
-    old = Chain(top.layers[1:]) if len(top.layers) > 1 else None
-    unit = top.layers[0].image.subcluster_size
     done = 0
     for ex in top.iter_extents(0, size):
         below = ex.depth >= 1
@@ -207,27 +204,59 @@ def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
             done = _copy_into(top, top, _runs_of(need & ~zero_only, ex.starts, ex.ends),
                               _runs_of(need & zero_only, ex.starts, ex.ends), progress, size, done)
             continue
-        diff_ranges, zero_ranges = [], []
-        for s, e in _runs_of(below, ex.starts, ex.ends):
-            for c in range(s, e, CHUNK):
-                ce = min(c + CHUNK, e)
-                a = np.frombuffer(old.read(c, ce - c), np.uint8) if old else np.zeros(ce - c, np.uint8)
-                b = np.frombuffer(new.read(c, ce - c), np.uint8) if new else np.zeros(ce - c, np.uint8)
-                # compare unit by unit; where the views differ the old view is kept
-                first = c // unit * unit
-                pad_a = np.zeros(-(-(ce - first) // unit) * unit, np.uint8)
-                pad_b = pad_a.copy()
-                pad_a[c - first:ce - first] = a
-                pad_b[c - first:ce - first] = b
-                ua, ub = pad_a.reshape(-1, unit), pad_b.reshape(-1, unit)
-                diff = (ua != ub).any(axis=1)
-                nonzero = ua.any(axis=1)
-                ar = np.arange(len(diff))
-                for us, ue in _runs_of(diff & nonzero, ar, ar + 1):
-                    diff_ranges.append((max(first + us * unit, c), min(first + ue * unit, ce)))
-                for us, ue in _runs_of(diff & ~nonzero, ar, ar + 1):
-                    zero_ranges.append((max(first + us * unit, c), min(first + ue * unit, ce)))
-        done = _copy_into(top, top, diff_ranges, zero_ranges, progress, size, done)
+        # where the top does not answer: compare its view (= the old backing's) with the
+        # new backing's, a whole window at a time, and keep the old view where they differ
+        g = top.layers[0].image.cluster_size
+        ranges = _runs_of(below, ex.starts, ex.ends)
+        if not ranges:
+            continue
+        w = ranges[0][0] // g * g
+        end = ranges[-1][1]
+        while w < end:
+            we = min(w + WINDOW, size)
+            n = -(-(we - w) // g)
+            sel = np.zeros(n, bool)
+            for rs, re_ in ranges:
+                if re_ > w and rs < we:
+                    sel[(max(rs, w) - w) // g:-(-(min(re_, we) - w) // g)] = True
+            if sel.any():
+                done = _rebase_window(top, new, w, we, sel, g, progress, size, done)
+            w = we
+
+
+def _rebase_window(top: Chain, new, w: int, we: int, sel, g: int, progress, size, done) -> int:
+    cur = np.zeros(we - w, np.uint8)
+    nxt = np.zeros(we - w, np.uint8)
+    idx = np.flatnonzero(sel)
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    groups = np.split(idx, brk)
+    for grp in groups:
+        rs, re_ = int(grp[0]) * g, min((int(grp[-1]) + 1) * g, we - w)
+        top.read_into(cur[rs:re_], w + rs, zeroed=True)
+        if new is not None and w + rs < new.size:
+            new.read_into(nxt[rs:re_], w + rs, zeroed=True)
+    n = len(sel)
+    pc = np.zeros(n * g, np.uint8)
+    pn = np.zeros(n * g, np.uint8)
+    pc[:len(cur)] = cur
+    pn[:len(nxt)] = nxt
+    uc = pc.view(np.uint64).reshape(n, g // 8)
+    un = pn.view(np.uint64).reshape(n, g // 8)
+    differ = sel & (uc != un).any(axis=1)
+    nonzero = uc.any(axis=1)
+    data = differ & nonzero
+    if data.any():
+        top._writer().write_clusters(w, cur, data)
+    zero = np.flatnonzero(differ & ~nonzero)
+    if len(zero):
+        zb = np.flatnonzero(np.diff(zero) != 1) + 1
+        for grp in np.split(zero, zb):
+            s0, e0 = w + int(grp[0]) * g, min(w + (int(grp[-1]) + 1) * g, we)
+            top.write_zeroes(s0, e0 - s0)
+    done += int(sel.sum()) * g
+    if progress:
+        progress(min(done, size), size)
+    return done
 
 
 def commit(path: str, base: str | None = None, *, drop: bool = False, progress=None) -> str:

@@ -107,8 +107,12 @@ class RefcountCalculator:
         self.cs = img.cluster_size
         self.bits = img.cluster_bits
         self.nb_clusters = img.file_clusters
-        # a reference may end less than one cluster past the end of the file: one spare slot
-        self.counts = np.zeros(self.nb_clusters + 1, dtype=np.uint32)
+        # a reference may end less than one cluster past the end of the file: one spare slot.
+        # 16-bit counters suffice unless snapshots (or many compressed clusters sharing one
+        # host cluster) could push a count past 65535 -- then 32-bit ones
+        worst = (img.header.nb_snapshots + 1) * (img.cluster_size // 512 + 2)
+        dt = np.uint16 if worst < 65535 else np.uint32
+        self.counts = np.zeros(self.nb_clusters + 1, dtype=dt)
 
     def inc(self, offset: int, size: int) -> None:
         if size <= 0:
@@ -171,10 +175,10 @@ class RefcountCalculator:
             return
         lo, hi = int(idx.min()), int(idx.max())
         if hi - lo <= 4 * len(idx):
-            self.counts[lo:hi + 1] += np.bincount(idx - lo, minlength=hi - lo + 1).astype(np.uint32)
+            self.counts[lo:hi + 1] += np.bincount(idx - lo, minlength=hi - lo + 1).astype(self.counts.dtype)
         else:
             u, c = np.unique(idx, return_counts=True)
-            self.counts[u] += c.astype(np.uint32)
+            self.counts[u] += c.astype(self.counts.dtype)
 
 
 def _read_tables(img: Qcow2Image, offsets: list) -> np.ndarray:

@@ -225,28 +225,31 @@ def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
 
 
 def _rebase_window(top: Chain, new, w: int, we: int, sel, g: int, progress, size, done) -> int:
-    cur = np.zeros(we - w, np.uint8)
-    nxt = np.zeros(we - w, np.uint8)
+    """One window of a safe rebase: read the current view of the selected clusters (and the
+    new backing's), find the clusters that differ, write them whole."""
+    n = len(sel)
+    cur = np.zeros(n * g, np.uint8)
+    nxt = np.zeros(n * g, np.uint8) if new is not None else None
+    uc = cur.view(np.uint64).reshape(n, g // 8)
+    un = nxt.view(np.uint64).reshape(n, g // 8) if nxt is not None else None
     idx = np.flatnonzero(sel)
     brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    groups = np.split(idx, brk)
-    for grp in groups:
-        rs, re_ = int(grp[0]) * g, min((int(grp[-1]) + 1) * g, we - w)
+    differ = np.zeros(n, bool)
+    nonzero = np.zeros(n, bool)
+    for grp in np.split(idx, brk):
+        a, b = int(grp[0]), int(grp[-1]) + 1
+        rs, re_ = a * g, min(b * g, we - w)
         top.read_into(cur[rs:re_], w + rs, zeroed=True)
-        if new is not None and w + rs < new.size:
-            new.read_into(nxt[rs:re_], w + rs, zeroed=True)
-    n = len(sel)
-    pc = np.zeros(n * g, np.uint8)
-    pn = np.zeros(n * g, np.uint8)
-    pc[:len(cur)] = cur
-    pn[:len(nxt)] = nxt
-    uc = pc.view(np.uint64).reshape(n, g // 8)
-    un = pn.view(np.uint64).reshape(n, g // 8)
-    differ = sel & (uc != un).any(axis=1)
-    nonzero = uc.any(axis=1)
+        nonzero[a:b] = uc[a:b].any(axis=1)
+        if nxt is not None:
+            if w + rs < new.size:
+                new.read_into(nxt[rs:re_], w + rs, zeroed=True)
+            differ[a:b] = (uc[a:b] != un[a:b]).any(axis=1)
+        else:
+            differ[a:b] = nonzero[a:b]           # the new view is all zeros
     data = differ & nonzero
     if data.any():
-        top._writer().write_clusters(w, cur, data)
+        top._writer().write_clusters(w, cur[:we - w], data)
     zero = np.flatnonzero(differ & ~nonzero)
     if len(zero):
         zb = np.flatnonzero(np.diff(zero) != 1) + 1

@@ -222,26 +222,39 @@ class Qcow2Layer(Layer):
             raise UnsupportedFeatureError("Encrypted images are not supported for reading")
         pread_into(img.data_fd_for_read(), out, host)
 
-    def read_compressed(self, desc: int) -> bytes:
-        """Decompress one compressed cluster (raw deflate or zstd) to cluster_size bytes."""
+    def read_compressed(self, desc: int, raw=None) -> bytes:
+        """Decompress one compressed cluster (raw deflate or zstd) to cluster_size bytes.
+        raw, when given, holds the compressed bytes already read."""
         img = self.image
         off, size = E.compressed_extent(desc, img.cluster_bits)
         off, size = int(off), int(size)
-        buf = pread_full(img.fd, size, off)
+        buf = pread_full(img.fd, size, off) if raw is None else raw
         cs = img.cluster_size
         try:
             if img.header.compression_type == C.COMPRESSION_ZSTD:
                 import zstandard
                 d = zstandard.ZstdDecompressor().decompressobj()
-                out = d.decompress(buf)
+                out = d.decompress(bytes(buf))
             else:
-                d = zlib.decompressobj(-15)
-                out = d.decompress(buf, cs)
+                out = zlib.decompress(buf, -15, cs)     # trailing sector padding is ignored
         except Exception:
             raise CorruptImageError("Could not decompress cluster at host offset %#x" % off) from None
         if len(out) < cs:
             raise CorruptImageError("Compressed cluster at host offset %#x is truncated" % off)
-        return out[:cs]
+        return out[:cs] if len(out) > cs else out
+
+    def read_compressed_many(self, descs):
+        """Decompress several clusters; their compressed bytes are read with few large preads
+        when they lie close together (as converted images store them)."""
+        img = self.image
+        offs, sizes = E.compressed_extent(np.asarray(descs, np.uint64), img.cluster_bits)
+        lo = int(offs.min())
+        hi = int((offs + sizes).max())
+        if hi - lo <= 2 * int(sizes.sum()) + (1 << 20):
+            span = memoryview(pread_full(img.fd, hi - lo, lo))
+            return [self.read_compressed(int(d), span[int(o) - lo:int(o) - lo + int(z)])
+                    for d, o, z in zip(descs, offs.tolist(), sizes.tolist())]
+        return [self.read_compressed(int(d)) for d in descs]
 
 
 class RawLayer(Layer):

@@ -203,23 +203,22 @@ class Chain:
             i = int(bad[0])
             raise CorruptImageError("Invalid L2 entry for guest offset %#x in %s"
                                     % (int(ex.starts[i]), self.layers[int(ex.depth[i])].path))
-        sel = np.flatnonzero((kinds == E.NORMAL) | (kinds == E.COMPRESSED))
-        last_desc = None
-        last_data = None
-        for i in sel:
+        for i in np.flatnonzero(kinds == E.NORMAL).tolist():
             s = int(ex.starts[i]); e = int(ex.ends[i])
-            layer = self.layers[int(ex.depth[i])]
-            if kinds[i] == E.NORMAL:
-                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]))
-            else:
-                desc = int(ex.hosts[i])
-                key = (id(layer), desc)
-                if key != last_desc:
-                    last_data = layer.read_compressed(desc)
-                    last_desc = key
-                cs = layer.image.cluster_size
+            self.layers[int(ex.depth[i])].read_data_into(out[s - base:e - base], int(ex.hosts[i]))
+        comp = np.flatnonzero(kinds == E.COMPRESSED)
+        if not len(comp):
+            return
+        for d in np.unique(ex.depth[comp]).tolist():
+            layer = self.layers[d]
+            cs = layer.image.cluster_size
+            sel = comp[ex.depth[comp] == d]
+            descs, first = np.unique(ex.hosts[sel], return_index=True)
+            data = dict(zip(descs.tolist(), layer.read_compressed_many(descs.tolist())))
+            for i in sel.tolist():
+                s = int(ex.starts[i]); e = int(ex.ends[i])
                 cstart = s - s % cs
-                out[s - base:e - base] = np.frombuffer(last_data, np.uint8)[s - cstart:e - cstart]
+                out[s - base:e - base] = np.frombuffer(data[int(ex.hosts[i])], np.uint8)[s - cstart:e - cstart]
 
 
 def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,

@@ -14,10 +14,9 @@ import numpy as np
 from . import fileio
 from .errors import Qcow2Error
 from .format import constants as C
-from .format.entries import encode_refblock, to_be64
 from .format.header import Extension, build_header
 from .image import Qcow2Image
-from .meta import write_header_cluster
+from .meta import write_header_cluster, write_refcount_structure
 
 
 class AmendError(Qcow2Error):
@@ -145,35 +144,14 @@ def _expand_zero_clusters(img: Qcow2Image) -> None:
 def _change_refcount_order(img: Qcow2Image, order: int) -> None:
     """Rewrite all refcounts with a new width in new clusters, then switch and free."""
     from .meta import MetaWriter
-    cs = img.cluster_size
     bits = img.cluster_bits
     old = MetaWriter(img)
     counts = img.refcounts_all().astype(np.uint64)
     if counts.size and int(counts.max()) >= (1 << (1 << order)):
         raise AmendError("Cannot change refcount_bits to %d: some refcounts are too large"
                          % (1 << order))
-    end = max(int(np.flatnonzero(counts)[-1]) + 1 if counts.any() else 1, img.file_clusters)
-    per_block = cs * 8 // (1 << order)
-    nb_rb, rt_clusters = 1, 1
-    while True:
-        total = end + nb_rb + rt_clusters
-        need_rb = -(-total // per_block)
-        need_rt = -(-need_rb * 8 // cs)
-        if need_rb <= nb_rb and need_rt <= rt_clusters:
-            break
-        nb_rb, rt_clusters = max(nb_rb, need_rb), max(rt_clusters, need_rt)
-    full = np.zeros(nb_rb * per_block, np.uint64)
-    full[:len(counts)] = counts
-    full[end:end + nb_rb + rt_clusters] = 1
     # the old structures stay counted until they are freed below
-    table = np.zeros(rt_clusters * cs // 8, np.uint64)
-    for b in range(nb_rb):
-        off = (end + b) * cs
-        table[b] = np.uint64(off)
-        fileio.pwrite(img.fd, encode_refblock(full[b * per_block:(b + 1) * per_block], order), off)
-    rt_off = (end + nb_rb) * cs
-    fileio.pwrite(img.fd, to_be64(table), rt_off)
-    fileio.fsync(img.fd)
+    rt_off, rt_clusters, table, _ = write_refcount_structure(img, counts, order)
     h = img.header
     old_rt = (h.refcount_table_offset, h.refcount_table_clusters)
     old_blocks = [int(x) & C.REFT_OFFSET_MASK for x in img.refcount_table.tolist()]
@@ -184,7 +162,6 @@ def _change_refcount_order(img: Qcow2Image, order: int) -> None:
     img.refcount_order = order
     img.refcount_bits = 1 << order
     img._reftable = table
-    img.file_size = max(img.file_size, (end + nb_rb + rt_clusters) * cs)
     del old
     meta = MetaWriter(img)
     freed = [o >> bits for o in old_blocks if o] + \

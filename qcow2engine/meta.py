@@ -414,3 +414,37 @@ def write_header_cluster(img) -> None:
                          "the first cluster")
     fileio.pwrite(img.fd, data, 0)
     fileio.fsync(img.fd)
+
+
+def write_refcount_structure(img, counts: np.ndarray, order: int):
+    """Write a complete new refcount table and blocks of width 2**order, holding counts
+    (one per cluster) and counting themselves, in clusters after everything in use; flush.
+    Returns (table offset, table clusters, table, clusters used).  The caller switches the
+    header to the new table (and frees the old structures) afterwards."""
+    cs = img.cluster_size
+    used = np.flatnonzero(counts)
+    end = max(int(used[-1]) + 1 if len(used) else 1, img.file_clusters)
+    per_block = cs * 8 // (1 << order)
+    nb_rb, rt_clusters = 1, 1
+    while True:            # the structure must also describe its own clusters
+        total = end + nb_rb + rt_clusters
+        need_rb = -(-total // per_block)
+        need_rt = -(-need_rb * 8 // cs)
+        if need_rb <= nb_rb and need_rt <= rt_clusters:
+            break
+        nb_rb, rt_clusters = max(nb_rb, need_rb), max(rt_clusters, need_rt)
+    total = end + nb_rb + rt_clusters
+    full = np.zeros(nb_rb * per_block, np.uint64)
+    n = min(len(counts), len(full))
+    full[:n] = counts[:n]
+    full[end:total] = 1
+    table = np.zeros(rt_clusters * cs // 8, np.uint64)
+    for b in range(nb_rb):
+        off = (end + b) * cs
+        table[b] = np.uint64(off)
+        fileio.pwrite(img.fd, encode_refblock(full[b * per_block:(b + 1) * per_block], order), off)
+    rt_off = (end + nb_rb) * cs
+    fileio.pwrite(img.fd, to_be64(table), rt_off)
+    fileio.fsync(img.fd)
+    img.file_size = max(img.file_size, total * cs)
+    return rt_off, rt_clusters, table, total

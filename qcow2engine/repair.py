@@ -20,9 +20,9 @@ import numpy as np
 
 from . import fileio
 from .format import constants as C
-from .format.entries import encode_refblock, to_be64
+from .format.entries import to_be64
 from .image import Qcow2Image
-from .meta import HDR_REFTABLE, MetaWriter
+from .meta import HDR_REFTABLE, MetaWriter, write_refcount_structure
 from .refcounts import CheckResult, check_image
 
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
@@ -201,32 +201,8 @@ def _rebuild(img: Qcow2Image, calc) -> None:
         if o and o % cs == 0 and (o >> bits) < len(counts):
             if counts[o >> bits]:
                 counts[o >> bits] -= np.uint64(1)
-    used = np.flatnonzero(counts)
-    end = max(int(used[-1]) + 1 if len(used) else 1, img.file_clusters)
-    per_block = cs * 8 // img.refcount_bits
-    nb_rb, rt_clusters = 1, 1
-    while True:
-        total = end + nb_rb + rt_clusters
-        need_rb = -(-total // per_block)
-        need_rt = -(-need_rb * 8 // cs)
-        if need_rb <= nb_rb and need_rt <= rt_clusters:
-            break
-        nb_rb, rt_clusters = max(nb_rb, need_rb), max(rt_clusters, need_rt)
-    total = end + nb_rb + rt_clusters
-    full = np.zeros(nb_rb * per_block, np.uint64)
-    full[:min(len(counts), len(full))] = counts[:len(full)]
-    full[end:end + nb_rb + rt_clusters] = 1
-    table = np.zeros(rt_clusters * cs // 8, np.uint64)
-    for b in range(nb_rb):
-        off = (end + b) * cs
-        table[b] = np.uint64(off)
-        fileio.pwrite(img.fd, encode_refblock(full[b * per_block:(b + 1) * per_block],
-                                              img.refcount_order), off)
-    rt_off = (end + nb_rb) * cs
-    fileio.pwrite(img.fd, to_be64(table), rt_off)
-    fileio.fsync(img.fd)
+    rt_off, rt_clusters, table, _ = write_refcount_structure(img, counts, img.refcount_order)
     fileio.pwrite(img.fd, struct.pack(">QI", rt_off, rt_clusters), HDR_REFTABLE)
     fileio.fsync(img.fd)
     h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_clusters
     img._reftable = table
-    img.file_size = max(img.file_size, total * cs)

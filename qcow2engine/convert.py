@@ -133,7 +133,8 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
     o.size = chain.size
     if backing:
         o.backing_file, o.backing_fmt = backing, backing_fmt
-    _create(dst, o)
+    from .creation import create_from_options
+    create_from_options(dst, o)
     target = open_chain(dst, "qcow2", writable=True, lock="top")
     target.sync = False                  # a fresh file: one flush at the end is enough
     try:
@@ -177,17 +178,6 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
         fileio.fsync(img.fd)
     finally:
         target.close()
-
-
-def _create(dst: str, o) -> None:
-    from .creation import create_qcow2, validate
-    if o.backing_file:
-        from .backing import has_protocol
-        from .errors import ChainError
-        if has_protocol(o.backing_file):
-            raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
-    validate(o)
-    create_qcow2(dst, o)
 
 
 def _store(writer, img, chain, base: int, buf: np.ndarray, compress: bool, min_sparse: int,

@@ -417,6 +417,20 @@ def create_raw(path: str, size: int, preallocation: str = "off") -> None:
         os.close(fd)
 
 
+def create_from_options(path: str, o: CreateOptions, fmt: str = "qcow2") -> None:
+    """Create an image from fully resolved options (size known, backing not opened)."""
+    if fmt == "raw":
+        create_raw(path, o.size, o.preallocation)
+        return
+    if o.backing_file:
+        from .backing import has_protocol
+        from .errors import ChainError
+        if has_protocol(o.backing_file):
+            raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
+    validate(o)
+    create_qcow2(path, o)
+
+
 def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow2",
            backing_file: str | None = None, backing_fmt: str | None = None) -> CreateOptions:
     """Create an image like `qemu-img create`; returns the effective options.

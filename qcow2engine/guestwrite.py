@@ -134,14 +134,11 @@ class GuestWriter:
         x = C.compressed_offset_bits(self.bits)
         nsec = ((offs + lens - 1) >> 9) - (offs >> 9)
         desc = (offs.astype(np.uint64) | (nsec.astype(np.uint64) << np.uint64(x))) | COMPRESSED
-        words = 2 if self.ext else 1
-        old = np.concatenate([t[1][t[3] * words:t[4] * words:words] for t in tables])
+        old, new_bmp = self._gather(tables)
         new_ent = old.copy()
         pos = (c0 + idx) - g0
         new_ent[pos] = desc
-        new_bmp = None
         if self.ext:
-            new_bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables])
             new_bmp[pos] = 0
         self._store(tables, ent_new=new_ent, bmp_new=new_bmp, c0=g0)
         repl = old[pos]
@@ -177,6 +174,13 @@ class GuestWriter:
             self._write_data(p, np.zeros(n, np.uint8))
 
     # ------------------------------------------------------------ tables
+    def _gather(self, tables):
+        """The entries (and, with extended L2, the bitmaps) of the tables' ranges, in order."""
+        w = 2 if self.ext else 1
+        ent = np.concatenate([t[1][t[3] * w:t[4] * w:w] for t in tables])
+        bmp = np.concatenate([t[1][t[3] * 2 + 1:t[4] * 2:2] for t in tables]) if self.ext else None
+        return ent, bmp
+
     def _tables(self, c0: int, c1: int):
         """For clusters [c0, c1): list of (l1 index, table copy, state, first, last)."""
         img = self.img
@@ -231,8 +235,7 @@ class GuestWriter:
                 if not sel[first:first + t[4] - t[3]].any():
                     t[2] = "keep"          # nothing selected in this table: leave it alone
         # Per cluster: entries (and bitmaps) gathered from the tables.
-        ent = np.concatenate([t[1][(2 * t[3] if self.ext else t[3]):(2 * t[4] if self.ext else t[4]):(2 if self.ext else 1)] for t in tables])
-        bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables]) if self.ext else None
+        ent, bmp = self._gather(tables)
         g = np.arange(c0, c1, dtype=np.int64)               # guest cluster indices
         lo = np.maximum(g * cs, offset) - g * cs             # touched range inside each cluster
         hi = np.minimum((g + 1) * cs, end) - g * cs
@@ -347,7 +350,7 @@ class GuestWriter:
         cs = self.cs
         c0, c1 = a // cs, -(-b // cs)
         tables = self._tables(c0, c1)
-        ent = np.concatenate([t[1][(2 * t[3] if self.ext else t[3]):(2 * t[4] if self.ext else t[4]):(2 if self.ext else 1)] for t in tables])
+        ent, _ = self._gather(tables)
         g = np.arange(c0, c1, dtype=np.int64)
         lo = np.maximum(g * cs, a) - g * cs
         hi = np.minimum((g + 1) * cs, b) - g * cs
@@ -374,7 +377,7 @@ class GuestWriter:
             self._release(release_host, release_comp, tables, punch=discard)
             return
         # extended L2: zero whole subclusters via the bitmap
-        bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables])
+        bmp = self._gather(tables)[1]
         zbits = self._bit_range(lo // self.sub, (hi - 1) // self.sub)
         all_zero = full
         shared = has_host & ~copied
@@ -385,8 +388,7 @@ class GuestWriter:
                 s = int(g[k]) * cs + int(lo[k])
                 self._write_data(s, np.zeros(int(hi[k] - lo[k]), np.uint8))
             tables = self._tables(c0, c1)
-            ent = np.concatenate([t[1][2 * t[3]:2 * t[4]:2] for t in tables])
-            bmp = np.concatenate([t[1][2 * t[3] + 1:2 * t[4]:2] for t in tables])
+            ent, bmp = self._gather(tables)
             comp = (ent & COMPRESSED) != 0
             host = (ent & OFF).astype(np.int64)
             has_host = (host != 0) & ~comp

@@ -483,22 +483,9 @@ def cmd_create(args) -> int:
     if not args.quiet:
         sys.stdout.write(formatting_line(args.filename, o, args.fmt) + "\n")
         sys.stdout.flush()
-    _create_with(args.filename, o, args.fmt)
+    from ..creation import create_from_options
+    create_from_options(args.filename, o, args.fmt)
     return 0
-
-
-def _create_with(path, o, fmt):
-    from ..creation import create_qcow2, create_raw, validate
-    if fmt == "raw":
-        create_raw(path, o.size, o.preallocation)
-    else:
-        if o.backing_file:
-            from ..backing import has_protocol
-            from ..errors import ChainError
-            if has_protocol(o.backing_file):
-                raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
-        validate(o)
-        create_qcow2(path, o)
 
 
 def cmd_resize(args) -> int:

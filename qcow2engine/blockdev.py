@@ -216,6 +216,11 @@ class Qcow2Layer(Layer):
             raise UnsupportedFeatureError("Encrypted images are not supported for reading")
         return pread_full(img.data_fd_for_read(), length, host)
 
+    def data_fd(self) -> int | None:
+        """The fd whose bytes at a NORMAL extent's host offset are the guest data (None when
+        they are encrypted)."""
+        return None if self.image.encrypted else self.image.data_fd_for_read()
+
     def read_data_into(self, out: np.ndarray, host: int) -> None:
         img = self.image
         if img.encrypted:
@@ -294,26 +299,41 @@ class RawLayer(Layer):
     def read_data(self, host: int, length: int) -> bytes:
         return pread_full(self.fd, length, host)
 
+    def data_fd(self) -> int | None:
+        return self.fd
+
     def read_data_into(self, out: np.ndarray, host: int) -> None:
         pread_into(self.fd, out, host)
 
     # guest writes on a raw layer are plain file writes
     def write(self, offset: int, data) -> None:
         from . import fileio
+        if getattr(data, "is_source", False):
+            self._check(offset, len(data))
+            piece = 8 << 20
+            for p in range(0, len(data), piece):
+                fileio.pwrite(self.fd, data[p:min(p + piece, len(data))], offset + p)
+            return
         self._check(offset, len(memoryview(data).cast("B")))
         fileio.pwrite(self.fd, data, offset)
 
     def write_clusters(self, offset: int, data, sel) -> None:
         """Write the selected 64 KiB units of data at offset (runs in single writes)."""
         g = 64 << 10
-        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        piece = 8 << 20
+        buf = data if getattr(data, "is_source", False) else \
+            np.frombuffer(memoryview(data).cast("B"), np.uint8)
         idx = np.flatnonzero(sel)
         if not len(idx):
             return
         brk = np.flatnonzero(np.diff(idx) != 1) + 1
+        copy = getattr(buf, "copy_to", None)
         for grp in np.split(idx, brk):
             a, b = int(grp[0]) * g, min((int(grp[-1]) + 1) * g, len(buf))
-            self.write(offset + a, buf[a:b])
+            for p in range(a, b, piece):
+                q = min(p + piece, b)
+                if copy is None or not copy(self.fd, offset + p, p, q):
+                    self.write(offset + p, buf[p:q])
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         from . import fileio

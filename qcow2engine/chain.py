@@ -50,8 +50,16 @@ class Chain:
         return self.layers[0].size
 
     def close(self) -> None:
+        """Close every layer (a layer open for writing is flushed first); the first error
+        is raised once all of them are closed."""
+        err = None
         for layer in self.layers:
-            layer.close()
+            try:
+                layer.close()
+            except BaseException as e:     # noqa: BLE001 - close the rest, then raise
+                err = err or e
+        if err is not None:
+            raise err
 
     def __enter__(self):
         return self
@@ -187,13 +195,79 @@ class Chain:
         return out.tobytes()
 
     def read_into(self, out: np.ndarray, offset: int, zeroed: bool = False) -> None:
-        """Fill the uint8 array out with the guest bytes from offset on (no extra copies)."""
-        if not zeroed:
-            out[:] = 0
+        """Fill the uint8 array out with the guest bytes from offset on (no extra copies).
+        zeroed: out already holds zeros (holes are then not written)."""
         end = min(offset + len(out), self.size)
+        if not zeroed and end - offset < len(out):
+            out[max(end - offset, 0):] = 0
         if end > offset:
             for ex in self.iter_extents(offset, end):
+                if not zeroed:
+                    self._zero_holes(out, offset, ex)
                 self.read_extents_into(out, offset, ex)
+
+    def read_ranges_into(self, out: np.ndarray, base: int, starts, ends,
+                         zeroed: bool = False, extents: Extents | None = None) -> None:
+        """Fill out[s-base:e-base] with the guest bytes of every range [s, e) (sorted,
+        disjoint): block status is resolved once for their whole span (or taken from
+        extents, resolved earlier over a span that covers them), one read per piece.
+        Bytes of out outside the ranges are left alone."""
+        starts = np.asarray(starts, np.int64)
+        ends = np.asarray(ends, np.int64)
+        if not len(starts):
+            return
+        size = self.size
+        if not zeroed:
+            for s, e in zip(np.maximum(starts, size).tolist(), ends.tolist()):
+                if e > s:
+                    out[s - base:e - base] = 0          # past the end of the disk
+        ends = np.minimum(ends, size)
+        live = ends > starts
+        starts, ends = starts[live], ends[live]
+        if not len(starts):
+            return
+        if extents is None:
+            parts = self.iter_extents(int(starts[0]), int(ends[-1]))
+        else:
+            i0 = int(np.searchsorted(extents.ends, int(starts[0]), "right"))
+            i1 = int(np.searchsorted(extents.starts, int(ends[-1]), "left"))
+            parts = [Extents(*(getattr(extents, f)[i0:i1]
+                               for f in ("starts", "ends", "depth", "kinds", "hosts")))]
+        for ex in parts:
+            if not len(ex):
+                continue
+            lo, hi = int(ex.starts[0]), int(ex.ends[-1])
+            a = int(np.searchsorted(ends, lo, "right"))
+            b = int(np.searchsorted(starts, hi, "left"))
+            if a >= b:
+                continue
+            rs, re_ = np.maximum(starts[a:b], lo), np.minimum(ends[a:b], hi)
+            cuts = np.unique(np.concatenate([ex.starts, rs, re_]))
+            ss, se = cuts[:-1], cuts[1:]
+            j = np.searchsorted(rs, ss, "right") - 1
+            keep = (j >= 0) & (ss < re_[np.maximum(j, 0)])
+            ss, se = ss[keep], se[keep]
+            i = np.searchsorted(ex.starts, ss, "right") - 1
+            k = ex.kinds[i]
+            h = ex.hosts[i] + np.where(E.OFFSET_KINDS[k], ss - ex.starts[i], 0)
+            pieces = Extents(ss, se, ex.depth[i], k, h)
+            if not zeroed:
+                self._zero_holes(out, base, pieces, (rs, re_))
+            self.read_extents_into(out, base, pieces)
+
+    @staticmethod
+    def _zero_holes(out: np.ndarray, base: int, ex: Extents, spans=None) -> None:
+        """Zero out[s-base:e-base] for every extent that holds no data to read; with many
+        holes, zero the spans (default: the extents' whole span) before the data is read."""
+        holes = np.flatnonzero((ex.kinds != E.NORMAL) & (ex.kinds != E.COMPRESSED))
+        if len(holes) > 64:
+            if spans is None:
+                spans = ([int(ex.starts[0])], [int(ex.ends[-1])])
+            holes_s, holes_e = spans
+        else:
+            holes_s, holes_e = ex.starts[holes], ex.ends[holes]
+        for s, e in zip(np.asarray(holes_s).tolist(), np.asarray(holes_e).tolist()):
+            out[s - base:e - base] = 0
 
     def read_extents_into(self, out: np.ndarray, base: int, ex: Extents, data_only=None) -> None:
         """Fill out[s-base:e-base] for every extent holding data (zeros stay untouched)."""

@@ -19,6 +19,7 @@ from .format import constants as C
 from .format import entries as E
 from .format.header import Extension
 from .meta import write_header_cluster
+from .sources import ViewSource
 
 
 
@@ -40,7 +41,8 @@ def _file_key(path: str):
     return st.st_dev, st.st_ino
 
 
-WINDOW = 256 << 20
+WINDOW = 1 << 30        # guest bytes per write request (one metadata round)
+CHUNK = 8 << 20         # bytes compared at a time
 
 
 def _granule(chain: Chain) -> int:
@@ -52,47 +54,50 @@ def _copy_into(dst: Chain, view: Chain, ranges, zero_ranges=(), progress=None, t
                done=0):
     """Make dst read like view over the byte ranges: data ranges are copied as whole dst
     clusters (the view of a whole cluster is right everywhere in it), zero-only ranges are
-    zeroed through metadata.  One write request per window of WINDOW bytes."""
+    zeroed through metadata.  One write request (one metadata round) per window of WINDOW
+    bytes; the data streams from the view through a small buffer as it is written."""
     g = _granule(dst)
     size = min(dst.size, view.size)
     ranges = sorted((max(0, s), min(e, size)) for s, e in ranges if e > s)
     zero_ranges = sorted((max(0, s), min(e, size)) for s, e in zero_ranges if e > s)
-    ri = 0
-    while ri < len(ranges):
-        w = ranges[ri][0] // WINDOW * WINDOW
-        we = min(w + WINDOW, size)
-        sel = np.zeros(-(-(we - w) // g), bool)
-        buf = np.zeros(we - w, np.uint8)
-        while ri < len(ranges) and ranges[ri][0] < we:
-            s, e = ranges[ri]
-            e2 = min(e, we)
-            a, b = (s - w) // g, -(-(e2 - w) // g)
-            sel[a:b] = True
-            if e > we:
-                ranges[ri] = (we, e)
-                break
-            ri += 1
-        # read the view of every selected cluster
-        idx = np.flatnonzero(sel)
-        brk = np.flatnonzero(np.diff(idx) != 1) + 1
-        for grp in np.split(idx, brk):
-            rs, re_ = w + int(grp[0]) * g, min(w + (int(grp[-1]) + 1) * g, we)
-            view.read_into(buf[rs - w:re_ - w], rs, zeroed=True)
-        writer = dst._writer()
-        if hasattr(writer, "write_clusters"):
-            writer.write_clusters(w, buf, sel)
-        else:
-            for grp in np.split(idx, brk):
-                rs, re_ = w + int(grp[0]) * g, min(w + (int(grp[-1]) + 1) * g, we)
-                dst.write(rs, buf[rs - w:re_ - w])
-        _forget_cached_tables(view, dst)
-        done += int(sel.sum()) * g
+    state = [done]
+
+    def advance(n):
+        state[0] += n
         if progress:
-            progress(min(done, total or done), total)
-    for s, e in zero_ranges:
-        dst.write_zeroes(s, e - s)
-    _forget_cached_tables(view, dst)
-    return done
+            progress(min(state[0], total or state[0]), total)
+
+    try:
+        for w, we, sel in _plan(ranges, size, g):
+            dst._writer().write_clusters(w, ViewSource(view, w, we - w, on_read=advance), sel)
+        for s, e in zero_ranges:
+            dst.write_zeroes(s, e - s)
+    finally:
+        _forget_cached_tables(view, dst)
+    return state[0]
+
+
+def _plan(ranges, size: int, g: int) -> list:
+    """Split sorted, disjoint (start, end) byte ranges into windows of WINDOW bytes: a list of
+    (w, we, sel), sel marking the g-byte clusters of [w, we) that the ranges touch."""
+    jobs = []
+    for s, e in ranges:
+        while s < e:
+            w = s // WINDOW * WINDOW
+            if not jobs or jobs[-1][0] != w:
+                we = min(w + WINDOW, size)
+                jobs.append((w, we, np.zeros(-(-(we - w) // g), bool)))
+            we = jobs[-1][1]
+            e2 = min(e, we)
+            jobs[-1][2][(s - w) // g:-(-(e2 - w) // g)] = True
+            s = e2
+    return jobs
+
+
+def _groups(sel: np.ndarray):
+    """Runs of True in sel as arrays of [start, end) indices."""
+    edges = np.diff(np.concatenate([[False], sel, [False]]).astype(np.int8))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
 def _forget_cached_tables(view: Chain, dst: Chain) -> None:
@@ -195,6 +200,7 @@ def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
                 k = d
                 break
     done = 0
+    g = top.layers[0].image.cluster_size
     for ex in top.iter_extents(0, size):
         below = ex.depth >= 1
         if k is not None:
@@ -205,61 +211,55 @@ def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
                               _runs_of(need & zero_only, ex.starts, ex.ends), progress, size, done)
             continue
         # where the top does not answer: compare its view (= the old backing's) with the
-        # new backing's, a whole window at a time, and keep the old view where they differ
-        g = top.layers[0].image.cluster_size
-        ranges = _runs_of(below, ex.starts, ex.ends)
-        if not ranges:
-            continue
-        w = ranges[0][0] // g * g
-        end = ranges[-1][1]
-        while w < end:
-            we = min(w + WINDOW, size)
-            n = -(-(we - w) // g)
-            sel = np.zeros(n, bool)
-            for rs, re_ in ranges:
-                if re_ > w and rs < we:
-                    sel[(max(rs, w) - w) // g:-(-(min(re_, we) - w) // g)] = True
-            if sel.any():
-                done = _rebase_window(top, new, w, we, sel, g, progress, size, done)
-            w = we
+        # new backing's, a piece at a time, and keep the old view where they differ
+        bufs = None
+        for w, we, sel in _plan(_runs_of(below, ex.starts, ex.ends), size, g):
+            if bufs is None:
+                n = -(-min(CHUNK, size) // g) * g
+                bufs = (np.empty(n, np.uint8), np.empty(n, np.uint8) if new is not None else None)
+            view = top.extents(w, we)           # resolved once for both passes
+            data, zero = _rebase_compare(top, new, w, we, sel, g, bufs, view)
+            if data.any():
+                top._writer().write_clusters(w, ViewSource(top, w, we - w, extents=view), data)
+            zs, ze = _groups(zero)
+            for a, b in zip(zs.tolist(), ze.tolist()):
+                top.write_zeroes(w + a * g, min(w + b * g, we) - (w + a * g))
+            done += int(sel.sum()) * g
+            if progress:
+                progress(min(done, size), size)
 
 
-def _rebase_window(top: Chain, new, w: int, we: int, sel, g: int, progress, size, done) -> int:
-    """One window of a safe rebase: read the current view of the selected clusters (and the
-    new backing's), find the clusters that differ, write them whole."""
+def _rebase_compare(top: Chain, new, w: int, we: int, sel, g: int, bufs, view=None):
+    """Compare the current view of the selected clusters of [w, we) with the new backing's,
+    CHUNK bytes at a time through bufs; return the clusters to write as data and those to
+    write as zeros (where the two views differ)."""
     n = len(sel)
-    cur = np.zeros(n * g, np.uint8)
-    nxt = np.zeros(n * g, np.uint8) if new is not None else None
-    uc = cur.view(np.uint64).reshape(n, g // 8)
-    un = nxt.view(np.uint64).reshape(n, g // 8) if nxt is not None else None
-    idx = np.flatnonzero(sel)
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
     differ = np.zeros(n, bool)
     nonzero = np.zeros(n, bool)
-    for grp in np.split(idx, brk):
-        a, b = int(grp[0]), int(grp[-1]) + 1
-        rs, re_ = a * g, min(b * g, we - w)
-        top.read_into(cur[rs:re_], w + rs, zeroed=True)
-        nonzero[a:b] = uc[a:b].any(axis=1)
-        if nxt is not None:
-            if w + rs < new.size:
-                new.read_into(nxt[rs:re_], w + rs, zeroed=True)
-            differ[a:b] = (uc[a:b] != un[a:b]).any(axis=1)
-        else:
-            differ[a:b] = nonzero[a:b]           # the new view is all zeros
-    data = differ & nonzero
-    if data.any():
-        top._writer().write_clusters(w, cur[:we - w], data)
-    zero = np.flatnonzero(differ & ~nonzero)
-    if len(zero):
-        zb = np.flatnonzero(np.diff(zero) != 1) + 1
-        for grp in np.split(zero, zb):
-            s0, e0 = w + int(grp[0]) * g, min(w + (int(grp[-1]) + 1) * g, we)
-            top.write_zeroes(s0, e0 - s0)
-    done += int(sel.sum()) * g
-    if progress:
-        progress(min(done, size), size)
-    return done
+    per = len(bufs[0]) // g
+    for c0 in range(0, n, per):
+        c1 = min(c0 + per, n)
+        rs, re_ = _groups(sel[c0:c1])
+        if not len(rs):
+            continue
+        p0, p1 = w + c0 * g, min(w + c1 * g, we)
+        cur = bufs[0][:(c1 - c0) * g]
+        cur[p1 - p0:] = 0                   # the tail of a last, partial cluster
+        starts, ends = p0 + rs * g, np.minimum(p0 + re_ * g, p1)
+        top.read_ranges_into(cur, p0, starts, ends, extents=view)
+        uc = cur.view(np.uint64).reshape(c1 - c0, g // 8)
+        if new is not None:
+            nxt = bufs[1][:(c1 - c0) * g]
+            nxt[p1 - p0:] = 0
+            new.read_ranges_into(nxt, p0, starts, ends)
+            un = nxt.view(np.uint64).reshape(c1 - c0, g // 8)
+        for a, b in zip(rs.tolist(), re_.tolist()):
+            nonzero[c0 + a:c0 + b] = uc[a:b].any(axis=1)
+            if new is not None:
+                differ[c0 + a:c0 + b] = (uc[a:b] != un[a:b]).any(axis=1)
+    if new is None:
+        differ = nonzero                # the new view is all zeros
+    return differ & nonzero, differ & ~nonzero
 
 
 def commit(path: str, base: str | None = None, *, drop: bool = False, progress=None) -> str:

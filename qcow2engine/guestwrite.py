@@ -27,6 +27,7 @@ ZERO = np.uint64(C.QCOW_OFLAG_ZERO)
 ALL_ALLOC = np.uint64(0xFFFFFFFF)
 ALL_ZERO = np.uint64(0xFFFFFFFF00000000)
 BATCH_BYTES = 1 << 30
+PIECE = 8 << 20          # largest single pwrite (and slice taken from a data source)
 
 
 class GuestWriter:
@@ -48,13 +49,16 @@ class GuestWriter:
 
     # ------------------------------------------------------------ public
     def write(self, offset: int, data) -> None:
-        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
-        self._check_range(offset, len(buf))
+        """Write data (a bytes-like object or a source, see sources.py) at offset."""
+        src = data if getattr(data, "is_source", False) else \
+            np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        self._check_range(offset, len(src))
         step = max(self.cs, BATCH_BYTES // self.cs * self.cs)
         pos = 0
-        while pos < len(buf):
-            n = min(step - (offset + pos) % step, len(buf) - pos)
-            self._write_data(offset + pos, buf[pos:pos + n])
+        while pos < len(src):
+            n = min(step - (offset + pos) % step, len(src) - pos)
+            part = src[pos:pos + n] if isinstance(src, np.ndarray) else src.part(pos, pos + n)
+            self._write_data(offset + pos, part)
             pos += n
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
@@ -160,7 +164,7 @@ class GuestWriter:
         self.meta.write_l1_entries(l1, tree.used)
         self.meta.flush()
         img._l2_cache.clear()
-        self.meta.commit()
+        self.meta.trim_file()                    # give the space back, as QEMU does
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.img.size:
@@ -217,7 +221,8 @@ class GuestWriter:
         """Write only the clusters of [offset, offset+len(data)) selected by the boolean
         array sel (one entry per cluster; offset cluster aligned): a sparse copy in one
         request, as convert does."""
-        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        buf = data if getattr(data, "is_source", False) else \
+            np.frombuffer(memoryview(data).cast("B"), np.uint8)
         self._check_range(offset, len(buf))
         if offset % self.cs:
             raise ValueError("write_clusters needs a cluster-aligned offset")
@@ -288,9 +293,6 @@ class GuestWriter:
             buf = fills[int(k)]
             buf[lo[k]:hi[k]] = data[g[k] * cs + lo[k] - offset:g[k] * cs + hi[k] - offset]
             fileio.pwrite(self.data_fd, buf, int(dest[k]))
-        if self.img.has_data_file and self.meta.sync:
-            fileio.fsync(self.data_fd)
-        self.meta.flush()
         # --- new entries
         new_ent = (dest.astype(np.uint64) | COPIED)
         if self.ext:
@@ -301,6 +303,13 @@ class GuestWriter:
             new_ent = np.where(sel, new_ent, ent)
             if self.ext:
                 new_bmp = np.where(sel, new_bmp, bmp)
+        # the data must be on disk before metadata points at it; a write that only
+        # overwrites clusters in place changes no metadata and needs no barrier here
+        if n_new or new_tables or not np.array_equal(new_ent, ent) or \
+                (self.ext and not np.array_equal(new_bmp, bmp)):
+            if self.img.has_data_file and self.meta.sync:
+                fileio.fsync(self.data_fd)
+            self.meta.flush()
         # release list: old host clusters replaced by new ones
         old_release = np.flatnonzero(newc & has_host & ~comp) if not self.img.has_data_file else np.zeros(0, np.int64)
         comp_release = np.flatnonzero(newc & comp)
@@ -339,10 +348,18 @@ class GuestWriter:
         brk[1:] = (hosts[1:] != hosts[:-1] + lens[:-1]) | (srcs[1:] != srcs[:-1] + lens[:-1])
         starts = np.flatnonzero(brk)
         ends = np.append(starts[1:], len(hosts))
+        big = int(lens.sum()) > 2 * PIECE
+        copy = getattr(data, "copy_to", None)      # a source that can copy in the kernel
         for s, e in zip(starts.tolist(), ends.tolist()):
             src = int(srcs[s])
             n = int(srcs[e - 1] + lens[e - 1]) - src
-            fileio.pwrite(self.data_fd, data[src:src + n], int(hosts[s]))
+            host = int(hosts[s])
+            for p in range(0, n, PIECE):
+                m = min(PIECE, n - p)
+                if copy is None or not copy(self.data_fd, host + p, src + p, src + p + m):
+                    fileio.pwrite(self.data_fd, data[src + p:src + p + m], host + p)
+                if big:     # let the device work while we go on: the flush waits less
+                    fileio.start_writeback(self.data_fd, host + p, m)
 
     # ------------------------------------------------------------ zero / discard
     def _zero_units(self, a: int, b: int, *, unmap: bool, discard: bool) -> None:

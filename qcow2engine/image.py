@@ -275,12 +275,21 @@ class Qcow2Image:
             raise InvalidImageError("%s offset invalid" % what)
 
     def close(self) -> None:
-        if getattr(self, "data_fd", None) is not None:
-            os.close(self.data_fd)
-            self.data_fd = None
-        if getattr(self, "_own_fd", False) and getattr(self, "fd", None) is not None:
-            os.close(self.fd)
-        self.fd = None
+        """Close the image; one opened for writing is flushed first (as QEMU does on close:
+        in-place data writes carry no barrier of their own)."""
+        try:
+            if getattr(self, "writable", False) and getattr(self, "fd", None) is not None:
+                from . import fileio
+                if getattr(self, "data_fd", None) is not None:
+                    fileio.fsync(self.data_fd)
+                fileio.fsync(self.fd)
+        finally:
+            if getattr(self, "data_fd", None) is not None:
+                os.close(self.data_fd)
+                self.data_fd = None
+            if getattr(self, "_own_fd", False) and getattr(self, "fd", None) is not None:
+                os.close(self.fd)
+            self.fd = None
 
     def __enter__(self):
         return self
@@ -303,11 +312,12 @@ class Qcow2Image:
     @property
     def l1_table(self):
         """The active L1 table as a native uint64 numpy array."""
-        if self._l1 is None:
+        l1 = self._l1
+        if l1 is None:
             from .format.entries import be64
             h = self.header
-            self._l1 = be64(self.pread(h.l1_size * 8, h.l1_table_offset))
-        return self._l1
+            l1 = self._l1 = be64(self.pread(h.l1_size * 8, h.l1_table_offset))
+        return l1
 
     def read_l1(self, offset: int, l1_size: int):
         from .format.entries import be64

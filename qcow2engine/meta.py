@@ -12,6 +12,8 @@ after every reference to it is gone from disk, so a crash at any point leaks at 
 """
 from __future__ import annotations
 
+import os
+
 import struct
 
 import numpy as np
@@ -247,6 +249,25 @@ class MetaWriter:
                 yield cur, prev_end - cur
                 cur = None
             c = block_end
+
+    def trim_file(self) -> None:
+        """Cut the file after its last cluster in use (refcounts committed and flushed
+        first: only clusters nothing refers to any more are cut off)."""
+        self.commit()
+        homes = np.flatnonzero(self.reftable & np.uint64(C.REFT_OFFSET_MASK)).tolist()
+        blocks = sorted(set(homes) | set(np.flatnonzero(self.loaded).tolist()), reverse=True)
+        end = 0
+        for rb in blocks:                        # the last block with a cluster in use
+            used = np.flatnonzero(self._block(rb))
+            if len(used):
+                end = (rb * self.per_block + int(used[-1]) + 1) << self.bits
+                break
+        if end < os.fstat(self.fd).st_size:
+            fileio.ftruncate(self.fd, end)
+            self.flush()
+            self.img.file_size = end
+            self.end = min(self.end, end >> self.bits)
+            self.free_hint = min(self.free_hint, self.end)
 
     def allocate(self, n: int, contiguous: bool = False) -> np.ndarray:
         """Allocate n clusters (refcount set to 1 in memory).  Returns their indices."""

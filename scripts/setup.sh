@@ -27,8 +27,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# editable_mode=compat: a plain path entry, no import hook to load at every start-up
 if [ $want_test = 1 ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q --config-settings editable_mode=compat -e '.[test]'
 else
-    .venv/bin/python -m pip install -q -e .
+    .venv/bin/python -m pip install -q --config-settings editable_mode=compat -e .
 fi
+# byte-compile once (PYTHONDONTWRITEBYTECODE would otherwise recompile at every start)
+.venv/bin/python -m compileall -q qcow2engine qmp_bridge >/dev/null

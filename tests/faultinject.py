@@ -66,7 +66,7 @@ __all__ = [
 
 FILEIO_MODULE = "qcow2engine.fileio"
 # Patched when present (fdatasync in case the module grows one).
-FILEIO_FUNCS = ("pwrite", "fsync", "fdatasync", "ftruncate", "fallocate")
+FILEIO_FUNCS = ("pwrite", "copy_range", "fsync", "fdatasync", "ftruncate", "fallocate")
 KILL_EXIT_CODE = 137
 
 # os-level functions watched for calls that bypass the fileio module (the
@@ -96,6 +96,8 @@ class Call:
         where = os.path.basename(self.path) if self.path else f"fd {self.fd}"
         if self.name == "pwrite":
             return f"#{self.index} pwrite({where}, {self.length} bytes @ {self.offset:#x})"
+        if self.name == "copy_range":
+            return f"#{self.index} copy_range({where}, {self.length} bytes @ {self.offset:#x})"
         if self.name == "ftruncate":
             return f"#{self.index} ftruncate({where}, {self.offset:#x})"
         if self.name == "fallocate":
@@ -121,6 +123,9 @@ def _describe(index: int, name: str, args: tuple, kwargs: dict) -> Call:
             data = args[1] if len(args) > 1 else kwargs.get("data")
             c.length = len(memoryview(data).cast("B")) if data is not None else None
             c.offset = args[2] if len(args) > 2 else kwargs.get("offset")
+        elif name == "copy_range":      # (fd, offset, src_fd, src_offset, length)
+            c.offset = args[1] if len(args) > 1 else kwargs.get("offset")
+            c.length = args[4] if len(args) > 4 else kwargs.get("length")
         elif name == "ftruncate":
             c.offset = args[1] if len(args) > 1 else kwargs.get("size", kwargs.get("length"))
         elif name == "fallocate":

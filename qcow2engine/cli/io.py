@@ -103,7 +103,8 @@ def run_command(chain, line: str, out) -> bool:
                 chain.write_zeroes(off, length, unmap="u" in opts)
             else:
                 pat = _pattern(opts["P"]) if "P" in opts else 0xCD
-                chain.write(off, bytes([pat]) * length)
+                from ..sources import PatternSource     # streamed, never built whole
+                chain.write(off, PatternSource(pat, length))
         except ValueError:
             out.write("write failed: Input/output error\n")
             return False

@@ -1,0 +1,222 @@
+"""Streaming data paths: large writes that move through small buffers.
+
+- ``Chain.read_ranges_into`` (block status resolved once, holes zeroed, bytes outside the
+  ranges untouched) against ``Chain.read`` on a chain with compressed, zero, extended-L2
+  and raw layers;
+- sources (``sources.PatternSource`` / ``ViewSource``): ``io write -P`` of sizes that span
+  many buffer chunks, unaligned, over a backing file, qcow2 and raw, against qemu-io;
+- commit and rebase with in-kernel copies (copy_file_range) and with them refused
+  (EXDEV: the same bytes are written through the buffer), against qemu-img;
+- after commit the emptied top gives its space back (file not larger than qemu-img's);
+- a write that only overwrites clusters in place makes no flush of its own, and the data
+  is on disk when the image is closed.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from qcow2engine import fileio
+from qcow2engine.chain import open_chain
+from qcow2engine.chainops import commit, rebase
+from qcow2engine.sources import PatternSource, ViewSource
+from tests.engine import engine
+
+MiB = 1 << 20
+
+
+def run(*argv, cwd=None):
+    p = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, (argv, p.stdout, p.stderr)
+    return p.stdout
+
+
+def qio(path, *cmds, fmt="qcow2"):
+    argv = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    return run(*argv, path)
+
+
+def same_guest(a, b):
+    p = subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def clean(path):
+    p = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def chain_dir(tmp_path_factory):
+    """raw base <- compressed qcow2 <- extended-L2 qcow2 with zeros/discards <- top."""
+    d = tmp_path_factory.mktemp("streamchain")
+    run("qemu-img", "create", "-q", "-f", "raw", d / "base.raw", "24M")
+    qio(d / "base.raw", "write -P 0x11 0 24M", fmt="raw")
+    run("qemu-img", "create", "-q", "-f", "qcow2", d / "src.qcow2", "24M")
+    rng = random.Random(5)
+    cmds = ["write -P %d %d %d" % (rng.randrange(1, 255), rng.randrange(0, 23 * MiB),
+                                   rng.randrange(1, 600000)) for _ in range(30)]
+    qio(d / "src.qcow2", *cmds)
+    run("qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", "-B", "base.raw",
+        "-F", "raw", "src.qcow2", "mid.qcow2", cwd=d)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k",
+        "-b", "mid.qcow2", "-F", "qcow2", "l2.qcow2", cwd=d)
+    qio(d / "l2.qcow2", "write -P 0x22 100000 3M", "write -z 5M 2M", "discard 9M 1M",
+        "write -P 0x23 12345 40000")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "l2.qcow2", "-F", "qcow2",
+        "top.qcow2", "30M", cwd=d)
+    qio(d / "top.qcow2", "write -P 0x33 20M 5M", "write -z 1M 64k", "write -P 0x34 7M 70000")
+    return d
+
+
+def test_read_ranges_into_matches_read(chain_dir):
+    rng = random.Random(1)
+    with open_chain(str(chain_dir / "top.qcow2")) as ch:
+        whole = np.frombuffer(ch.read(0, ch.size), np.uint8)
+        ex = ch.extents(0, ch.size)
+        for trial in range(40):
+            cuts = sorted(rng.sample(range(0, ch.size + 2 * MiB, 4096), 2 * rng.randrange(1, 6)))
+            starts, ends = cuts[0::2], cuts[1::2]
+            for zeroed, extents in ((False, None), (False, ex), (True, None)):
+                out = np.full(ch.size + 2 * MiB, 0xEE, np.uint8)
+                if zeroed:
+                    for s, e in zip(starts, ends):
+                        out[s:e] = 0
+                ch.read_ranges_into(out, 0, starts, ends, zeroed=zeroed,
+                                    extents=extents if (extents is None or ends[-1] <= ch.size)
+                                    else None)
+                want = np.full(len(out), 0xEE, np.uint8)
+                for s, e in zip(starts, ends):
+                    want[s:e] = 0
+                    hi = min(e, ch.size)
+                    if hi > s:
+                        want[s:hi] = whole[s:hi]
+                assert np.array_equal(out, want), (trial, starts, ends, zeroed)
+
+
+def test_view_source_slices_and_copies(chain_dir, tmp_path):
+    """Every slice of a ViewSource is the guest view; copy_to writes the same bytes or
+    declines (compressed extents)."""
+    with open_chain(str(chain_dir / "top.qcow2")) as ch:
+        whole = ch.read(0, ch.size)
+        src = ViewSource(ch, 3 * MiB + 4096, 20 * MiB, chunk=MiB)
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
+        try:
+            copied = 0
+            for a in range(0, len(src), MiB):
+                b = min(a + MiB, len(src))
+                assert bytes(src[a:b]) == whole[3 * MiB + 4096 + a:3 * MiB + 4096 + b]
+                if src.copy_to(fd, a, a, b):
+                    copied += 1
+                else:
+                    fileio.pwrite(fd, src[a:b], a)
+            with pytest.raises(ValueError):
+                src[0:2 * MiB]
+            assert os.pread(fd, 20 * MiB, 0) == whole[3 * MiB + 4096:23 * MiB + 4096]
+            assert copied > 0
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_pattern_write_spans_chunks(tmp_path, fmt):
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "64M")
+    qio(base, "write -P 7 0 64M")
+    cmds = ["write -P 0xab 1000 21M", "write -P 3 30M 100", "write 40M 17M",
+            "write -P 9 %d 9M" % (63 * MiB - 4097)]
+    for name in ("q", "e"):
+        p = tmp_path / name
+        if fmt == "qcow2":
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", p)
+        else:
+            run("qemu-img", "create", "-q", "-f", "raw", p, "64M")
+    qio(tmp_path / "q", *cmds[:3], fmt=fmt)
+    rc, out, err = engine("io", "-f", fmt, *sum((["-c", c] for c in cmds[:3]), []),
+                          tmp_path / "e")
+    assert rc == 0, err
+    assert out.count("wrote") == 3
+    same_guest(tmp_path / "q", tmp_path / "e")
+    if fmt == "qcow2":
+        clean(tmp_path / "e")
+    # a write past the end fails like qemu-io's, without writing
+    before = (tmp_path / "e").read_bytes()
+    rc, out, err = engine("io", "-f", fmt, "-c", cmds[3], tmp_path / "e")
+    assert (tmp_path / "e").read_bytes() == before
+
+
+def test_pattern_source_parts():
+    s = PatternSource(0x5A, 20 * MiB + 3, chunk=MiB)
+    assert len(s) == 20 * MiB + 3
+    p = s.part(19 * MiB, 20 * MiB + 3)
+    assert len(p) == MiB + 3
+    assert bytes(p[MiB:MiB + 3]) == b"ZZZ"
+    assert bytes(s[5:105]) == b"Z" * 100
+    with pytest.raises(ValueError):
+        s[0:MiB + 1]
+
+
+def _commit_chain(d):
+    run("qemu-img", "create", "-q", "-f", "qcow2", d / "base.qcow2", "40M")
+    qio(d / "base.qcow2", "write -P 0x5a 0 40M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+        "top.qcow2", "48M", cwd=d)
+    qio(d / "top.qcow2", *["write -P %d %d 1M" % (i + 3, i * 1398101) for i in range(30)],
+        "write -z 44M 1M", "write -P 0x77 46M 100000")
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_commit_and_flatten_with_and_without_copy_file_range(tmp_path, monkeypatch, in_kernel):
+    if not in_kernel:
+        def refuse(*a, **k):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    for op in ("commit", "rebase"):
+        q, e = tmp_path / (op + "-q"), tmp_path / (op + "-e")
+        q.mkdir()
+        _commit_chain(q)
+        shutil.copytree(q, e)
+        if op == "commit":
+            run("qemu-img", "commit", "-q", "top.qcow2", cwd=q)
+            commit(str(e / "top.qcow2"))
+            # the emptied top gives its space back, as qemu-img's does
+            assert os.path.getsize(e / "top.qcow2") <= os.path.getsize(q / "top.qcow2")
+            assert os.stat(e / "top.qcow2").st_blocks <= os.stat(q / "top.qcow2").st_blocks
+            for f in ("base.qcow2", "top.qcow2"):
+                same_guest(q / f, e / f)
+                clean(e / f)
+        else:
+            run("qemu-img", "rebase", "-b", "", "top.qcow2", cwd=q)
+            rebase(str(e / "top.qcow2"), "")
+            same_guest(q / "top.qcow2", e / "top.qcow2")
+            clean(e / "top.qcow2")
+            # only clusters that differ from zeros were copied: no bigger than qemu-img's
+            assert os.path.getsize(e / "top.qcow2") <= os.path.getsize(q / "top.qcow2")
+
+
+def test_in_place_overwrite_has_no_flush_until_close(tmp_path, monkeypatch):
+    img = tmp_path / "a.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
+    qio(img, "write -P 1 0 16M")
+    calls = []
+    real = fileio.fsync
+    monkeypatch.setattr(fileio, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    with open_chain(str(img), writable=True) as ch:
+        ch.write(MiB, b"\x02" * (4 * MiB))         # clusters already allocated: in place
+        assert calls == []
+        ch.write(0, b"\x03" * 1000)                # partial, still in place
+        assert calls == []
+    assert len(calls) == 1                          # the close flushes
+    out = qio(img, "read -P 2 1M 4M", "read -P 3 0 1000", "read -P 1 1000 %d" % (MiB - 1000))
+    assert "verification failed" not in out
+    clean(img)

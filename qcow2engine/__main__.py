@@ -1,5 +1,3 @@
-import sys
+from qcow2engine.cli.main import run
 
-from qcow2engine.cli.main import main
-
-sys.exit(main())
+run()

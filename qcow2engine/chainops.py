@@ -43,6 +43,7 @@ def _file_key(path: str):
 
 WINDOW = 1 << 30        # guest bytes per write request (one metadata round)
 CHUNK = 8 << 20         # bytes compared at a time
+REBASE_WINDOW = 128 << 20   # rebase: compare the next window while this one is written
 
 
 def _granule(chain: Chain) -> int:
@@ -77,21 +78,41 @@ def _copy_into(dst: Chain, view: Chain, ranges, zero_ranges=(), progress=None, t
     return state[0]
 
 
-def _plan(ranges, size: int, g: int) -> list:
-    """Split sorted, disjoint (start, end) byte ranges into windows of WINDOW bytes: a list of
-    (w, we, sel), sel marking the g-byte clusters of [w, we) that the ranges touch."""
+def _plan(ranges, size: int, g: int, window: int | None = None) -> list:
+    """Split sorted, disjoint (start, end) byte ranges into windows of `window` bytes
+    (default WINDOW): a list of (w, we, sel), sel marking the g-byte clusters of [w, we)
+    that the ranges touch."""
+    window = window or WINDOW
     jobs = []
     for s, e in ranges:
         while s < e:
-            w = s // WINDOW * WINDOW
+            w = s // window * window
             if not jobs or jobs[-1][0] != w:
-                we = min(w + WINDOW, size)
+                we = min(w + window, size)
                 jobs.append((w, we, np.zeros(-(-(we - w) // g), bool)))
             we = jobs[-1][1]
             e2 = min(e, we)
             jobs[-1][2][(s - w) // g:-(-(e2 - w) // g)] = True
             s = e2
     return jobs
+
+
+def _prefetch(jobs: list, work):
+    """Yield (job, work(job)) in order, work on the next job running in a helper thread
+    while the caller handles the current one.  Only reads belong in work: every write stays
+    in the caller's thread, in order."""
+    if len(jobs) < 2:
+        for job in jobs:
+            yield job, work(job)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1, thread_name_prefix="qcow2engine-compare") as pool:
+        fut = pool.submit(work, jobs[0])
+        for k, job in enumerate(jobs):
+            res = fut.result()
+            if k + 1 < len(jobs):
+                fut = pool.submit(work, jobs[k + 1])
+            yield job, res
 
 
 def _groups(sel: np.ndarray):
@@ -212,21 +233,29 @@ def _rebase_copy(top: Chain, new: Chain | None, progress) -> None:
             continue
         # where the top does not answer: compare its view (= the old backing's) with the
         # new backing's, a piece at a time, and keep the old view where they differ
-        bufs = None
-        for w, we, sel in _plan(_runs_of(below, ex.starts, ex.ends), size, g):
-            if bufs is None:
-                n = -(-min(CHUNK, size) // g) * g
-                bufs = (np.empty(n, np.uint8), np.empty(n, np.uint8) if new is not None else None)
-            view = top.extents(w, we)           # resolved once for both passes
-            data, zero = _rebase_compare(top, new, w, we, sel, g, bufs, view)
-            if data.any():
-                top._writer().write_clusters(w, ViewSource(top, w, we - w, extents=view), data)
-            zs, ze = _groups(zero)
-            for a, b in zip(zs.tolist(), ze.tolist()):
-                top.write_zeroes(w + a * g, min(w + b * g, we) - (w + a * g))
-            done += int(sel.sum()) * g
-            if progress:
-                progress(min(done, size), size)
+        n = -(-min(CHUNK, size) // g) * g
+        bufs = (np.empty(n, np.uint8), np.empty(n, np.uint8) if new is not None else None)
+
+        def compare(job, ex=ex):
+            # ex (resolved before any write here) still describes this window: writes so
+            # far went to other windows only, and it needs no table lookup
+            return _rebase_compare(top, new, *job, g, bufs, ex)
+
+        jobs = _plan(_runs_of(below, ex.starts, ex.ends), size, g, REBASE_WINDOW)
+        windows = _prefetch(jobs, compare)
+        try:
+            for (w, we, sel), (data, zero) in windows:
+                if data.any():
+                    top._writer().write_clusters(w, ViewSource(top, w, we - w, extents=ex),
+                                                 data)
+                zs, ze = _groups(zero)
+                for a, b in zip(zs.tolist(), ze.tolist()):
+                    top.write_zeroes(w + a * g, min(w + b * g, we) - (w + a * g))
+                done += int(sel.sum()) * g
+                if progress:
+                    progress(min(done, size), size)
+        finally:
+            windows.close()             # the helper thread is done before we go on
 
 
 def _rebase_compare(top: Chain, new, w: int, we: int, sel, g: int, bufs, view=None):

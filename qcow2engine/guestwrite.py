@@ -350,6 +350,7 @@ class GuestWriter:
         ends = np.append(starts[1:], len(hosts))
         big = int(lens.sum()) > 2 * PIECE
         copy = getattr(data, "copy_to", None)      # a source that can copy in the kernel
+        pending = 0
         for s, e in zip(starts.tolist(), ends.tolist()):
             src = int(srcs[s])
             n = int(srcs[e - 1] + lens[e - 1]) - src
@@ -358,8 +359,11 @@ class GuestWriter:
                 m = min(PIECE, n - p)
                 if copy is None or not copy(self.data_fd, host + p, src + p, src + p + m):
                     fileio.pwrite(self.data_fd, data[src + p:src + p + m], host + p)
-                if big:     # let the device work while we go on: the flush waits less
-                    fileio.start_writeback(self.data_fd, host + p, m)
+                pending += m
+                if big and pending >= PIECE:
+                    # let the device work while we go on: the flush then waits less
+                    fileio.start_writeback(self.data_fd)
+                    pending = 0
 
     # ------------------------------------------------------------ zero / discard
     def _zero_units(self, a: int, b: int, *, unmap: bool, discard: bool) -> None:

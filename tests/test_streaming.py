@@ -220,3 +220,44 @@ def test_in_place_overwrite_has_no_flush_until_close(tmp_path, monkeypatch):
     out = qio(img, "read -P 2 1M 4M", "read -P 3 0 1000", "read -P 1 1000 %d" % (MiB - 1000))
     assert "verification failed" not in out
     clean(img)
+
+
+@pytest.mark.parametrize("onto", ["nothing", "new-base", "in-chain"])
+def test_rebase_and_commit_over_many_small_windows(tmp_path, monkeypatch, onto):
+    """Windows of 1 MiB (compare of the next one running in a helper thread while this one
+    is written; commit in several write requests): same result as qemu-img."""
+    import qcow2engine.chainops as co
+    monkeypatch.setattr(co, "REBASE_WINDOW", 1 * MiB)
+    monkeypatch.setattr(co, "WINDOW", 1 * MiB)
+    monkeypatch.setattr(co, "CHUNK", 256 * 1024)
+    q = tmp_path / "q"
+    q.mkdir()
+    _commit_chain(q)
+    run("qemu-img", "create", "-q", "-f", "qcow2", q / "mid.qcow2", "40M")
+    qio(q / "mid.qcow2", "write -P 0x5a 0 20M", "write -P 0x61 20M 10M", "write -z 30M 2M")
+    run("qemu-img", "rebase", "-u", "-b", "mid.qcow2", "-F", "qcow2", "base.qcow2", cwd=q)
+    run("qemu-img", "create", "-q", "-f", "qcow2", q / "other.qcow2", "40M")
+    qio(q / "other.qcow2", "write -P 0x5a 0 10M", "write -P 0x62 10M 20M")
+    e = tmp_path / "e"
+    shutil.copytree(q, e)
+    if onto == "nothing":
+        args = ["-b", ""]
+    elif onto == "new-base":
+        args = ["-b", "other.qcow2", "-F", "qcow2"]
+    else:
+        args = ["-b", "mid.qcow2", "-F", "qcow2"]
+    run("qemu-img", "rebase", *args, "top.qcow2", cwd=q)
+    rc, out, err = engine("rebase", *args, "top.qcow2", cwd=e)
+    assert rc == 0, err
+    same_guest(q / "top.qcow2", e / "top.qcow2")
+    clean(e / "top.qcow2")
+    if onto == "nothing":       # nothing left to commit into, as qemu-img says
+        rc, out, err = engine("commit", "-q", "top.qcow2", cwd=e)
+        assert rc == 1 and "does not have a backing file" in err
+        return
+    run("qemu-img", "commit", "-q", "top.qcow2", cwd=q)
+    rc, out, err = engine("commit", "-q", "top.qcow2", cwd=e)
+    assert rc == 0, err
+    for f in ("top.qcow2", "base.qcow2", "other.qcow2", "mid.qcow2"):
+        same_guest(q / f, e / f)
+        clean(e / f)

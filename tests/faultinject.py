@@ -45,6 +45,7 @@ against a stand-in.
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import multiprocessing
 import os
@@ -62,6 +63,7 @@ __all__ = [
     "FILEIO_MODULE", "FILEIO_FUNCS", "KILL_EXIT_CODE", "SimulatedCrash", "Call",
     "Injector", "inject", "count_calls", "trace_calls", "injection_points",
     "run_killed", "run_killed_script", "drop_fds", "open_fds_under",
+    "exception_chain", "Outcome", "run_injected",
 ]
 
 FILEIO_MODULE = "qcow2engine.fileio"
@@ -400,6 +402,71 @@ def count_calls(fn: Callable[[], Any], *, module: ModuleType | str | None = None
                 paths: Iterable[str | os.PathLike] | None = None) -> int:
     """How many fileio calls ``fn()`` makes."""
     return len(trace_calls(fn, module=module, paths=paths))
+
+
+def exception_chain(e: BaseException | None):
+    """e, then its cause or context, and so on."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+@dataclass
+class Outcome:
+    """How an operation ended under one injected fault (see :func:`run_injected`)."""
+    injector: "Injector"
+    succeeded: bool             # returned normally and did not report a failure
+    problems: list
+
+
+def run_injected(op: Callable[[], Any], fail_at: int, kind: str, *, paths,
+                 baseline: int, reported_failure: Callable[[Any], bool] | None = None,
+                 any_eio_must_surface: bool = False) -> Outcome:
+    """Run op() with the fileio call fail_at failing (kind "error" or "crash") and judge
+    how it ended.  Problems: the fault never came (fewer calls than the baseline), a crash
+    that did not end the operation or ended it with another exception, an exception not
+    caused by the injected EIO, an EIO swallowed (of a flush; of any call with
+    any_eio_must_surface), fds left open after an error, writes that bypassed fileio."""
+    exc: BaseException | None = None
+    result = None
+    with inject(fail_at, kind, paths=paths) as inj:
+        try:
+            result = op()
+        except (SimulatedCrash, Exception) as e:     # noqa: BLE001 - judged below
+            exc = e
+    chain = list(exception_chain(exc))
+    desc = [repr(x) for x in chain]
+    injected = any(isinstance(x, OSError) and x.errno == errno.EIO for x in chain)
+    succeeded = not chain and not (reported_failure and reported_failure(result))
+    crash_first = bool(chain) and isinstance(chain[0], SimulatedCrash)
+    del exc, result, chain
+    gc.collect()
+    probs: list[str] = []
+    if inj.triggered is None:
+        probs.append(f"only {inj.count} fileio calls this time (baseline {baseline})"
+                     + (f", raising {desc[0]}" if desc else ""))
+    elif kind == "crash":
+        if not desc:
+            probs.append("the SimulatedCrash was swallowed: the operation returned normally")
+            succeeded = True
+        elif not crash_first:
+            probs.append(f"{desc[0]} raised instead of the SimulatedCrash")
+    else:
+        if desc and not injected:
+            probs.append(f"unexpected exception {desc[0]} (the injected EIO is not in its "
+                         f"cause chain)")
+        if succeeded and (any_eio_must_surface or inj.triggered.name in ("fsync", "fdatasync")):
+            # (an EIO elsewhere may be worked around -- e.g. zeroing by writes when
+            # fallocate fails -- the caller then checks for exactly the new state)
+            probs.append(f"the injected EIO at {inj.triggered} was swallowed: the operation "
+                         f"reported success")
+        leaked = inj.leaked_fds()
+        if leaked:
+            probs.append(f"fds left open after the error: {sorted(leaked.values())}")
+            inj.drop()
+    if inj.bypasses:
+        probs.append(f"writes bypassing fileio: {inj.bypasses[:3]}")
+    return Outcome(inj, succeeded, probs)
 
 
 def injection_points(n: int, first: int = 40, sample: int = 20, seed: int = 0) -> list[int]:

@@ -43,7 +43,8 @@ import numpy as np
 import pytest
 
 from tests.faultinject import (KILL_EXIT_CODE, SimulatedCrash, count_calls, inject,
-                               injection_points, run_killed, run_killed_script, trace_calls)
+                               injection_points, run_injected, run_killed, run_killed_script,
+                               trace_calls)
 from tests.images import qemu_io, read_header, run, set_refcount
 
 KiB = 1024
@@ -728,12 +729,6 @@ def _prepare(sc: Scenario, root: Path) -> Prepared:
     return p
 
 
-def _chain(e: BaseException | None):
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def _verify(sc: Scenario, prep: Prepared, img: Path, succeeded: bool) -> list[str]:
     """QEMU's view of the image after the (failed or not) operation."""
     problems: list[str] = []
@@ -805,44 +800,9 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
     w = root / f"{sc.name}-{mode}-{i}"
     shutil.copytree(prep.template, w)
     img = w / prep.img_rel
-    problems: list[str] = []
-    exc: BaseException | None = None
-    result = None
-    with inject(i, mode, paths=[w]) as inj:
-        try:
-            result = sc.op(img)
-        except SimulatedCrash as e:
-            exc = e
-        except Exception as e:      # noqa: BLE001 - judged below
-            exc = e
-    desc = [repr(x) for x in _chain(exc)]
-    kinds = [type(x) for x in _chain(exc)]
-    injected = any(isinstance(x, OSError) and x.errno == errno.EIO for x in _chain(exc))
-    reported = sc.reported_failure(result)
-    succeeded = not desc and not reported
-    del exc, result
-    gc.collect()
-    if inj.triggered is None:
-        problems.append(f"only {inj.count} fileio calls this time (baseline {len(prep.calls)})"
-                        + (f", raising {desc[0]}" if desc else ""))
-    elif mode == "crash":
-        if not desc:
-            problems.append("SimulatedCrash was swallowed: the operation returned normally")
-            succeeded = True
-        elif kinds[0] is not SimulatedCrash:
-            problems.append(f"{desc[0]} raised instead of the SimulatedCrash")
-    else:
-        if desc and not injected:
-            problems.append(f"unexpected exception {desc[0]} (the injected EIO is not in its "
-                            f"cause chain)")
-        if succeeded and inj.triggered.name in ("fsync", "fdatasync"):
-            problems.append("fsync EIO swallowed: the operation reported success")
-        leaked = inj.leaked_fds()
-        if leaked:
-            problems.append(f"fds left open after the error: {sorted(leaked.values())}")
-            inj.drop()
-    if inj.bypasses:
-        problems.append(f"writes bypassing fileio: {inj.bypasses[:3]}")
+    out = run_injected(lambda: sc.op(img), i, mode, paths=[w], baseline=len(prep.calls),
+                       reported_failure=sc.reported_failure)
+    inj, succeeded, problems = out.injector, out.succeeded, out.problems
     problems += _verify(sc, prep, img, succeeded)
     shutil.rmtree(w)
     return [f"{mode} at {inj.triggered or f'#{i}'}: {p}" for p in problems]

@@ -23,7 +23,6 @@ reaches the disk from that call on, the image fds are dropped).  QEMU's tools ju
 """
 from __future__ import annotations
 
-import errno
 import gc
 import hashlib
 import json
@@ -39,7 +38,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tests.faultinject import SimulatedCrash, inject, injection_points
+from tests.faultinject import inject, injection_points, run_injected
 from tests.test_chainops import ChainSpec, Layer, build_chain
 
 KiB = 1024
@@ -299,12 +298,6 @@ def _prepare(sc: Scenario, root: Path) -> Prepared:
 
 # -- one injection point -----------------------------------------------------------
 
-def _exc_chain(e):
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def _base_problems(prep: Prepared, got: bytes, succeeded: bool) -> list[str]:
     old, new = prep.old_base, prep.new_base
     if len(got) not in (len(old), len(new)):
@@ -363,38 +356,8 @@ def _content_problems(sc: Scenario, prep: Prepared, w: Path, succeeded: bool,
 def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> list[str]:
     w = root / f"{sc.name}-{mode}-{i}"
     shutil.copytree(prep.tdir, w)
-    probs: list[str] = []
-    exc = None
-    with inject(i, mode, paths=[w]) as inj:
-        try:
-            _run_op(sc, w)
-        except (SimulatedCrash, Exception) as e:     # noqa: BLE001 - judged below
-            exc = e
-    chain = list(_exc_chain(exc))
-    succeeded = exc is None
-    injected = any(isinstance(x, OSError) and x.errno == errno.EIO for x in chain)
-    del exc
-    gc.collect()
-    if inj.triggered is None:
-        probs.append(f"only {inj.count} fileio calls (baseline {prep.ncalls})")
-    elif mode == "crash":
-        if succeeded:
-            probs.append("the SimulatedCrash was swallowed: the operation returned normally")
-        elif not isinstance(chain[0], SimulatedCrash):
-            probs.append(f"{chain[0]!r} raised instead of the SimulatedCrash")
-    else:
-        if chain and not injected:
-            probs.append(f"unexpected exception {chain[0]!r} (no injected EIO in its chain)")
-        if succeeded and inj.triggered.name in ("fsync", "fdatasync"):
-            # (an EIO elsewhere may be worked around -- e.g. zeroing by writes when
-            # fallocate fails -- then the state must be exactly the new one, see below)
-            probs.append(f"the injected EIO at {inj.triggered} was swallowed: the operation "
-                         f"reported success")
-        if inj.leaked_fds():
-            probs.append(f"fds left open: {sorted(inj.leaked_fds().values())}")
-            inj.drop()
-    if inj.bypasses:
-        probs.append(f"writes bypassing fileio: {inj.bypasses[:3]}")
+    out = run_injected(lambda: _run_op(sc, w), i, mode, paths=[w], baseline=prep.ncalls)
+    inj, succeeded, probs = out.injector, out.succeeded, out.problems
     now = _tree(w)
     touched = sorted(k for k in prep.hashes if now.get(k) != prep.hashes[k])
     stray = [k for k in touched if k not in prep.changed]

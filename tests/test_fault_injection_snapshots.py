@@ -17,7 +17,6 @@ dropped), and QEMU's tools judge the result:
 """
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import os
@@ -30,7 +29,7 @@ from typing import Callable
 
 import pytest
 
-from tests.faultinject import SimulatedCrash, inject
+from tests.faultinject import inject, run_injected
 from tests.images import VARIANTS_BY_NAME, qemu_io, read_header, run
 
 KiB = 1024
@@ -275,12 +274,6 @@ def _prepare(sc: Scenario, root: Path) -> Prepared:
 
 # -- one injection point ---------------------------------------------------------
 
-def _chain(e):
-    while e is not None:
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def _content_problems(prep: Prepared, img: Path, succeeded: bool, label: str) -> list[str]:
     probs = []
     snaps = _snap_list(img)
@@ -309,37 +302,9 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
     w = root / f"{sc.name}-{mode}-{i}"
     shutil.copytree(prep.tdir, w)
     img = w / "img.qcow2"
-    probs: list[str] = []
-    exc = None
-    with inject(i, mode, paths=[w]) as inj:
-        try:
-            _run_op(sc, img)
-        except (SimulatedCrash, Exception) as e:     # noqa: BLE001 - judged below
-            exc = e
-    chain = list(_chain(exc))
-    succeeded = exc is None
-    injected = any(isinstance(x, OSError) and x.errno == errno.EIO for x in chain)
-    del exc
-    gc.collect()
-    if inj.triggered is None:
-        probs.append(f"only {inj.count} fileio calls (baseline {prep.ncalls})")
-    elif mode == "crash":
-        if succeeded:
-            probs.append("the SimulatedCrash was swallowed: the operation returned normally")
-            succeeded = True
-        elif not isinstance(chain[0], SimulatedCrash):
-            probs.append(f"{chain[0]!r} raised instead of the SimulatedCrash")
-    else:
-        if chain and not injected:
-            probs.append(f"unexpected exception {chain[0]!r} (no injected EIO in its chain)")
-        if succeeded:
-            probs.append(f"the injected EIO at {inj.triggered} was swallowed: the operation "
-                         f"reported success")
-        if inj.leaked_fds():
-            probs.append(f"fds left open: {sorted(inj.leaked_fds().values())}")
-            inj.drop()
-    if inj.bypasses:
-        probs.append(f"writes bypassing fileio: {inj.bypasses[:3]}")
+    out = run_injected(lambda: _run_op(sc, img), i, mode, paths=[w], baseline=prep.ncalls,
+                       any_eio_must_surface=True)
+    inj, succeeded, probs = out.injector, out.succeeded, out.problems
     rc, data, err = _check(img)
     real, lines = _real_corruptions(img, data.get("corruptions", 0)) if rc == 2 else (0, [])
     if rc not in (0, 2, 3) or real or data.get("check-errors"):

@@ -474,11 +474,7 @@ class GuestWriter:
         if len(hosts):
             rel.append(np.asarray(hosts, np.int64) >> self.bits)
         if len(comp_entries):
-            off, size = E.compressed_extent(comp_entries, self.bits)
-            first = off >> self.bits
-            last = (off + size - 1) >> self.bits
-            for f, l in zip(first.tolist(), last.tolist()):
-                rel.append(np.arange(f, l + 1, dtype=np.int64))
+            rel.append(E.referenced_clusters(comp_entries, self.bits))
         for t in tables:
             if t[2] == "cow":
                 rel.append(np.array([t[5] >> self.bits], np.int64))

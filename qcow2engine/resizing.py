@@ -16,7 +16,7 @@ import numpy as np
 from . import fileio
 from .errors import Qcow2Error
 from .format import constants as C
-from .format.entries import compressed_extent, to_be64
+from .format.entries import referenced_clusters, to_be64
 from .image import Qcow2Image, probe_is_qcow2
 from .meta import HDR_SIZE, MetaWriter
 
@@ -105,16 +105,8 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
             continue
         a = max(first_gone - i * per_l2, 0)
         table = img.read_l2(l2off).copy()
-        e = table[a * words::words]
-        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
-        host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        if not img.has_data_file:
-            release.append(host[~comp & (host != 0)] >> img.cluster_bits)
-        if comp.any():
-            co, cz = compressed_extent(e[comp], img.cluster_bits)
-            for f, last in zip((co >> img.cluster_bits).tolist(),
-                               ((co + cz - 1) >> img.cluster_bits).tolist()):
-                release.append(np.arange(f, last + 1, dtype=np.int64))
+        release.append(referenced_clusters(table[a * words::words], img.cluster_bits,
+                                           normal=not img.has_data_file))
         shared = not (int(l1[i]) & C.QCOW_OFLAG_COPIED)
         if a == 0:
             l1[i] = 0

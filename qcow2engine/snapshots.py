@@ -22,7 +22,7 @@ import numpy as np
 from . import fileio
 from .errors import SnapshotError
 from .format import constants as C
-from .format.entries import compressed_extent, to_be64
+from .format.entries import referenced_clusters, to_be64
 from .format.snapshot import SnapshotEntry, build_snapshot_entry
 from .image import Qcow2Image
 from .meta import HDR_SIZE, HDR_SNAPSHOTS, MetaWriter
@@ -86,23 +86,7 @@ class _Tree:
         """Host cluster indices referenced by L2 tables (compressed ranges expanded)."""
         img = self.img
         e = (tables[..., 0::2] if img.extended_l2 else tables).reshape(-1)
-        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
-        host = (e & np.uint64(C.L2E_OFFSET_MASK)).view(np.int64)
-        any_comp = bool(comp.any())
-        keep = host != 0
-        if any_comp:
-            keep &= ~comp
-        out = [host[keep] >> img.cluster_bits]
-        if any_comp:
-            co, cz = compressed_extent(e[comp], img.cluster_bits)
-            first = co >> img.cluster_bits
-            last = (co + cz - 1) >> img.cluster_bits
-            out.append(first)
-            extra = last > first
-            if extra.any():
-                for f, l in zip(first[extra].tolist(), last[extra].tolist()):
-                    out.append(np.arange(f + 1, l + 1, dtype=np.int64))
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        return referenced_clusters(e, img.cluster_bits)
 
 
 def _add_tree(meta: MetaWriter, tree: _Tree, delta: int) -> None:

@@ -88,6 +88,29 @@ def compressed_extent(desc, cluster_bits: int):
     return off, size
 
 
+def referenced_clusters(entries, cluster_bits: int, *, normal: bool = True) -> np.ndarray:
+    """Host cluster indices that L2 entries (standard ones, or the entry words of extended
+    L2) hold references to ("Host cluster management"): one per cluster with a host offset
+    (normal=False: none, the data lives in an external data file), and one per host cluster
+    that each compressed cluster touches, so a host cluster shared by k compressed clusters
+    appears k times."""
+    e = np.asarray(entries, np.uint64).reshape(-1)
+    comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+    out = []
+    if normal:
+        host = (e[~comp] & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+        out.append(host[host != 0] >> cluster_bits)
+    if comp.any():
+        co, cz = compressed_extent(e[comp], cluster_bits)
+        first = co >> cluster_bits
+        n = ((co + cz - 1) >> cluster_bits) - first + 1
+        step = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        out.append(np.repeat(first, n) + step)
+    if not out:
+        return np.zeros(0, np.int64)
+    return np.concatenate(out) if len(out) > 1 else out[0]
+
+
 def decode_refblock(buf, refcount_order: int) -> np.ndarray:
     """Refcount block bytes -> native unsigned array of refcounts (widths 1..64 bits)."""
     raw = np.frombuffer(buf, dtype=np.uint8)

@@ -5,8 +5,12 @@ which need a new host cluster, which need copy-on-write filling), then carried o
 crash-safe order of the design:
 
     allocate (refcounts +1)  ->  commit refcounts, flush
-    ->  guest data  ->  flush  ->  L2 tables  ->  flush  ->  L1 entries  ->  flush
-    ->  release what was replaced (refcounts -1)  ->  commit
+    ->  guest data  ->  flush  ->  L2 tables  ->  (flush, if new tables)  ->  L1 entries
+    ->  (flush, if anything was replaced)  ->  release it (refcounts -1)  ->  commit
+
+The last metadata of a request needs no barrier of its own: nothing on disk depends on it
+yet.  The next request's data flush (or its release, or closing the image) covers it, so a
+crash loses at most requests that were not flushed, never the order between them.
 
 A crash at any point leaves the old or the new guest data and, at worst, leaked clusters.
 """
@@ -454,17 +458,19 @@ class GuestWriter:
             else:
                 self.meta.write_l2(t[6], table)
                 wrote = True
+        changed = [t[0] for t in tables if t[2] in ("new", "cow")]
         if wrote:
-            self.meta.flush()
+            if changed:
+                self.meta.flush()              # a new table is on disk before L1 points to it
+            else:
+                self.meta.unflushed = True     # a barrier is owed before anything depends on it
         l1 = img.l1_table
-        changed = []
         for t in tables:
             if t[2] in ("new", "cow"):
                 l1[t[0]] = np.uint64(t[6]) | COPIED
-                changed.append(t[0])
         if changed:
             self.meta.write_l1_entries(l1, changed)
-            self.meta.flush()
+            self.meta.unflushed = True
         import os
         img.file_size = max(img.file_size, os.fstat(img.fd).st_size)
 
@@ -480,6 +486,7 @@ class GuestWriter:
                 rel.append(np.array([t[5] >> self.bits], np.int64))
         if not rel:
             return
+        self.meta.barrier()        # the new entries are on disk before any reference goes
         clusters = np.concatenate(rel)
         # a compressed cluster range may be shared by several entries: count each
         uniq, counts = np.unique(clusters, return_counts=True)

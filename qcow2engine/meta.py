@@ -61,11 +61,18 @@ class MetaWriter:
         self.free_hint = 0
         self.end = img.file_clusters     # one past the last cluster that may be in use
         self.sync = sync
+        self.unflushed = False           # metadata written that no flush has covered yet
 
     # ------------------------------------------------------------ basics
     def flush(self) -> None:
         if self.sync:
             fileio.fsync(self.fd)
+        self.unflushed = False
+
+    def barrier(self) -> None:
+        """Flush if metadata was written since the last flush."""
+        if self.unflushed:
+            self.flush()
 
     def _grow(self, nblocks: int) -> None:
         if nblocks <= len(self.loaded):

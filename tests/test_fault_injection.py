@@ -396,6 +396,31 @@ def op_discard(offset: int, length: int) -> Callable[[Path], None]:
     return op
 
 
+def op_sequence(steps) -> Callable[[Path], None]:
+    """Several requests on one open image: ("write", off, data), ("zero", off, len),
+    ("discard", off, len).  The last metadata of a request is covered by the next request's
+    barriers, so a crash may cut anywhere in the sequence."""
+    def op(img: Path) -> None:
+        with _engine().open_chain(str(img), writable=True) as c:
+            for kind, off, arg in steps:
+                if kind == "write":
+                    c.write(off, arg)
+                elif kind == "zero":
+                    c.write_zeroes(off, arg)
+                else:
+                    c.discard(off, arg)
+    return op
+
+
+def m_sequence(steps) -> Callable[[bytes], bytes]:
+    def model(old: bytes) -> bytes:
+        for kind, off, arg in steps:
+            data = arg if kind == "write" else bytes(arg)
+            old = old[:off] + data + old[off + len(data):]
+        return old
+    return model
+
+
 def op_create(size: int, options=None, **kw) -> Callable[[Path], None]:
     def op(img: Path) -> None:
         _engine().create(str(img), size, options, **kw)
@@ -543,6 +568,17 @@ D4 = _rand(70_000, 4)
 D5 = _rand(100_000, 5)
 D6 = _rand(70_000, 6)
 
+# disjoint requests on b_snapshot: L2 table shared with s1 (copied by the first write),
+# allocations in the copied table, a data cluster shared with s1 copied, an overwrite in
+# place, a discard and a zero write that drop references, a partial write past them
+SEQ = [("write", 3 * MiB, bytes([0x61]) * (64 * KiB)),
+       ("write", 3 * MiB + 128 * KiB, bytes([0x62]) * (64 * KiB)),
+       ("write", 100 * KiB, bytes([0x63]) * 5000),
+       ("write", 2 * MiB, bytes([0x64]) * 4096),
+       ("discard", 512 * KiB, 64 * KiB),
+       ("zero", 256 * KiB, 64 * KiB),
+       ("write", 3 * MiB + 256 * KiB + 100, bytes([0x65]) * 10000)]
+
 SCENARIOS = [
     # allocating write: new data clusters, a new L2 table, a new refcount block
     Scenario("write_alloc_4k_rc64", b_alloc_4k_rc64,
@@ -563,6 +599,8 @@ SCENARIOS = [
     # extended L2 over a backing file: partial subclusters, 2 clusters
     Scenario("write_extl2_backing", b_extl2_backing, op_write(10_000, D6),
              m_write(10_000, D6)),
+    Scenario("write_sequence_snapshot", b_snapshot, op_sequence(SEQ), m_sequence(SEQ),
+             snapshots=("s1",)),
     Scenario("write_zeroes_64k", b_64k, op_write_zeroes(100_000, 300_000, False),
              m_zero(100_000, 300_000)),
     Scenario("write_zeroes_unmap_4k", b_4k, op_write_zeroes(40 * KiB + 100, 80 * KiB, True),

@@ -9,8 +9,9 @@ crash-safe order of the design:
     ->  (flush, if anything was replaced)  ->  release it (refcounts -1)  ->  commit
 
 The last metadata of a request needs no barrier of its own: nothing on disk depends on it
-yet.  The next request's data flush (or its release, or closing the image) covers it, so a
-crash loses at most requests that were not flushed, never the order between them.
+yet.  The next request's data flush (or its release, a flush, closing the image) covers it.
+As with a disk's write cache (and QEMU), a crash may lose requests made since the last
+flush, in any order among themselves; each cluster still reads as its old or new data.
 
 A crash at any point leaves the old or the new guest data and, at worst, leaked clusters.
 """

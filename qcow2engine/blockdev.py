@@ -307,33 +307,26 @@ class RawLayer(Layer):
 
     # guest writes on a raw layer are plain file writes
     def write(self, offset: int, data) -> None:
-        from . import fileio
-        if getattr(data, "is_source", False):
-            self._check(offset, len(data))
-            piece = 8 << 20
-            for p in range(0, len(data), piece):
-                fileio.pwrite(self.fd, data[p:min(p + piece, len(data))], offset + p)
-            return
-        self._check(offset, len(memoryview(data).cast("B")))
-        fileio.pwrite(self.fd, data, offset)
+        """Write data (bytes-like, or a source: see sources.py) at offset."""
+        self.write_clusters(offset, data, None)
 
     def write_clusters(self, offset: int, data, sel) -> None:
-        """Write the selected 64 KiB units of data at offset (runs in single writes)."""
+        """Write the selected 64 KiB units of data at offset (all of it when sel is None),
+        in pieces of at most sources.CHUNK."""
+        from .sources import CHUNK, as_data, write_piece
         g = 64 << 10
-        piece = 8 << 20
-        buf = data if getattr(data, "is_source", False) else \
-            np.frombuffer(memoryview(data).cast("B"), np.uint8)
-        idx = np.flatnonzero(sel)
-        if not len(idx):
-            return
-        brk = np.flatnonzero(np.diff(idx) != 1) + 1
-        copy = getattr(buf, "copy_to", None)
-        for grp in np.split(idx, brk):
-            a, b = int(grp[0]) * g, min((int(grp[-1]) + 1) * g, len(buf))
-            for p in range(a, b, piece):
-                q = min(p + piece, b)
-                if copy is None or not copy(self.fd, offset + p, p, q):
-                    self.write(offset + p, buf[p:q])
+        buf = as_data(data)
+        self._check(offset, len(buf))
+        if sel is None:
+            runs = [(0, len(buf))]
+        else:
+            idx = np.flatnonzero(sel)
+            brk = np.flatnonzero(np.diff(idx) != 1) + 1
+            runs = [(int(grp[0]) * g, min((int(grp[-1]) + 1) * g, len(buf)))
+                    for grp in np.split(idx, brk) if len(grp)]
+        for a, b in runs:
+            for p in range(a, b, CHUNK):
+                write_piece(self.fd, offset + p, buf, p, min(p + CHUNK, b))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         from . import fileio

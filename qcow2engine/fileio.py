@@ -6,6 +6,7 @@ N-th write or flush) by patching these functions; callers look them up at call t
 """
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -34,7 +35,7 @@ def copy_range(fd: int, offset: int, src_fd: int, src_offset: int, length: int) 
         done += n
 
 
-COPY_UNSUPPORTED = (18, 22, 38, 95)      # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+COPY_UNSUPPORTED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def fsync(fd: int) -> None:

@@ -24,6 +24,7 @@ from .errors import CorruptImageError, UnsupportedFeatureError
 from .format import constants as C
 from .format import entries as E
 from .meta import MetaWriter
+from .sources import CHUNK as PIECE, as_data, write_piece
 
 OFF = np.uint64(C.L2E_OFFSET_MASK)
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
@@ -32,7 +33,6 @@ ZERO = np.uint64(C.QCOW_OFLAG_ZERO)
 ALL_ALLOC = np.uint64(0xFFFFFFFF)
 ALL_ZERO = np.uint64(0xFFFFFFFF00000000)
 BATCH_BYTES = 1 << 30
-PIECE = 8 << 20          # largest single pwrite (and slice taken from a data source)
 
 
 class GuestWriter:
@@ -55,8 +55,7 @@ class GuestWriter:
     # ------------------------------------------------------------ public
     def write(self, offset: int, data) -> None:
         """Write data (a bytes-like object or a source, see sources.py) at offset."""
-        src = data if getattr(data, "is_source", False) else \
-            np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        src = as_data(data)
         self._check_range(offset, len(src))
         step = max(self.cs, BATCH_BYTES // self.cs * self.cs)
         pos = 0
@@ -226,8 +225,7 @@ class GuestWriter:
         """Write only the clusters of [offset, offset+len(data)) selected by the boolean
         array sel (one entry per cluster; offset cluster aligned): a sparse copy in one
         request, as convert does."""
-        buf = data if getattr(data, "is_source", False) else \
-            np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        buf = as_data(data)
         self._check_range(offset, len(buf))
         if offset % self.cs:
             raise ValueError("write_clusters needs a cluster-aligned offset")
@@ -354,7 +352,6 @@ class GuestWriter:
         starts = np.flatnonzero(brk)
         ends = np.append(starts[1:], len(hosts))
         big = int(lens.sum()) > 2 * PIECE
-        copy = getattr(data, "copy_to", None)      # a source that can copy in the kernel
         pending = 0
         for s, e in zip(starts.tolist(), ends.tolist()):
             src = int(srcs[s])
@@ -362,8 +359,7 @@ class GuestWriter:
             host = int(hosts[s])
             for p in range(0, n, PIECE):
                 m = min(PIECE, n - p)
-                if copy is None or not copy(self.data_fd, host + p, src + p, src + p + m):
-                    fileio.pwrite(self.data_fd, data[src + p:src + p + m], host + p)
+                write_piece(self.data_fd, host + p, data, src + p, src + p + m)
                 pending += m
                 if big and pending >= PIECE:
                     # let the device work while we go on: the flush then waits less

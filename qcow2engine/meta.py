@@ -13,7 +13,6 @@ after every reference to it is gone from disk, so a crash at any point leaks at 
 from __future__ import annotations
 
 import os
-
 import struct
 
 import numpy as np

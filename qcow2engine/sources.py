@@ -17,7 +17,22 @@ import numpy as np
 from . import fileio
 from .format import entries as E
 
-CHUNK = 8 << 20
+CHUNK = 8 << 20     # the largest slice a source serves, and the largest single write
+
+
+def as_data(data):
+    """data as the write path takes it: a source as it is, anything else as uint8 array."""
+    if getattr(data, "is_source", False):
+        return data
+    return np.frombuffer(memoryview(data).cast("B"), np.uint8)
+
+
+def write_piece(fd: int, offset: int, data, a: int, b: int) -> None:
+    """Write data[a:b] (at most CHUNK bytes) at offset of fd: with the source's in-kernel
+    copy when it has one that works here, else from the bytes."""
+    copy = getattr(data, "copy_to", None)
+    if copy is None or not copy(fd, offset, a, b):
+        fileio.pwrite(fd, data[a:b], offset)
 
 
 class PatternSource:
@@ -40,9 +55,6 @@ class PatternSource:
     def part(self, a: int, b: int) -> "PatternSource":
         return PatternSource(self.byte, min(b, self.length) - a, _buf=self.buf)
 
-    def tobytes(self) -> bytes:
-        return bytes([self.byte]) * self.length
-
 
 class ViewSource:
     """The guest bytes of a chain over [offset, offset+length), served slice by slice
@@ -51,7 +63,7 @@ class ViewSource:
     once up front.  A slice stays valid until the next one is taken."""
     is_source = True
 
-    def __init__(self, chain, offset: int, length: int, chunk: int = 8 << 20,
+    def __init__(self, chain, offset: int, length: int, chunk: int = CHUNK,
                  on_read=None, extents=None):
         self.chain, self.offset, self.length = chain, offset, length
         end = min(offset + length, chain.size)

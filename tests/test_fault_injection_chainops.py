@@ -29,8 +29,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,26 +37,13 @@ import numpy as np
 import pytest
 
 from tests.faultinject import inject, injection_points, run_injected
-from tests.test_chainops import ChainSpec, Layer, build_chain
+from tests.test_chainops import ChainSpec, Layer, _par, build_chain, qimg
 
 KiB = 1024
 MiB = 1024 * KiB
 
 FIRST = int(os.environ.get("QCOW2ENGINE_FI_FIRST", "60"))
 SAMPLE = int(os.environ.get("QCOW2ENGINE_FI_SAMPLE", "20"))
-
-_POOL = ThreadPoolExecutor(max_workers=3)
-
-
-def _par(thunks):
-    futs = [_POOL.submit(t) for t in thunks]
-    return [f.result() for f in futs]
-
-
-def qimg(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()

@@ -80,8 +80,8 @@ def bench_200(work: Path, n: int) -> list:
     img = work / "small-api.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"])
     run(["qemu-io", "-c", "write -P 1 0 8M", str(img)])
-    code = ("import time,sys; from qcow2engine.image import Qcow2Image;"
-            "from qcow2engine.snapshots import create_snapshot;"
+    code = ("import time,sys; from qcow2engine.image.qcow2 import Qcow2Image;"
+            "from qcow2engine.image.snapshots import create_snapshot;"
             "t=time.monotonic()\n"
             "for i in range(%d):\n"
             "    img=Qcow2Image(sys.argv[1], writable=True); create_snapshot(img, 's%%d' %% i); img.close()\n"

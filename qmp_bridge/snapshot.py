@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from qcow2engine.creation import CreateOptions, create_qcow2
+from qcow2engine.image.create import CreateOptions, create_qcow2
 
 from .client import QMPSession
 from .errors import LiveGraphError, QMPConnectionError, QMPError, QMPTimeoutError

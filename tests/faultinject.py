@@ -66,7 +66,7 @@ __all__ = [
     "exception_chain", "Outcome", "run_injected",
 ]
 
-FILEIO_MODULE = "qcow2engine.fileio"
+FILEIO_MODULE = "qcow2engine.host.fileio"
 # Patched when present (fdatasync in case the module grows one).
 FILEIO_FUNCS = ("pwrite", "copy_range", "fsync", "fdatasync", "ftruncate", "fallocate")
 KILL_EXIT_CODE = 137

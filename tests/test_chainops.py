@@ -89,7 +89,7 @@ def _no_disk_flush(monkeypatch):
     loss is not what these tests observe: the engine still makes every flush call (counted
     and injectable by tests/faultinject.py, which wraps fileio.fsync at call time), but the
     call only checks its fd.  qemu-img's own flushes are untouched."""
-    from qcow2engine import fileio
+    from qcow2engine.host import fileio
     monkeypatch.setattr(fileio, "fsync", _fsync_fd_check_only)
 
 
@@ -766,7 +766,7 @@ def test_refused(chain_templates, tmp_path, argv):
 
 
 def test_rebase_without_F_fails_python_api(chain_templates, tmp_path):
-    from qcow2engine import chainops
+    from qcow2engine.chain import ops as chainops
     from qcow2engine.errors import Qcow2Error
     b = tmp_path / "B"
     _copy(chain_templates("d3_raw_subdirs_growing"), b)

@@ -50,7 +50,7 @@ def test_create_like_qemu_img(tmp_path, opts, size):
     rc, out, err = qemu_img("check", "--output=json", "e.qcow2", cwd=tmp_path)
     assert rc == 0, out + err
     assert (tmp_path / "e.qcow2").stat().st_size == (tmp_path / "q.qcow2").stat().st_size
-    from qcow2engine.image import Qcow2Image
+    from qcow2engine.image.qcow2 import Qcow2Image
     with Qcow2Image(tmp_path / "q.qcow2") as qimg:
         one_refblock = int((qimg.refcount_table != 0).sum()) == 1
     if "preallocation" not in opts and one_refblock and "data_file=" not in opts:

@@ -67,7 +67,7 @@ def _no_disk_flush(monkeypatch):
     loss is not what these tests observe: the engine still makes every flush call (counted
     and injectable by tests/faultinject.py, which wraps fileio.fsync at call time), but the
     call only checks its fd.  qemu-img's own flushes are untouched."""
-    from qcow2engine import fileio
+    from qcow2engine.host import fileio
     monkeypatch.setattr(fileio, "fsync", _fsync_fd_check_only)
 
 
@@ -217,7 +217,7 @@ def root(tmp_path_factory):
 
 
 def _run_op(sc: Scenario, w: Path):
-    from qcow2engine import chainops
+    from qcow2engine.chain import ops as chainops
     old = os.getcwd()
     os.chdir(w)
     try:

@@ -225,8 +225,8 @@ def root(tmp_path_factory):
 
 
 def _run_op(sc: Scenario, img: Path):
-    from qcow2engine import snapshots as S
-    from qcow2engine.image import Qcow2Image
+    from qcow2engine.image import snapshots as S
+    from qcow2engine.image.qcow2 import Qcow2Image
     q = Qcow2Image(str(img), writable=True)
     try:
         return sc.op(S, q)

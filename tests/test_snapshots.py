@@ -436,8 +436,8 @@ def test_refusals_through_the_api(templates, tmp_path):
     """The same refusals raise SnapshotError (or RefcountOverflow) from the Python API and
     leave the files untouched."""
     from qcow2engine.errors import Qcow2Error
-    from qcow2engine.image import Qcow2Image
-    from qcow2engine import snapshots as S
+    from qcow2engine.image.qcow2 import Qcow2Image
+    from qcow2engine.image import snapshots as S
     cases = [("refcount_bits_1", lambda i: S.create_snapshot(i, "x")),
              ("internal_snapshots", lambda i: S.create_snapshot(i, "snap3")),
              ("internal_snapshots", lambda i: S.create_snapshot(i, "x" * 256)),
@@ -474,8 +474,8 @@ def test_refusals_through_the_api(templates, tmp_path):
 
 def test_longest_name_and_rename(templates, tmp_path):
     """A 255-byte name is accepted and read back by QEMU; rename is seen by qemu-img."""
-    from qcow2engine.image import Qcow2Image
-    from qcow2engine import snapshots as S
+    from qcow2engine.image.qcow2 import Qcow2Image
+    from qcow2engine.image import snapshots as S
     img = _copy(templates, "cluster_4k", tmp_path / "w")
     long = "é" * 127 + "x"                 # 255 bytes
     rc, out, err = engine("snapshot", "-c", long, img)
@@ -521,7 +521,7 @@ def _rand_range(rng: random.Random, size: int, cs: int) -> tuple[int, int]:
 
 
 def _engine_view(path: Path, snap_id: str | None, size: int) -> bytes:
-    from qcow2engine.chain import open_chain
+    from qcow2engine.chain.view import open_chain
     with open_chain(str(path), snapshot=None if snap_id is None else f"snapshot.id={snap_id}") as c:
         data = c.read(0, c.size)
     if snap_id is None:
@@ -549,10 +549,10 @@ def _first_diff(a: bytes, b: bytes) -> str:
 
 
 def _run_sequence(seed: int, root: Path) -> None:
-    from qcow2engine import snapshots as S
-    from qcow2engine.chain import open_chain
-    from qcow2engine.image import Qcow2Image
-    from qcow2engine.resizing import resize_image
+    from qcow2engine.image import snapshots as S
+    from qcow2engine.chain.view import open_chain
+    from qcow2engine.image.qcow2 import Qcow2Image
+    from qcow2engine.image.resize import resize_image
     rng = random.Random(seed)
     d = root / f"seq{seed}"
     d.mkdir()
@@ -690,7 +690,7 @@ def _run_sequence(seed: int, root: Path) -> None:
 
 
 def api_ro(img: Path):
-    from qcow2engine.image import Qcow2Image
+    from qcow2engine.image.qcow2 import Qcow2Image
     q = Qcow2Image(str(img))
     try:
         return list(q.snapshots)

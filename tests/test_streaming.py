@@ -22,10 +22,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from qcow2engine import fileio
-from qcow2engine.chain import open_chain
-from qcow2engine.chainops import commit, rebase
-from qcow2engine.sources import PatternSource, ViewSource
+from qcow2engine.host import fileio
+from qcow2engine.chain.view import open_chain
+from qcow2engine.chain.ops import commit, rebase
+from qcow2engine.blockdev.sources import PatternSource, ViewSource
 from tests.engine import engine
 
 MiB = 1 << 20
@@ -226,7 +226,7 @@ def test_in_place_overwrite_has_no_flush_until_close(tmp_path, monkeypatch):
 def test_rebase_and_commit_over_many_small_windows(tmp_path, monkeypatch, onto):
     """Windows of 1 MiB (compare of the next one running in a helper thread while this one
     is written; commit in several write requests): same result as qemu-img."""
-    import qcow2engine.chainops as co
+    import qcow2engine.chain.ops as co
     monkeypatch.setattr(co, "REBASE_WINDOW", 1 * MiB)
     monkeypatch.setattr(co, "WINDOW", 1 * MiB)
     monkeypatch.setattr(co, "CHUNK", 256 * 1024)

@@ -103,7 +103,7 @@ def run_command(chain, line: str, out) -> bool:
                 chain.write_zeroes(off, length, unmap="u" in opts)
             else:
                 pat = _pattern(opts["P"]) if "P" in opts else 0xCD
-                from ..sources import PatternSource     # streamed, never built whole
+                from ..blockdev.sources import PatternSource     # streamed, never built whole
                 chain.write(off, PatternSource(pat, length))
         except ValueError:
             out.write("write failed: Input/output error\n")
@@ -154,7 +154,7 @@ def run_command(chain, line: str, out) -> bool:
 
 
 def cmd_io(args) -> int:
-    from ..chain import open_chain
+    from ..chain.view import open_chain
     chain = open_chain(args.filename, args.fmt, writable=not args.read_only,
                        lock=not args.force_share)
     ok = True

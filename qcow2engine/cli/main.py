@@ -252,14 +252,14 @@ def run() -> None:
 
 
 def _open_chain(path, fmt, force_share, backing=True, for_io=True):
-    from ..chain import open_chain
+    from ..chain.view import open_chain
     return open_chain(path, fmt, backing=backing, lock=not force_share, for_io=for_io)
 
 
 def cmd_info(args) -> int:
-    from ..imageinfo import image_info, human_info
-    from ..qjson import dumps
-    from ..backing import walk_chain
+    from ..image.info import image_info, human_info
+    from .qjson import dumps
+    from ..chain.session import walk_chain
     files, _ = walk_chain(args.filename, args.fmt, backing=args.backing_chain,
                           lock=not args.force_share, for_io=False)
     try:
@@ -275,13 +275,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from ..chain import open_layer
+    from ..chain.view import open_layer
     if args.repair and args.force_share:
         _err("force-share=on can only be used with read-only images")
         return 1
     if args.repair:
-        from ..backing import open_file
-        from ..repair import repair_image
+        from ..chain.session import open_file
+        from ..refcounts.repair import repair_image
         probe = open_file(args.filename, args.fmt, lock=False)
         fmt = probe.format
         probe.close()
@@ -298,7 +298,7 @@ def cmd_check(args) -> int:
         if layer.image.backing_file:
             # qemu-img check opens the whole chain: a broken chain fails the check
             _open_chain(args.filename, args.fmt, args.force_share, for_io=False).close()
-        from ..refcounts import check_image
+        from ..refcounts.check import check_image
         res = check_image(layer.image, args.filename)
     finally:
         layer.close()
@@ -306,7 +306,7 @@ def cmd_check(args) -> int:
 
 
 def _print_check(args, res) -> int:
-    from ..qjson import dumps
+    from .qjson import dumps
     for m in res.messages:
         sys.stderr.write(m + "\n")
     if res.messages_dropped:
@@ -321,12 +321,12 @@ def _print_check(args, res) -> int:
 
 
 def cmd_map(args) -> int:
-    from ..mapping import map_entries, entry_human
+    from ..chain.map import map_entries, entry_human
     chain = _open_chain(args.filename, args.fmt, args.force_share)
     out = sys.stdout
     try:
         if args.output == "json":
-            from ..mapping import map_batches, json_lines
+            from ..chain.map import map_batches, json_lines
             first = True
             out.write("[")
             for batch in map_batches(chain, args.start_offset, args.max_length):
@@ -347,7 +347,7 @@ def cmd_map(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ..comparison import compare_chains
+    from ..chain.compare import compare_chains
     args._error_code = 2
     c1 = _open_chain(args.filename1, args.fmt1, args.force_share)
     try:
@@ -368,7 +368,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from ..convert import convert_to_raw, convert_to_qcow2
+    from ..chain.convert import convert_to_raw, convert_to_qcow2
     if args.out_fmt not in ("raw", "qcow2"):
         _err("Unknown file format '%s'" % args.out_fmt)
         return 1
@@ -378,7 +378,7 @@ def cmd_convert(args) -> int:
     if args.backing and not args.backing_fmt:
         _err("Backing file specified without backing format")
         return 1
-    from ..chain import open_chain
+    from ..chain.view import open_chain
     chain = open_chain(args.filename, args.fmt, lock=not args.force_share, snapshot=args.snapshot)
     try:
         progress = _progress(args, "convert")
@@ -414,7 +414,7 @@ def _progress(args, what: str):
 
 
 def cmd_rebase(args) -> int:
-    from ..chainops import rebase
+    from ..chain.ops import rebase
     progress = _progress(args, "rebase")
     rebase(args.filename, args.backing, args.backing_fmt, unsafe=args.unsafe, progress=progress)
     if progress:
@@ -423,7 +423,7 @@ def cmd_rebase(args) -> int:
 
 
 def cmd_commit(args) -> int:
-    from ..chainops import commit
+    from ..chain.ops import commit
     progress = _progress(args, "commit")
     commit(args.filename, args.base, drop=args.drop, progress=progress)
     if progress:
@@ -434,7 +434,7 @@ def cmd_commit(args) -> int:
 
 
 def cmd_stream(args) -> int:
-    from ..chainops import stream
+    from ..chain.ops import stream
     progress = _progress(args, "stream")
     stream(args.filename, args.base, progress=progress)
     if progress:
@@ -443,14 +443,14 @@ def cmd_stream(args) -> int:
 
 
 def cmd_measure(args) -> int:
-    from ..measure import measure
-    from ..qjson import dumps
+    from ..chain.measure import measure
+    from .qjson import dumps
     if (args.size is None) == (args.filename is None):
         _err("Either --size N or one filename must be specified.")
         return 1
     opts = ",".join(args.options) or None
     if args.filename:
-        from ..chain import open_chain
+        from ..chain.view import open_chain
         chain = open_chain(args.filename, args.fmt, lock=not args.force_share, snapshot=args.snapshot)
         try:
             res = measure(chain, options=opts, out_fmt=args.out_fmt)
@@ -469,7 +469,7 @@ def cmd_measure(args) -> int:
 
 
 def cmd_create(args) -> int:
-    from ..creation import parse_options, parse_size, formatting_line, CreateError
+    from ..image.create import parse_options, parse_size, formatting_line, CreateError
     spec = ",".join(args.options) if args.options else None
     o = parse_options(spec)
     if args.size is not None:
@@ -484,7 +484,7 @@ def cmd_create(args) -> int:
         raise CreateError("Image creation needs a size parameter")
     if o.backing_file and (o.size is None or not args.unsafe):
         # like qemu-img: the backing file must open (and gives the size when none is given)
-        from ..backing import open_file, resolve_backing, has_protocol
+        from ..chain.session import open_file, resolve_backing, has_protocol
         from ..errors import ChainError, InvalidImageError
         if has_protocol(o.backing_file):
             raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
@@ -499,15 +499,15 @@ def cmd_create(args) -> int:
     if not args.quiet:
         sys.stdout.write(formatting_line(args.filename, o, args.fmt) + "\n")
         sys.stdout.flush()
-    from ..creation import create_from_options
+    from ..image.create import create_from_options
     create_from_options(args.filename, o, args.fmt)
     return 0
 
 
 def cmd_resize(args) -> int:
-    from ..creation import parse_size
-    from ..resizing import resize_image
-    from ..backing import open_file
+    from ..image.create import parse_size
+    from ..image.resize import resize_image
+    from ..chain.session import open_file
     text = args.size
     if text[:1] in "+-":
         f = open_file(args.filename, args.fmt, lock=False)
@@ -527,7 +527,7 @@ def cmd_resize(args) -> int:
 
 
 def cmd_amend(args) -> int:
-    from ..amend import amend_image
+    from ..image.amend import amend_image
     if not args.options:
         _err("Must specify options (-o)")
         return 1
@@ -536,7 +536,7 @@ def cmd_amend(args) -> int:
 
 
 def cmd_snapshot(args) -> int:
-    from ..backing import open_file
+    from ..chain.session import open_file
     from ..errors import SnapshotError
     writing = args.create is not None or args.apply is not None or args.delete is not None
     if writing and args.force_share:
@@ -546,14 +546,14 @@ def cmd_snapshot(args) -> int:
     try:
         if f.format == "raw":
             raise SnapshotError("Format driver 'raw' does not support internal snapshots")
-        from .. import snapshots as S
+        from ..image import snapshots as S
         if args.create is not None:
             try:
                 S.create_snapshot(f, args.create)
             except SnapshotError as e:
                 raise SnapshotError("Could not create snapshot '%s': %s" % (args.create, e)) from None
             except Exception as e:
-                from ..meta import RefcountOverflow
+                from ..image.alloc import RefcountOverflow
                 if isinstance(e, RefcountOverflow):
                     raise SnapshotError("Could not create snapshot '%s': %s" % (args.create, e)) from None
                 raise
@@ -562,7 +562,7 @@ def cmd_snapshot(args) -> int:
         elif args.delete is not None:
             S.delete_snapshot(f, args.delete)
         else:
-            from ..imageinfo import snapshot_info, snapshot_table_lines
+            from ..image.info import snapshot_info, snapshot_table_lines
             snaps = [snapshot_info(sn) for sn in f.snapshots]
             if snaps:
                 sys.stdout.write("Snapshot list:\n" + "\n".join(snapshot_table_lines(snaps)) + "\n")

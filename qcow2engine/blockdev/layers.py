@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CorruptImageError, UnsupportedFeatureError
-from .format import constants as C
-from .format import entries as E
-from .image import Qcow2Image, pread_full
+from ..errors import CorruptImageError, UnsupportedFeatureError
+from ..format import constants as C
+from ..format import entries as E
+from ..image.qcow2 import Qcow2Image, pread_full
 
 
 @dataclass
@@ -329,7 +329,7 @@ class RawLayer(Layer):
                 write_piece(self.fd, offset + p, buf, p, min(p + CHUNK, b))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        from . import fileio
+        from ..host import fileio
         self._check(offset, length)
         try:
             fileio.fallocate(self.fd, 0x10, offset, length)    # FALLOC_FL_ZERO_RANGE

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import constants as C
-from .format.entries import compressed_extent
-from .image import Qcow2Image
+from ..format import constants as C
+from ..format.entries import compressed_extent
+from ..image.qcow2 import Qcow2Image
 
 L2_BATCH_BYTES = 4 << 20
 MAX_MESSAGES = 1000

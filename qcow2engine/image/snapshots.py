@@ -19,13 +19,13 @@ import time
 
 import numpy as np
 
-from . import fileio
-from .errors import SnapshotError
-from .format import constants as C
-from .format.entries import referenced_clusters, to_be64
-from .format.snapshot import SnapshotEntry, build_snapshot_entry
-from .image import Qcow2Image
-from .meta import HDR_SIZE, HDR_SNAPSHOTS, MetaWriter
+from ..host import fileio
+from ..errors import SnapshotError
+from ..format import constants as C
+from ..format.entries import referenced_clusters, to_be64
+from ..format.snapshot import SnapshotEntry, build_snapshot_entry
+from .qcow2 import Qcow2Image
+from .alloc import HDR_SIZE, HDR_SNAPSHOTS, MetaWriter
 
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
 MAX_NAME = 255
@@ -67,7 +67,7 @@ class _Tree:
     def batches(self):
         """Yield (l1 indices, l2 offsets, 2-D tables) in batches read with large preads."""
         img = self.img
-        from .refcounts import _read_tables
+        from ..refcounts.check import _read_tables
         for b in range(0, len(self.used), BATCH):
             idx = self.used[b:b + BATCH]
             offs = [int(o) for o in self.l2_offsets[b:b + BATCH]]

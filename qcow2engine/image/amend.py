@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fileio
-from .errors import Qcow2Error
-from .format import constants as C
-from .format.header import Extension, build_header
-from .image import Qcow2Image
-from .meta import write_header_cluster, write_refcount_structure
+from ..host import fileio
+from ..errors import Qcow2Error
+from ..format import constants as C
+from ..format.header import Extension, build_header
+from .qcow2 import Qcow2Image
+from .alloc import write_header_cluster, write_refcount_structure
 
 
 class AmendError(Qcow2Error):
@@ -24,17 +24,17 @@ class AmendError(Qcow2Error):
 
 
 def amend_image(path: str, options) -> None:
-    from .creation import parse_options, CreateOptions
+    from .create import parse_options, CreateOptions
     spec = parse_options(options, CreateOptions())
     allowed = {"compat", "lazy_refcounts", "refcount_bits", "size"}
     bad = [k for k in spec.given if k not in allowed]
     if bad:
         raise AmendError("Changing the option '%s' is not supported" % bad[0])
-    from .backing import open_file
+    from ..chain.session import open_file
     img = open_file(path, "qcow2", writable=True)
     try:
         if "size" in spec.given:
-            from .resizing import resize_qcow2
+            from .resize import resize_qcow2
             resize_qcow2(img, spec.size, shrink=True)
         if "refcount_bits" in spec.given and spec.refcount_bits != img.refcount_bits:
             if img.version < 3 and spec.refcount_bits != 16 and spec.compat != "1.1":
@@ -102,7 +102,7 @@ def _downgrade(img: Qcow2Image) -> None:
 def _expand_zero_clusters(img: Qcow2Image) -> None:
     """v2 has no zero flag: zero clusters become real zero data (or unallocated when nothing
     lies below them).  Snapshots' tables are handled like the active one."""
-    from .meta import MetaWriter
+    from .alloc import MetaWriter
     meta = MetaWriter(img)
     cs = img.cluster_size
     has_backing = bool(img.backing_file)
@@ -143,7 +143,7 @@ def _expand_zero_clusters(img: Qcow2Image) -> None:
 
 def _change_refcount_order(img: Qcow2Image, order: int) -> None:
     """Rewrite all refcounts with a new width in new clusters, then switch and free."""
-    from .meta import MetaWriter
+    from .alloc import MetaWriter
     bits = img.cluster_bits
     old = MetaWriter(img)
     counts = img.refcounts_all().astype(np.uint64)

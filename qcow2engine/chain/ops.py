@@ -12,14 +12,14 @@ import os
 
 import numpy as np
 
-from .backing import has_protocol, resolve_backing, walk_chain
-from .chain import Chain, open_chain
-from .errors import ChainError, UnsupportedFeatureError
-from .format import constants as C
-from .format import entries as E
-from .format.header import Extension
-from .meta import write_header_cluster
-from .sources import ViewSource
+from .session import has_protocol, resolve_backing, walk_chain
+from .view import Chain, open_chain
+from ..errors import ChainError, UnsupportedFeatureError
+from ..format import constants as C
+from ..format import entries as E
+from ..format.header import Extension
+from ..image.alloc import write_header_cluster
+from ..blockdev.sources import ViewSource
 
 
 
@@ -312,7 +312,7 @@ def commit(path: str, base: str | None = None, *, drop: bool = False, progress=N
     top = open_chain(path, "qcow2", writable=not drop, lock="top")
     try:
         if base_layer_grow_needed(top, k):
-            from .resizing import resize_image
+            from ..image.resize import resize_image
             resize_image(base_path, top.size, fmt=base_fmt)
         dst = open_chain(base_path, base_fmt, writable=True)
         try:
@@ -329,7 +329,7 @@ def commit(path: str, base: str | None = None, *, drop: bool = False, progress=N
         finally:
             dst.close()
         if not drop:
-            from .guestwrite import GuestWriter
+            from ..blockdev.writer import GuestWriter
             GuestWriter(top).make_empty()
     finally:
         top.close()

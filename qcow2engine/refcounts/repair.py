@@ -18,12 +18,12 @@ import struct
 
 import numpy as np
 
-from . import fileio
-from .format import constants as C
-from .format.entries import to_be64
-from .image import Qcow2Image
-from .meta import HDR_REFTABLE, MetaWriter, write_refcount_structure
-from .refcounts import CheckResult, check_image
+from ..host import fileio
+from ..format import constants as C
+from ..format.entries import to_be64
+from ..image.qcow2 import Qcow2Image
+from ..image.alloc import HDR_REFTABLE, MetaWriter, write_refcount_structure
+from .check import CheckResult, check_image
 
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
 
@@ -116,7 +116,7 @@ def _drop_wild_entries(img: Qcow2Image) -> int:
             else:
                 bad = ~comp & (host != 0) & ((host % cs != 0) | (host + cs - fsize >= cs))
             if comp.any():
-                from .format.entries import compressed_extent
+                from ..format.entries import compressed_extent
                 co, cz = compressed_extent(e[comp], img.cluster_bits)
                 cbad = np.zeros(len(e), bool)
                 cbad[np.flatnonzero(comp)] = (co + cz - fsize >= cs)

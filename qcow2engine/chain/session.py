@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import ChainError, InvalidImageError, UnsupportedFeatureError
-from .image import Qcow2Image, probe_is_qcow2
+from ..errors import ChainError, InvalidImageError, UnsupportedFeatureError
+from ..image.qcow2 import Qcow2Image, probe_is_qcow2
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class RawFile:
         except OSError as e:
             raise InvalidImageError("Could not open '%s': %s" % (path, e.strerror)) from None
         if lock:
-            from .locking import lock_for_read, lock_for_write
+            from ..host.locking import lock_for_read, lock_for_write
             try:
                 (lock_for_write if writable else lock_for_read)(self.fd, path)
             except BaseException:
@@ -70,7 +70,7 @@ def open_file(path: str, fmt: str | None, *, lock: bool = True, writable: bool =
         if writable and img.dirty:
             # left dirty by a crash (lazy refcounts): repair before the first write, as QEMU does
             try:
-                from .repair import repair_open_image
+                from ..refcounts.repair import repair_open_image
                 repair_open_image(img, "all", path)
             except BaseException:
                 img.close()

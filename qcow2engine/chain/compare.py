@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .format import entries as E
+from ..format import entries as E
 
 CHUNK = 16 << 20
 

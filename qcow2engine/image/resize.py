@@ -13,12 +13,12 @@ import struct
 
 import numpy as np
 
-from . import fileio
-from .errors import Qcow2Error
-from .format import constants as C
-from .format.entries import referenced_clusters, to_be64
-from .image import Qcow2Image, probe_is_qcow2
-from .meta import HDR_SIZE, MetaWriter
+from ..host import fileio
+from ..errors import Qcow2Error
+from ..format import constants as C
+from ..format.entries import referenced_clusters, to_be64
+from .qcow2 import Qcow2Image, probe_is_qcow2
+from .alloc import HDR_SIZE, MetaWriter
 
 
 class ResizeError(Qcow2Error):
@@ -29,8 +29,8 @@ def resize_image(path: str, size: int, *, shrink: bool = False, fmt: str | None 
     if fmt is None:
         fmt = "qcow2" if probe_is_qcow2(path) else "raw"
     if fmt == "raw":
-        from .backing import RawFile
-        from .locking import lock_for_write
+        from ..chain.session import RawFile
+        from ..host.locking import lock_for_write
         f = RawFile(path, writable=True)
         try:
             lock_for_write(f.fd, path)
@@ -40,7 +40,7 @@ def resize_image(path: str, size: int, *, shrink: bool = False, fmt: str | None 
         finally:
             f.close()
         return
-    from .backing import open_file
+    from ..chain.session import open_file
     img = open_file(path, "qcow2", writable=True)
     try:
         resize_qcow2(img, size, shrink=shrink)

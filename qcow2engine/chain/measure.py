@@ -7,7 +7,7 @@ required: the same metadata plus only the clusters that hold data in the source.
 from __future__ import annotations
 
 
-from .format import entries as E
+from ..format import entries as E
 
 
 def _div_up(a: int, b: int) -> int:
@@ -85,7 +85,7 @@ def bitmaps_size(img, cluster_size: int) -> int:
 
 def measure(chain=None, size: int | None = None, options=None, out_fmt: str = "qcow2") -> dict:
     """{"required": N, "fully-allocated": N[, "bitmaps": N]} for a new image."""
-    from .creation import parse_options
+    from ..image.create import parse_options
     o = parse_options(options)
     vsize = chain.size if chain is not None else (size if size is not None else o.size)
     if vsize is None:
@@ -97,7 +97,7 @@ def measure(chain=None, size: int | None = None, options=None, out_fmt: str = "q
     order = o.refcount_bits.bit_length() - 1
     l2e = 16 if o.extended_l2 else 8
     if _div_up(vsize, cs * (cs // l2e)) * 8 > 32 * 1024 * 1024:
-        from .errors import Qcow2Error
+        from ..errors import Qcow2Error
         raise Qcow2Error("The image size is too large (try using a larger cluster size)")
     full = prealloc_size(vsize, cs, order, o.extended_l2)
     req = data_size(chain, cs) if chain is not None else 0

@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockdev import Layer, Qcow2Layer, RawLayer
-from .errors import CorruptImageError, InvalidImageError, SnapshotError
-from .format import entries as E
+from ..blockdev.layers import Layer, Qcow2Layer, RawLayer
+from ..errors import CorruptImageError, InvalidImageError, SnapshotError
+from ..format import entries as E
 
-from .backing import RawFile, open_file, walk_chain
+from .session import RawFile, open_file, walk_chain
 
 
 def _as_layer(f) -> Layer:
@@ -162,7 +162,7 @@ class Chain:
             else:
                 if not top.image.writable:
                     raise InvalidImageError("'%s' is opened read-only" % top.path)
-                from .guestwrite import GuestWriter
+                from ..blockdev.writer import GuestWriter
                 w = GuestWriter(self, sync=self.sync)
             self._guest_writer = w
         return w
@@ -182,7 +182,7 @@ class Chain:
         self._writer().discard(offset, length)
 
     def flush(self) -> None:
-        from . import fileio
+        from ..host import fileio
         top = self.layers[0]
         fd = top.fd if isinstance(top, RawLayer) else top.image.fd
         fileio.fsync(fd)
@@ -313,7 +313,7 @@ def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
             for f in files:
                 f.close()
             raise SnapshotError("'%s' has no internal snapshots (raw image)" % path)
-        from .snapshots import find_snapshot
+        from ..image.snapshots import find_snapshot
         kind, _, key = snapshot.partition("=") if "=" in snapshot else ("", "", snapshot)
         i = find_snapshot(top.image, key, by_id=kind in ("", "snapshot.id"),
                           by_name=kind in ("", "snapshot.name"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 
-from .format import constants as C
+from ..format import constants as C
 
 
 def size_to_str(val: int) -> str:
@@ -59,7 +59,7 @@ def qcow2_specific(img) -> dict:
 
 def image_info(layer, filename: str | None = None) -> dict:
     """The ImageInfo document of one image (a Qcow2Image or RawFile, or a layer of a chain)."""
-    from .backing import resolve_backing
+    from ..chain.session import resolve_backing
     name = filename if filename is not None else layer.path
     img = getattr(layer, "image", layer)
     if hasattr(img, "header"):
@@ -92,7 +92,7 @@ def image_info(layer, filename: str | None = None) -> dict:
 
 
 def _dump_value(key: str, val, level: int, out: list) -> None:
-    from .qjson import qdict_order
+    from ..cli.qjson import qdict_order
     pad = "    " * level
     if isinstance(val, dict):
         out.append("%s%s:" % (pad, key))
@@ -154,7 +154,7 @@ def human_info(d: dict) -> str:
         lines.extend(snapshot_table_lines(d["snapshots"]))
     if "format-specific" in d:
         lines.append("Format specific information:")
-        from .qjson import qdict_order
+        from ..cli.qjson import qdict_order
         data = d["format-specific"]["data"]
         for k in qdict_order(data):
             _dump_value(k.replace("-", " "), data[k], 1, lines)

@@ -17,11 +17,11 @@ import struct
 
 import numpy as np
 
-from . import fileio
-from .errors import CorruptImageError, Qcow2Error
-from .format import constants as C
-from .format.entries import decode_refblock, encode_refblock, to_be64
-from .format.header import build_header
+from ..host import fileio
+from ..errors import CorruptImageError, Qcow2Error
+from ..format import constants as C
+from ..format.entries import decode_refblock, encode_refblock, to_be64
+from ..format.header import build_header
 
 # Byte offsets of header fields we rewrite in place.
 HDR_SIZE = 24
@@ -424,7 +424,7 @@ class MetaWriter:
 def write_header_cluster(img) -> None:
     """Rewrite the header, its extensions and the backing file name in one write (they all
     live in cluster 0), then flush.  Used to change the backing file or the version."""
-    from .format.header import build_extensions
+    from ..format.header import build_extensions
     h = img.header
     exts = list(img.extensions)
     ext_bytes = build_extensions(exts) if (exts or img.version >= 3 or img.backing_file) else b""

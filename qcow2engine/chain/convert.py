@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .format import entries as E
+from ..format import entries as E
 
 CHUNK = 8 << 20
 
@@ -92,7 +92,7 @@ def _chunk_tasks(ex, write_zeros: bool):
         data |= ex.kinds == E.INVALID
     idx = np.flatnonzero(data) if not write_zeros else np.arange(len(ex))
     i = 0
-    from .chain import Extents
+    from .view import Extents
     while i < len(idx):
         s = int(ex.starts[idx[i]])
         j = i
@@ -127,20 +127,20 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
     from that backing file).  With compress, each cluster is compressed (zlib or zstd per
     the compression_type option) on `threads` cores and packed back to back.
     """
-    from .creation import parse_options
-    from .chain import open_chain
+    from ..image.create import parse_options
+    from .view import open_chain
     o = parse_options(options)
     o.size = chain.size
     if backing:
         o.backing_file, o.backing_fmt = backing, backing_fmt
-    from .creation import create_from_options
+    from ..image.create import create_from_options
     create_from_options(dst, o)
     target = open_chain(dst, "qcow2", writable=True, lock="top")
     target.sync = False                  # a fresh file: one flush at the end is enough
     try:
         img = target.layers[0].image
         cs = img.cluster_size
-        from .guestwrite import GuestWriter
+        from ..blockdev.writer import GuestWriter
         writer = GuestWriter(target, sync=False)
         size = chain.size
         done = 0
@@ -174,7 +174,7 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
             if progress:
                 progress(done, size)
         pool.shutdown()
-        from . import fileio
+        from ..host import fileio
         fileio.fsync(img.fd)
     finally:
         target.close()

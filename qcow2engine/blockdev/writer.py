@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fileio
-from .errors import CorruptImageError, UnsupportedFeatureError
-from .format import constants as C
-from .format import entries as E
-from .meta import MetaWriter
+from ..host import fileio
+from ..errors import CorruptImageError, UnsupportedFeatureError
+from ..format import constants as C
+from ..format import entries as E
+from ..image.alloc import MetaWriter
 from .sources import CHUNK as PIECE, as_data, write_piece
 
 OFF = np.uint64(C.L2E_OFFSET_MASK)
@@ -157,7 +157,7 @@ class GuestWriter:
     def make_empty(self) -> None:
         """Drop every cluster of the image (all of it reads from the backing file again):
         the L1 table is cleared first, then the tables and data lose their references."""
-        from .snapshots import _Tree, _add_tree
+        from ..image.snapshots import _Tree, _add_tree
         img = self.img
         l1 = img.l1_table
         tree = _Tree(img, l1.copy())

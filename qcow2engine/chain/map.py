@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CorruptImageError
-from .format import entries as E
+from ..errors import CorruptImageError
+from ..format import entries as E
 
 
 @dataclass

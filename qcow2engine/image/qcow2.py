@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
-from .errors import (CorruptImageError, InvalidImageError, UnsupportedFeatureError)
-from .format import constants as C
-from .format.header import (parse_header, parse_extensions, FeatureNameEntry,
+from ..errors import (CorruptImageError, InvalidImageError, UnsupportedFeatureError)
+from ..format import constants as C
+from ..format.header import (parse_header, parse_extensions, FeatureNameEntry,
                             BitmapsExtension, CryptoExtension, StreamError, ConstError,
                             ConstructError)
 
@@ -76,7 +76,7 @@ class Qcow2Image:
         try:
             self._load()
             if lock:
-                from .locking import lock_for_read, lock_for_write
+                from ..host.locking import lock_for_read, lock_for_write
                 (lock_for_write if writable else lock_for_read)(self.fd, self.path)
             if writable:
                 self._prepare_for_write()
@@ -249,7 +249,7 @@ class Qcow2Image:
         unknown = h.autoclear_features & ~C.AUTOCLEAR_KNOWN
         if unknown and self.version >= 3:
             import struct
-            from . import fileio
+            from ..host import fileio
             h.autoclear_features &= C.AUTOCLEAR_KNOWN
             fileio.pwrite(self.fd, struct.pack(">Q", h.autoclear_features), 88)
             fileio.fsync(self.fd)
@@ -279,7 +279,7 @@ class Qcow2Image:
         in-place data writes carry no barrier of their own)."""
         try:
             if getattr(self, "writable", False) and getattr(self, "fd", None) is not None:
-                from . import fileio
+                from ..host import fileio
                 if getattr(self, "data_fd", None) is not None:
                     fileio.fsync(self.data_fd)
                 fileio.fsync(self.fd)
@@ -314,13 +314,13 @@ class Qcow2Image:
         """The active L1 table as a native uint64 numpy array."""
         l1 = self._l1
         if l1 is None:
-            from .format.entries import be64
+            from ..format.entries import be64
             h = self.header
             l1 = self._l1 = be64(self.pread(h.l1_size * 8, h.l1_table_offset))
         return l1
 
     def read_l1(self, offset: int, l1_size: int):
-        from .format.entries import be64
+        from ..format.entries import be64
         if l1_size * 8 > C.MAX_L1_SIZE_BYTES:
             raise CorruptImageError("Snapshot L1 table too large")
         if offset % self.cluster_size:
@@ -337,7 +337,7 @@ class Qcow2Image:
             raise CorruptImageError("L2 table offset %#x unaligned" % l2_offset)
         if l2_offset == 0:
             raise CorruptImageError("L2 table at offset 0 (overlaps the header)")
-        from .format.entries import be64
+        from ..format.entries import be64
         t = be64(self.pread(self.cluster_size, l2_offset))
         self._l2_cache[l2_offset] = t
         if len(self._l2_cache) > self._l2_cache_max:
@@ -347,7 +347,7 @@ class Qcow2Image:
     @property
     def refcount_table(self):
         if self._reftable is None:
-            from .format.entries import be64
+            from ..format.entries import be64
             h = self.header
             self._reftable = be64(self.pread(h.refcount_table_clusters * self.cluster_size,
                                              h.refcount_table_offset))
@@ -361,7 +361,7 @@ class Qcow2Image:
             if h.nb_snapshots == 0:
                 self._snapshots = []
             else:
-                from .format.snapshot import parse_snapshot_table, SnapshotTableError
+                from ..format.snapshot import parse_snapshot_table, SnapshotTableError
                 base = h.snapshots_offset
                 try:
                     snaps, tsize = parse_snapshot_table(
@@ -380,7 +380,7 @@ class Qcow2Image:
             self._bitmaps = []
             ext = self.bitmaps_ext
             if ext is not None and self.header.autoclear_features & C.AUTOCLEAR_BITMAPS:
-                from .format.bitmap import parse_bitmap_directory, BitmapDirectoryError
+                from ..format.bitmap import parse_bitmap_directory, BitmapDirectoryError
                 if ext.nb_bitmaps > C.MAX_BITMAPS:
                     raise InvalidImageError("bitmaps_ext: Image has too many bitmaps")
                 if ext.bitmap_directory_size > C.MAX_SNAPSHOT_TABLE_BYTES or \
@@ -422,7 +422,7 @@ class Qcow2Image:
         garbage cannot make this allocate more than the file's size warrants.
         """
         import numpy as np
-        from .format.entries import decode_refblock
+        from ..format.entries import decode_refblock
         if limit is None:
             limit = self.file_clusters
         rt = self.refcount_table

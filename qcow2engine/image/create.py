@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import fileio
-from .errors import InvalidImageError, Qcow2Error
-from .format import constants as C
-from .format.header import Extension, Header, build_extensions, build_header
+from ..host import fileio
+from ..errors import InvalidImageError, Qcow2Error
+from ..format import constants as C
+from ..format.header import Extension, Header, build_extensions, build_header
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -279,7 +279,7 @@ def create_qcow2(path: str, o: CreateOptions) -> None:
             os.path.join(os.path.dirname(path), o.data_file)
         dfd = os.open(dpath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            from .locking import lock_for_write
+            from ..host.locking import lock_for_write
             lock_for_write(dfd, dpath)
             fileio.ftruncate(dfd, 0)
             fileio.ftruncate(dfd, o.size if o.data_file_raw or o.preallocation != "off" else 0)
@@ -315,7 +315,7 @@ def _guard(path: str):
     """Lock an existing file for writing (refusing one in use); returns the fd or None."""
     if not os.path.exists(path):
         return None
-    from .locking import lock_for_write
+    from ..host.locking import lock_for_write
     guard = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         lock_for_write(guard, path)
@@ -329,7 +329,7 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
     cs = o.cluster_size
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        from .locking import lock_for_write
+        from ..host.locking import lock_for_write
         lock_for_write(fd, path)
         # minimal image: header, refcount table, one refcount block, empty L1
         fileio.pwrite(fd, _header_cluster(o, 0, 0, size=0), 0)
@@ -337,11 +337,11 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
         per_block = cs * 8 // o.refcount_bits
         counts = np.zeros(per_block, np.uint64)
         counts[:3] = 1
-        from .format.entries import encode_refblock
+        from ..format.entries import encode_refblock
         fileio.pwrite(fd, encode_refblock(counts, o.refcount_bits.bit_length() - 1), 2 * cs)
-        from .image import Qcow2Image
+        from .qcow2 import Qcow2Image
         img = Qcow2Image(path, fd=fd, lock=False)
-        from .meta import MetaWriter
+        from .alloc import MetaWriter
         meta = MetaWriter(img, sync=False)
         l1_off = 0
         if l1_size:
@@ -364,7 +364,7 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
 
 def _preallocate(img, meta, o: CreateOptions) -> None:
     """Map every guest cluster: data_file_raw (identity) or preallocation=metadata/falloc/full."""
-    from .format.entries import to_be64
+    from ..format.entries import to_be64
     cs = img.cluster_size
     nclusters = -(-o.size // cs)
     per_l2 = img.l2_entries
@@ -407,7 +407,7 @@ def _preallocate(img, meta, o: CreateOptions) -> None:
 def create_raw(path: str, size: int, preallocation: str = "off") -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        from .locking import lock_for_write
+        from ..host.locking import lock_for_write
         lock_for_write(fd, path)
         fileio.ftruncate(fd, 0)
         fileio.ftruncate(fd, size)
@@ -423,8 +423,8 @@ def create_from_options(path: str, o: CreateOptions, fmt: str = "qcow2") -> None
         create_raw(path, o.size, o.preallocation)
         return
     if o.backing_file:
-        from .backing import has_protocol
-        from .errors import ChainError
+        from ..chain.session import has_protocol
+        from ..errors import ChainError
         if has_protocol(o.backing_file):
             raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
     validate(o)
@@ -454,7 +454,7 @@ def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow
     if o.backing_file and not o.backing_fmt:
         raise CreateError("Backing file specified without backing format")
     if o.backing_file:
-        from .backing import resolve_backing, has_protocol, open_file as open_layer
+        from ..chain.session import resolve_backing, has_protocol, open_file as open_layer
         if has_protocol(o.backing_file):
             raise CreateError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
         bpath = resolve_backing(path, o.backing_file)

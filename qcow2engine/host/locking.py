@@ -10,7 +10,7 @@ import fcntl
 import os
 import struct
 
-from .errors import ImageInUseError
+from ..errors import ImageInUseError
 
 PERM_CONSISTENT_READ = 0
 PERM_WRITE = 1

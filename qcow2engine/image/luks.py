@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from construct import Array, Bytes, Const, Int16ub, Int32ub, Struct, StreamError, ConstructError
 
-from .errors import InvalidImageError
+from ..errors import InvalidImageError
 
 LuksKeySlot = Struct(
     "active" / Int32ub,

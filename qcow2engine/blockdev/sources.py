@@ -14,8 +14,8 @@ import bisect
 
 import numpy as np
 
-from . import fileio
-from .format import entries as E
+from ..host import fileio
+from ..format import entries as E
 
 CHUNK = 8 << 20     # the largest slice a source serves, and the largest single write
 

@@ -16,37 +16,42 @@ Usage (from the repository root)::
    offline, and our engine's offline `commit`.  Each run starts from fresh copies of the same
    images (`cp --sparse=always`, untimed), so every tool reads from the page cache.
 
-Prints one table per part (medians, plus min/max for the latency).
+Prints one table per part (medians, plus min/max for the latency).  Repetition, the
+offline commands' timing and the tables are ``benchmarks.harness``'s.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+if __package__ in (None, ""):          # python benchmarks/qmp_bench.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
+
+from benchmarks.harness.artifacts import run_checked, sparse_copy
+from benchmarks.harness.report import format_table, tool_version
+from benchmarks.harness.runner import Runner, repeat_alternating
 from qmp_bridge import nodes as N
 from qmp_bridge.blockjobs import start_commit
 from qmp_bridge.launch import QemuProcess
 from qmp_bridge.snapshot import snapshot_disks
 
-MiB = 1 << 20
-
 
 def _run(*argv: object) -> None:
-    subprocess.run([str(a) for a in argv], check=True, capture_output=True, timeout=600)
+    run_checked(list(argv), timeout=600)
 
 
 def _qemu_version() -> str:
-    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                         text=True).stdout
-    return out.split("\n")[0].replace("QEMU emulator version ", "")
+    return tool_version("qemu-system-x86_64").replace("QEMU emulator version ", "")
 
 
 # ---------------------------------------------------------------------- snapshot latency
@@ -54,7 +59,6 @@ def bench_snapshot(work: Path, disks: int, repeat: int) -> dict[str, float]:
     """Median/min/max transaction seconds and median whole-snapshot seconds."""
     d = work / ("snap%d" % disks)
     d.mkdir()
-    switch: list[float] = []
     whole: list[float] = []
     with QemuProcess(machine="pc", log_path=str(d / "qemu.log")) as vm:
         for i in range(disks):
@@ -62,12 +66,17 @@ def bench_snapshot(work: Path, disks: int, repeat: int) -> dict[str, float]:
             _run("qemu-img", "create", "-q", "-f", "qcow2", img, "1G")
             N.add_image(vm.qmp, str(img), "d%d" % i, backing=None)
             N.attach_device(vm.qmp, "d%d" % i, "vd%d" % i)
-        for r in range(repeat + 1):
+        snap_no = itertools.count()   # each snapshot on top of the last: s0, s1, ...
+
+        def once(_name: str, _i: int) -> float:
+            r = next(snap_no)
             res = snapshot_disks(vm.qmp, {"vd%d" % i: str(d / ("d%d.s%d.qcow2" % (i, r)))
                                           for i in range(disks)})
             if r:  # the first run warms up (imports, page cache)
-                switch.append(res.transaction_seconds)
                 whole.append(res.total_seconds)
+            return res.transaction_seconds
+
+        switch = repeat_alternating(["switch"], repeat, once, warmup=1)["switch"].times
     shutil.rmtree(d, ignore_errors=True)
     return {"median": statistics.median(switch), "min": min(switch), "max": max(switch),
             "whole": statistics.median(whole)}
@@ -92,7 +101,7 @@ def _fresh(tpl: tuple[Path, Path], run_dir: Path) -> tuple[Path, Path]:
         shutil.rmtree(run_dir)
     run_dir.mkdir()
     for p in tpl:
-        _run("cp", "--sparse=always", p, run_dir / p.name)
+        sparse_copy(p, run_dir / p.name)
     os.sync()
     return run_dir / tpl[0].name, run_dir / tpl[1].name
 
@@ -120,43 +129,39 @@ def _live_commit(base: Path, top: Path, intermediate: bool) -> float:
         return time.perf_counter() - t
 
 
-def _offline(argv: list[object]) -> float:
-    t = time.perf_counter()
-    _run(*argv)
-    return time.perf_counter() - t
+def _offline(argv: list[object], stdout: Path) -> float:
+    """Whole-process wall time of one offline command."""
+    argv = [str(a) for a in argv]
+    r = Runner(fork_for_rss=False).run([argv], stdout, timeout=600)   # RSS not reported
+    if r.error:
+        raise RuntimeError("%s failed: %s" % (shlex.join(argv), r.error))
+    return r.seconds
 
 
 def bench_commit(work: Path, data_mib: int, repeat: int) -> list[tuple[str, float]]:
     """(method, median seconds) for each way of committing the same data."""
     tpl = _images(work, data_mib)
     run_dir = work / "run"
-    methods: list[tuple[str, Callable[[Path, Path], float]]] = [
-        ("live active commit (QMP, pivot)", lambda b, t: _live_commit(b, t, False)),
-        ("live intermediate commit (QMP)", lambda b, t: _live_commit(b, t, True)),
-        ("qemu-img commit (offline)", lambda b, t: _offline(["qemu-img", "commit", "-q", t])),
-        ("qcow2engine commit (offline)",
-         lambda b, t: _offline([sys.executable, "-m", "qcow2engine", "commit", "-q", t])),
-    ]
-    times: dict[str, list[float]] = {name: [] for name, _ in methods}
-    for r in range(repeat + 1):
-        for name, fn in methods:  # interleaved, so drift hits every method alike
-            base, top = _fresh(tpl, run_dir)
-            secs = fn(base, top)
-            if r:
-                times[name].append(secs)
+    out = work / "offline.stdout"
+    methods: dict[str, Callable[[Path, Path], float]] = {
+        "live active commit (QMP, pivot)": lambda b, t: _live_commit(b, t, False),
+        "live intermediate commit (QMP)": lambda b, t: _live_commit(b, t, True),
+        "qemu-img commit (offline)": lambda b, t: _offline(["qemu-img", "commit", "-q", t], out),
+        "qcow2engine commit (offline)":
+            lambda b, t: _offline([sys.executable, "-m", "qcow2engine", "commit", "-q", t], out),
+    }
+
+    def once(name: str, i: int) -> float:
+        base, top = _fresh(tpl, run_dir)
+        return methods[name](base, top)
+
+    # interleaved, so drift hits every method alike; the first round warms up
+    samples = repeat_alternating(methods, repeat, once, warmup=1)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return [(name, statistics.median(times[name])) for name, _ in methods]
+    return [(name, samples[name].median) for name in methods]
 
 
 # ---------------------------------------------------------------------- main
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run both parts and print the tables."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.qmp_bench",
@@ -173,19 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("QEMU %s, -M pc -accel tcg (prelaunch), virtio-blk; %d runs per point (median)\n"
               % (_qemu_version(), repeat))
-        rows = [["disks", "switch median", "switch min", "switch max", "whole snapshot"]]
+        rows = []
         for n in args.disks:
             r = bench_snapshot(work, n, repeat)
             rows.append([str(n)] + ["%.2f ms" % (r[k] * 1e3)
                                     for k in ("median", "min", "max", "whole")])
         print("External snapshot, one transaction over all disks")
-        print(_table(rows) + "\n")
+        print(format_table(["disks", "switch median", "switch min", "switch max",
+                            "whole snapshot"], rows, align="lrrrr") + "\n")
         res = bench_commit(work, data, repeat)
-        rows = [["method", "seconds", "MiB/s"]]
-        for name, secs in res:
-            rows.append([name, "%.3f" % secs, "%.0f" % (data / secs)])
+        rows = [[name, "%.3f" % secs, "%.0f" % (data / secs)] for name, secs in res]
         print("Commit %d MiB of overlay data into its base (fresh copies each run)" % data)
-        print(_table(rows))
+        print(format_table(["method", "seconds", "MiB/s"], rows, align="lrr"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

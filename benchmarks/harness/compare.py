@@ -154,6 +154,7 @@ class WorkloadResult:
             reasons.append("mismatch")
         return "PASS" if not reasons else f"FAIL ({', '.join(reasons)})"
 
+
 def run_workload(w: Workload, files: dict[str, Path], runner: Runner,
                  run_dir: Path, qemu_img: str, engine_cmd: list[str],
                  repeat: int, timeout: float, budget: float,

@@ -40,12 +40,6 @@ class RunResult:
     returncode: int | None
     error: str | None        # None when the command succeeded
 
-    def check(self) -> "RunResult":
-        """Self, or RuntimeError if the run failed (for scripts that stop on failure)."""
-        if self.error:
-            raise RuntimeError(self.error)
-        return self
-
 
 def _noop() -> None:
     pass

@@ -32,3 +32,27 @@ class SnapshotError(Qcow2Error):
 
 class JobError(Qcow2Error):
     """A long-running job failed or was cancelled."""
+
+
+class JobCancelled(JobError):
+    """A long operation stopped at a window boundary because its cancel event was set."""
+
+
+class InvalidRequestError(Qcow2Error, ValueError):
+    """A request outside the disk, misaligned where alignment is required, or malformed."""
+
+
+class RefcountOverflow(Qcow2Error):
+    """A cluster would need a reference count above what refcount_bits can hold."""
+
+
+class CreateError(Qcow2Error):
+    """An image cannot be created with the given options."""
+
+
+class ResizeError(Qcow2Error):
+    """An image cannot be resized as asked."""
+
+
+class AmendError(Qcow2Error):
+    """An image option cannot be changed as asked."""

@@ -98,13 +98,20 @@ class Qcow2Layer(Layer):
     def __init__(self, image: Qcow2Image, snapshot=None):
         self.image = image
         self.path = image.path
-        self.size = image.size
         self._prealloc = None
         self._snap_l1 = None
         if snapshot is not None:
             # a read-only view of an internal snapshot: its own L1 table, seen at the
             # image's current size (as qemu-img convert -l shows it)
             self._snap_l1 = image.read_l1(snapshot.l1_table_offset, snapshot.l1_size)
+
+    @property
+    def file(self) -> Qcow2Image:
+        return self.image
+
+    @property
+    def size(self) -> int:
+        return self.image.size
 
     @property
     def l1(self):
@@ -268,15 +275,26 @@ class RawLayer(Layer):
     def __init__(self, f):
         self.file = f
         self.path = f.path
-        self.writable = f.writable
-        self.fd = f.fd
-        self.file_size = f.file_size
         self.allocated_size = f.allocated_size
-        self.size = f.size
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    @property
+    def file_size(self) -> int:
+        return self.file.file_size
+
+    @property
+    def fd(self) -> int:
+        return self.file.fd
+
+    @property
+    def writable(self) -> bool:
+        return self.file.writable
 
     def close(self) -> None:
         self.file.close()
-        self.fd = None
 
     def runs(self, start: int, end: int) -> Runs:
         ext = file_data_extents(self.fd, start, min(end, self.file_size), self.file_size)

@@ -20,10 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..host import fileio
-from ..errors import CorruptImageError, UnsupportedFeatureError
+from ..errors import CorruptImageError, InvalidRequestError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format import entries as E
-from ..image.alloc import MetaWriter
 from .sources import CHUNK as PIECE, as_data, write_piece
 
 OFF = np.uint64(C.L2E_OFFSET_MASK)
@@ -44,13 +43,20 @@ class GuestWriter:
         self.img = self.layer.image
         if self.img.encrypted:
             raise UnsupportedFeatureError("Writing encrypted images is not supported")
-        self.meta = MetaWriter(self.img, sync=sync)
+        if not sync:
+            self.img.allocator.sync = False
         self.cs = self.img.cluster_size
         self.bits = self.img.cluster_bits
         self.ext = self.img.extended_l2
         self.sub = self.img.subcluster_size
         self.per_l2 = self.img.l2_entries
         self.data_fd = self.img.data_fd_for_write() if self.img.has_data_file else self.img.fd
+
+    @property
+    def meta(self):
+        """The image's one allocator (never a copy: snapshots, repairs and other writers on
+        the same open image share it)."""
+        return self.img.allocator
 
     # ------------------------------------------------------------ public
     def write(self, offset: int, data) -> None:
@@ -157,22 +163,20 @@ class GuestWriter:
     def make_empty(self) -> None:
         """Drop every cluster of the image (all of it reads from the backing file again):
         the L1 table is cleared first, then the tables and data lose their references."""
-        from ..image.snapshots import _Tree, _add_tree
+        from ..image.references import ReachableTree, add_tree
         img = self.img
-        l1 = img.l1_table
-        tree = _Tree(img, l1.copy())
+        tree = ReachableTree(img, img.l1_table.copy())
         if not len(tree.used):
             return
-        _add_tree(self.meta, tree, -1)          # computed (and validated) in memory first
-        l1[tree.used] = 0
-        self.meta.write_l1_entries(l1, tree.used)
+        add_tree(self.meta, tree, -1)           # computed (and validated) in memory first
+        self.meta.set_l1_entries(tree.used, 0)
         self.meta.flush()
-        img._l2_cache.clear()
+        img.drop_l2_cache()
         self.meta.trim_file()                    # give the space back, as QEMU does
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.img.size:
-            raise ValueError("request [%d, %d) is outside the disk (size %d)"
+            raise InvalidRequestError("request [%d, %d) is outside the disk (size %d)"
                              % (offset, offset + length, self.img.size))
 
     def _write_zero_data(self, offset: int, length: int) -> None:
@@ -215,7 +219,7 @@ class GuestWriter:
     def _corrupt(self, msg: str):
         """An inconsistency found on a write path: mark the image corrupt and stop."""
         try:
-            self.meta.set_incompatible(C.INCOMPAT_CORRUPT, True)
+            self.meta.mark_corrupt()
         except OSError:
             pass
         raise CorruptImageError("%s; the image has been marked corrupt" % msg)
@@ -228,7 +232,7 @@ class GuestWriter:
         buf = as_data(data)
         self._check_range(offset, len(buf))
         if offset % self.cs:
-            raise ValueError("write_clusters needs a cluster-aligned offset")
+            raise InvalidRequestError("write_clusters needs a cluster-aligned offset")
         if sel.any():
             self._write_data(offset, buf, sel=np.asarray(sel, bool))
 
@@ -447,7 +451,7 @@ class GuestWriter:
                 table[a:b] = ent_new[pos:pos + n]
             pos += n
             if state == "own":
-                cached = img._l2_cache.get(t[5])
+                cached = img.cached_l2(t[5])
                 if cached is not None and np.array_equal(cached, table):
                     continue           # nothing changed in this table (in-place data write)
                 self.meta.write_l2(t[5], table)
@@ -461,12 +465,9 @@ class GuestWriter:
                 self.meta.flush()              # a new table is on disk before L1 points to it
             else:
                 self.meta.unflushed = True     # a barrier is owed before anything depends on it
-        l1 = img.l1_table
-        for t in tables:
-            if t[2] in ("new", "cow"):
-                l1[t[0]] = np.uint64(t[6]) | COPIED
         if changed:
-            self.meta.write_l1_entries(l1, changed)
+            self.meta.set_l1_entries(changed, [np.uint64(t[6]) | COPIED for t in tables
+                                               if t[2] in ("new", "cow")])
             self.meta.unflushed = True
         import os
         img.file_size = max(img.file_size, os.fstat(img.fd).st_size)

@@ -1,4 +1,8 @@
-"""`convert -O raw`: the guest view of a chain into a sparse raw file."""
+"""`convert`: the guest view of a chain into a sparse raw file or a new qcow2 image.
+
+Both take progress(done, total) and a cancel event, checked between chunks; a cancelled
+convert leaves a valid (partial) target and returns an OpResult that says "cancelled".
+"""
 from __future__ import annotations
 
 import os
@@ -6,9 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..errors import JobCancelled
 from ..format import entries as E
+from ..jobs import CANCELLED, COMPLETED, OpResult, check_cancel
 
-CHUNK = 8 << 20
+CHUNK = 8 << 20         # raw target: bytes per read task
+SPAN = 16 << 20         # qcow2 target: guest bytes per write request
 
 
 def _write_nonzero(fd: int, buf: np.ndarray, offset: int, block: int) -> None:
@@ -44,7 +51,7 @@ def _write_nonzero(fd: int, buf: np.ndarray, offset: int, block: int) -> None:
 
 
 def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
-                   threads: int = 2, create: bool = True) -> None:
+                   threads: int = 2, create: bool = True, cancel=None) -> OpResult:
     """Copy the guest view of `chain` into the raw file `dst` (holes where zero)."""
     size = chain.size
     flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
@@ -70,19 +77,26 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
 
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             futures = []
-            for ex in chain.iter_extents(0, size):
-                for task in _chunk_tasks(ex, create):
-                    futures.append(pool.submit(work, task))
-                    if len(futures) >= 8:
-                        done += futures.pop(0).result()
-                        if progress:
-                            progress(done, size)
+            try:
+                for ex in chain.iter_extents(0, size):
+                    for task in _chunk_tasks(ex, create):
+                        check_cancel(cancel)
+                        futures.append(pool.submit(work, task))
+                        if len(futures) >= 8:
+                            done += futures.pop(0).result()
+                            if progress:
+                                progress(done, size)
+            except JobCancelled:
+                for f in futures:
+                    done += f.result()
+                return OpResult("convert", CANCELLED, (dst,), bytes_copied=done, target=dst)
             for f in futures:
                 done += f.result()
             if progress:
                 progress(size, size)
     finally:
         os.close(fd)
+    return OpResult("convert", COMPLETED, (dst,), bytes_copied=size, target=dst)
 
 
 def _chunk_tasks(ex, write_zeros: bool):
@@ -119,7 +133,8 @@ def _chunk_tasks(ex, write_zeros: bool):
 
 def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
                      backing: str | None = None, backing_fmt: str | None = None,
-                     min_sparse: int = 4096, progress=None, threads: int = 2) -> None:
+                     min_sparse: int = 4096, progress=None, threads: int = 2,
+                     cancel=None) -> OpResult:
     """Copy the guest view of chain into a new qcow2 image dst.
 
     Zero blocks (min_sparse granularity) are left unallocated.  With a backing file for the
@@ -128,24 +143,24 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
     the compression_type option) on `threads` cores and packed back to back.
     """
     from ..image.create import parse_options
-    from .view import open_chain
+    from .session import open_chain
     o = parse_options(options)
     o.size = chain.size
     if backing:
         o.backing_file, o.backing_fmt = backing, backing_fmt
     from ..image.create import create_from_options
     create_from_options(dst, o)
-    target = open_chain(dst, "qcow2", writable=True, lock="top")
+    target = open_chain(dst, "qcow2", writable=True)
     target.sync = False                  # a fresh file: one flush at the end is enough
+    outcome = COMPLETED
     try:
         img = target.layers[0].image
         cs = img.cluster_size
-        from ..blockdev.writer import GuestWriter
-        writer = GuestWriter(target, sync=False)
+        writer = target.writer()
         size = chain.size
         done = 0
         top_only = backing is not None
-        span = max(cs, (16 << 20) // cs * cs)
+        span = max(cs, SPAN // cs * cs)
         pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
         def read(a, b):
@@ -158,6 +173,9 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
         pending = []
         starts = list(range(0, size, span))
         for s in starts:
+            if cancel is not None and cancel.is_set():
+                outcome = CANCELLED
+                break
             pending.append((s, pool.submit(read, s, min(s + span, size))))
             if len(pending) < 3 and s != starts[-1]:
                 continue
@@ -178,6 +196,7 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
         fileio.fsync(img.fd)
     finally:
         target.close()
+    return OpResult("convert", outcome, (dst,), bytes_copied=done, target=dst)
 
 
 def _store(writer, img, chain, base: int, buf: np.ndarray, compress: bool, min_sparse: int,

@@ -1,8 +1,20 @@
-"""Resolving backing chains without touching guest data (numpy-free, so `info` starts fast).
+"""The one opener: a Session opens each file once per inode, with one lock policy.
 
-A backing name is resolved relative to the directory of the image that names it; protocol
-prefixes (`json:`, `nbd:` …) are refused; loops and chains deeper than MAX_CHAIN_DEPTH are
-errors; a missing backing format is probed (qcow2 magic, else raw) with a warning.
+Every image the engine opens comes through a Session (the module functions `open_file`,
+`walk_chain`, `open_chain` make a private one).  Within a session a file seen twice — the
+base of a commit that is also in the top's chain, the same backing file under two names — is
+one object: one set of cached tables, one allocator, one set of locks.  A file opened
+read-only and asked for again writable is reopened read-write in place (the same object).
+
+Lock policy, one spelling: a session locks every file as QEMU would (readers: shared
+"consistent read", "write" not shared; writers: QEMU's write locks); `force_share=True`
+(qemu-img's -U) opens read-only files without locks and refuses writable opens.  Every
+writable qcow2 open repairs an image left dirty by a crash (lazy refcounts) before use.
+
+Backing names (numpy-free, so `info` starts fast): a name is resolved relative to the
+directory of the image that names it; protocol prefixes (`json:`, `nbd:` …) are refused;
+loops and chains deeper than MAX_CHAIN_DEPTH are errors; a missing backing format is probed
+(qcow2 magic, else raw) with a warning.
 """
 from __future__ import annotations
 
@@ -11,129 +23,193 @@ import os
 
 from ..errors import ChainError, InvalidImageError, UnsupportedFeatureError
 from ..image.qcow2 import Qcow2Image, probe_is_qcow2
+from ..image.raw import RawFile
+from ..host.paths import has_protocol, resolve_backing  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 MAX_CHAIN_DEPTH = 256
 
 
-def has_protocol(name: str) -> bool:
-    """True if a backing name uses a protocol prefix (a ':' before any '/'), as QEMU reads it."""
-    return ":" in name.split("/", 1)[0]
+def file_key(path: str) -> tuple:
+    """(device, inode) of a path: what makes two names one file."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
-def resolve_backing(image_path: str, backing: str) -> str:
-    """The path of a backing file as QEMU forms it: relative names are joined to the image's dir."""
-    if os.path.isabs(backing):
-        return backing
-    d = os.path.dirname(image_path)
-    return os.path.join(d, backing) if d else backing
+class Session:
+    """Open images, once per inode, under one lock policy.  Use as a context manager, or
+    call close(); files are handed out with a use count (`release` gives one back)."""
 
+    def __init__(self, *, force_share: bool = False):
+        self.force_share = force_share
+        self._files: dict = {}            # (dev, ino) -> [file, uses]
 
-class RawFile:
-    """An open raw image file."""
-    format = "raw"
-
-    def __init__(self, path: str, writable: bool = False, lock: bool = True):
-        self.path = path
-        self.writable = writable
+    # ------------------------------------------------------------ files
+    def open_file(self, path: str, fmt: str | None = None, *, writable: bool = False):
+        """One image (a Qcow2Image or RawFile; format probed when fmt is None)."""
+        if writable and self.force_share:
+            raise InvalidImageError("force-share=on can only be used with read-only images")
         try:
-            self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            key = file_key(path)
         except OSError as e:
             raise InvalidImageError("Could not open '%s': %s" % (path, e.strerror)) from None
-        if lock:
-            from ..host.locking import lock_for_read, lock_for_write
-            try:
-                (lock_for_write if writable else lock_for_read)(self.fd, path)
-            except BaseException:
-                os.close(self.fd)
-                raise
-        st = os.fstat(self.fd)
-        self.file_size = st.st_size
-        self.allocated_size = st.st_blocks * 512
-        self.size = (st.st_size + 511) // 512 * 512
+        slot = self._files.get(key)
+        if slot is not None:
+            f = slot[0]
+            if fmt is not None and fmt != f.format:
+                raise InvalidImageError("'%s' is already open as %s, not %s" % (path, f.format, fmt))
+            if writable and not f.writable:
+                f.reopen_writable()
+                self._repair_if_dirty(f, path)
+            slot[1] += 1
+            return f
+        if fmt is None:
+            fmt = "qcow2" if probe_is_qcow2(path) else "raw"
+        lock = not self.force_share
+        if fmt == "qcow2":
+            f = Qcow2Image(path, lock=lock, writable=writable)
+            if writable:
+                self._repair_if_dirty(f, path)
+        elif fmt == "raw":
+            f = RawFile(path, writable=writable, lock=lock)
+        else:
+            raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
+        self._files[key] = [f, 1]
+        return f
 
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def open_file(path: str, fmt: str | None, *, lock: bool = True, writable: bool = False):
-    """Open one image: a Qcow2Image or a RawFile (format probed when fmt is None)."""
-    if fmt is None:
-        if not os.path.exists(path):
-            raise InvalidImageError("Could not open '%s': No such file or directory" % path)
-        fmt = "qcow2" if probe_is_qcow2(path) else "raw"
-    if fmt == "qcow2":
-        img = Qcow2Image(path, lock=lock, writable=writable)
-        if writable and img.dirty:
+    @staticmethod
+    def _repair_if_dirty(f, path: str) -> None:
+        if isinstance(f, Qcow2Image) and f.dirty:
             # left dirty by a crash (lazy refcounts): repair before the first write, as QEMU does
             try:
                 from ..refcounts.repair import repair_open_image
-                repair_open_image(img, "all", path)
+                repair_open_image(f, "all", path)
             except BaseException:
-                img.close()
+                f.close()
                 raise
-        return img
-    if fmt == "raw":
-        return RawFile(path, writable=writable, lock=lock)
-    raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
 
+    def release(self, f) -> None:
+        """Give back one use of f; the last one closes it (flushed first when writable)."""
+        for key, slot in list(self._files.items()):
+            if slot[0] is f:
+                slot[1] -= 1
+                if slot[1] <= 0:
+                    del self._files[key]
+                    f.close()
+                return
+        f.close()
 
-def walk_chain(path: str, fmt: str | None = None, *, backing: bool = True, lock: bool = True,
-               for_io: bool = True, writable: bool = False):
-    """Open an image and (with backing) every image below it.  Returns (files, warnings).
-
-    Only the top image is opened writable.  With for_io, encrypted images are refused.
-    lock=True locks every image as QEMU would; lock="top" only the top one.
-    """
-    if writable and lock is False:
-        raise InvalidImageError("force-share=on can only be used with read-only images")
-    files = []
-    warnings = []
-    seen = set()
-    cur_path, cur_fmt = path, fmt
-    try:
-        while True:
-            if len(files) >= MAX_CHAIN_DEPTH:
-                raise ChainError("Backing chain of '%s' is deeper than %d images" % (path, MAX_CHAIN_DEPTH))
+    def close(self) -> None:
+        """Close every file still open (the first error is raised once all are closed)."""
+        err = None
+        files, self._files = self._files, {}
+        for f, _ in files.values():
             try:
-                st = os.stat(cur_path)
-            except OSError as e:
-                if files:
-                    raise ChainError("Could not open backing file '%s': %s" % (cur_path, e.strerror)) from None
-                raise InvalidImageError("Could not open '%s': %s" % (cur_path, e.strerror)) from None
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                raise ChainError("Backing file loop: '%s' appears twice in the chain of '%s'" % (cur_path, path))
-            seen.add(key)
-            f = open_file(cur_path, cur_fmt, lock=(lock is True) or (lock == "top" and not files),
-                          writable=writable and not files)
-            files.append(f)
-            is_qcow2 = isinstance(f, Qcow2Image)
-            if for_io and is_qcow2 and f.encrypted:
-                raise UnsupportedFeatureError(
-                    "'%s' is encrypted; reading encrypted images is not supported" % cur_path)
-            if not backing or not is_qcow2 or not f.backing_file:
-                break
-            name = f.backing_file
-            if has_protocol(name):
-                raise ChainError("Backing file '%s' of '%s' uses a protocol prefix; refusing to follow it"
-                                 % (name, cur_path))
-            nxt = resolve_backing(cur_path, name)
-            nfmt = f.backing_format
-            if nfmt is not None and nfmt not in ("qcow2", "raw"):
-                raise UnsupportedFeatureError("Backing file format '%s' of '%s' is not supported"
-                                              % (nfmt, cur_path))
-            if nfmt is None:
-                nfmt = "qcow2" if probe_is_qcow2(nxt) else "raw"
-                msg = "Backing file '%s' has no format; probed as %s" % (nxt, nfmt)
-                log.warning(msg)
-                warnings.append(msg)
-            cur_path, cur_fmt = nxt, nfmt
-    except BaseException:
-        for f in files:
-            f.close()
-        raise
-    return files, warnings
+                f.close()
+            except BaseException as e:     # noqa: BLE001 - close the rest, then raise
+                err = err or e
+        if err is not None:
+            raise err
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ chains
+    def walk_chain(self, path: str, fmt: str | None = None, *, backing: bool = True,
+                   for_io: bool = True, writable: bool = False):
+        """Open an image and (with backing) every image below it.  Returns (files, warnings).
+        Only the top image is opened writable.  With for_io, encrypted images are refused."""
+        files = []
+        warnings = []
+        seen = set()
+        cur_path, cur_fmt = path, fmt
+        try:
+            while True:
+                if len(files) >= MAX_CHAIN_DEPTH:
+                    raise ChainError("Backing chain of '%s' is deeper than %d images"
+                                     % (path, MAX_CHAIN_DEPTH))
+                try:
+                    key = file_key(cur_path)
+                except OSError as e:
+                    if files:
+                        raise ChainError("Could not open backing file '%s': %s"
+                                         % (cur_path, e.strerror)) from None
+                    raise InvalidImageError("Could not open '%s': %s"
+                                            % (cur_path, e.strerror)) from None
+                if key in seen:
+                    raise ChainError("Backing file loop: '%s' appears twice in the chain of '%s'"
+                                     % (cur_path, path))
+                seen.add(key)
+                f = self.open_file(cur_path, cur_fmt, writable=writable and not files)
+                files.append(f)
+                is_qcow2 = isinstance(f, Qcow2Image)
+                if for_io and is_qcow2 and f.encrypted:
+                    raise UnsupportedFeatureError(
+                        "'%s' is encrypted; reading encrypted images is not supported" % cur_path)
+                if not backing or not is_qcow2 or not f.backing_file:
+                    break
+                name = f.backing_file
+                if has_protocol(name):
+                    raise ChainError("Backing file '%s' of '%s' uses a protocol prefix; refusing "
+                                     "to follow it" % (name, cur_path))
+                nxt = resolve_backing(cur_path, name)
+                nfmt = f.backing_format
+                if nfmt is not None and nfmt not in ("qcow2", "raw"):
+                    raise UnsupportedFeatureError("Backing file format '%s' of '%s' is not "
+                                                  "supported" % (nfmt, cur_path))
+                if nfmt is None:
+                    nfmt = "qcow2" if probe_is_qcow2(nxt) else "raw"
+                    msg = "Backing file '%s' has no format; probed as %s" % (nxt, nfmt)
+                    log.warning(msg)
+                    warnings.append(msg)
+                cur_path, cur_fmt = nxt, nfmt
+        except BaseException:
+            for f in files:
+                self.release(f)
+            raise
+        return files, warnings
+
+    def open_chain(self, path: str, fmt: str | None = None, *, backing: bool = True,
+                   for_io: bool = True, writable: bool = False, snapshot: str | None = None):
+        """An image and its whole backing chain as a Chain (relative names resolved per
+        image).  With for_io (the default) encrypted layers are refused.  snapshot ("NAME",
+        "snapshot.name=NAME" or "snapshot.id=ID"): the read-only guest view of that
+        internal snapshot of the top image.  Closing the chain gives its files back."""
+        from .view import make_chain
+        files, warnings = self.walk_chain(path, fmt, backing=backing, for_io=for_io,
+                                          writable=writable)
+        try:
+            return make_chain(files, warnings, self, path=path, snapshot=snapshot)
+        except BaseException:
+            for f in files:
+                self.release(f)
+            raise
+
+
+# ---------------------------------------------------------------- one-shot opens
+def open_file(path: str, fmt: str | None = None, *, writable: bool = False,
+              force_share: bool = False):
+    """Open one image in a session of its own (closing the file ends it)."""
+    return Session(force_share=force_share).open_file(path, fmt, writable=writable)
+
+
+def walk_chain(path: str, fmt: str | None = None, *, backing: bool = True,
+               force_share: bool = False, for_io: bool = True, writable: bool = False):
+    """Session(force_share).walk_chain(...): the files, closed by the caller."""
+    return Session(force_share=force_share).walk_chain(path, fmt, backing=backing,
+                                                        for_io=for_io, writable=writable)
+
+
+def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
+               force_share: bool = False, for_io: bool = True, writable: bool = False,
+               snapshot: str | None = None):
+    """An image and its backing chain in a session of its own (closing the chain ends it)."""
+    s = Session(force_share=force_share)
+    chain = s.open_chain(path, fmt, backing=backing, for_io=for_io, writable=writable,
+                         snapshot=snapshot)
+    chain.owns_session = True
+    return chain

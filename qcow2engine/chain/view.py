@@ -9,16 +9,11 @@ from ..blockdev.layers import Layer, Qcow2Layer, RawLayer
 from ..errors import CorruptImageError, InvalidImageError, SnapshotError
 from ..format import entries as E
 
-from .session import RawFile, open_file, walk_chain
+from ..image.raw import RawFile
 
 
 def _as_layer(f) -> Layer:
     return RawLayer(f) if isinstance(f, RawFile) else Qcow2Layer(f)
-
-
-def open_layer(path: str, fmt: str | None, *, lock: bool = True, writable: bool = False) -> Layer:
-    """Open one image as a layer: qcow2 or raw (probed when fmt is None)."""
-    return _as_layer(open_file(path, fmt, lock=lock, writable=writable))
 
 
 @dataclass
@@ -37,9 +32,12 @@ class Extents:
 class Chain:
     """A resolved backing chain, top first.  Read-only guest view and block status."""
 
-    def __init__(self, layers: list, warnings: list | None = None):
+    owns_session = False
+
+    def __init__(self, layers: list, warnings: list | None = None, session=None):
         self.layers = layers
         self.warnings = warnings or []
+        self.session = session
 
     @property
     def top(self) -> Layer:
@@ -53,10 +51,19 @@ class Chain:
         """Close every layer (a layer open for writing is flushed first); the first error
         is raised once all of them are closed."""
         err = None
-        for layer in self.layers:
+        layers, self.layers = self.layers, []
+        for layer in layers:
             try:
-                layer.close()
+                if self.session is not None:
+                    self.session.release(layer.file)
+                else:
+                    layer.close()
             except BaseException as e:     # noqa: BLE001 - close the rest, then raise
+                err = err or e
+        if self.owns_session:
+            try:
+                self.session.close()
+            except BaseException as e:     # noqa: BLE001
                 err = err or e
         if err is not None:
             raise err
@@ -153,7 +160,8 @@ class Chain:
                        ex.hosts[order])
 
     # ------------------------------------------------------------ writing
-    def _writer(self):
+    def writer(self):
+        """The guest writer of the top layer (made on first use)."""
         w = getattr(self, "_guest_writer", None)
         if w is None:
             top = self.layers[0]
@@ -171,15 +179,15 @@ class Chain:
 
     def write(self, offset: int, data) -> None:
         """Write guest data (copy-on-write from the backing chain for partial clusters)."""
-        self._writer().write(offset, data)
+        self.writer().write(offset, data)
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Make [offset, offset+length) read as zeros (zero flags where the format allows)."""
-        self._writer().write_zeroes(offset, length, unmap=unmap)
+        self.writer().write_zeroes(offset, length, unmap=unmap)
 
     def discard(self, offset: int, length: int) -> None:
         """Discard whole clusters: they read as zeros on v3, from the backing file on v2."""
-        self._writer().discard(offset, length)
+        self.writer().discard(offset, length)
 
     def flush(self) -> None:
         from ..host import fileio
@@ -295,31 +303,20 @@ class Chain:
                 out[s - base:e - base] = np.frombuffer(data[int(ex.hosts[i])], np.uint8)[s - cstart:e - cstart]
 
 
-def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
-               lock: bool = True, for_io: bool = True, writable: bool = False,
+def make_chain(files: list, warnings: list, session, *, path: str,
                snapshot: str | None = None) -> Chain:
-    """Open an image and its whole backing chain (relative names resolved per image).
-
-    With for_io (the default) encrypted layers are refused: their data cannot be read.
-    snapshot ("NAME", "snapshot.name=NAME" or "snapshot.id=ID") gives the read-only guest
-    view of that internal snapshot of the top image.
-    """
-    files, warnings = walk_chain(path, fmt, backing=backing, lock=lock, for_io=for_io,
-                                 writable=writable)
+    """A Chain over files opened by session (top first); snapshot ("NAME",
+    "snapshot.name=NAME" or "snapshot.id=ID") views that internal snapshot of the top."""
     layers = [_as_layer(f) for f in files]
     if snapshot is not None:
         top = layers[0]
         if not isinstance(top, Qcow2Layer):
-            for f in files:
-                f.close()
             raise SnapshotError("'%s' has no internal snapshots (raw image)" % path)
         from ..image.snapshots import find_snapshot
         kind, _, key = snapshot.partition("=") if "=" in snapshot else ("", "", snapshot)
         i = find_snapshot(top.image, key, by_id=kind in ("", "snapshot.id"),
                           by_name=kind in ("", "snapshot.name"))
         if i is None:
-            for f in files:
-                f.close()
             raise SnapshotError("Failed to load snapshot: Can't find snapshot '%s'" % key)
         layers[0] = Qcow2Layer(top.image, top.image.snapshots[i])
-    return Chain(layers, warnings)
+    return Chain(layers, warnings, session)

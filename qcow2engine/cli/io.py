@@ -154,9 +154,9 @@ def run_command(chain, line: str, out) -> bool:
 
 
 def cmd_io(args) -> int:
-    from ..chain.view import open_chain
+    from ..chain.session import open_chain
     chain = open_chain(args.filename, args.fmt, writable=not args.read_only,
-                       lock=not args.force_share)
+                       force_share=args.force_share)
     ok = True
     try:
         for line in args.commands:

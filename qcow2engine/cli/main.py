@@ -252,21 +252,18 @@ def run() -> None:
 
 
 def _open_chain(path, fmt, force_share, backing=True, for_io=True):
-    from ..chain.view import open_chain
-    return open_chain(path, fmt, backing=backing, lock=not force_share, for_io=for_io)
+    from ..chain.session import open_chain
+    return open_chain(path, fmt, backing=backing, force_share=force_share, for_io=for_io)
 
 
 def cmd_info(args) -> int:
-    from ..image.info import image_info, human_info
+    from ..api import info
+    from .render import human_info
     from .qjson import dumps
-    from ..chain.session import walk_chain
-    files, _ = walk_chain(args.filename, args.fmt, backing=args.backing_chain,
-                          lock=not args.force_share, for_io=False)
-    try:
-        docs = [image_info(f, args.filename if i == 0 else f.path) for i, f in enumerate(files)]
-    finally:
-        for f in files:
-            f.close()
+    docs = info(args.filename, args.fmt, backing_chain=True if args.backing_chain else False,
+                force_share=args.force_share)
+    if not args.backing_chain:
+        docs = [docs]
     if args.output == "json":
         sys.stdout.write(dumps(docs if args.backing_chain else docs[0]) + "\n")
     else:
@@ -275,14 +272,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from ..chain.view import open_layer
+    from ..chain.session import open_file
     if args.repair and args.force_share:
         _err("force-share=on can only be used with read-only images")
         return 1
     if args.repair:
-        from ..chain.session import open_file
         from ..refcounts.repair import repair_image
-        probe = open_file(args.filename, args.fmt, lock=False)
+        probe = open_file(args.filename, args.fmt, force_share=True)
         fmt = probe.format
         probe.close()
         if fmt != "qcow2":
@@ -290,16 +286,16 @@ def cmd_check(args) -> int:
             return 63
         res = repair_image(args.filename, args.repair, args.filename)
         return _print_check(args, res)
-    layer = open_layer(args.filename, args.fmt, lock=not args.force_share)
+    layer = open_file(args.filename, args.fmt, force_share=args.force_share)
     try:
         if layer.format != "qcow2":
             _err("This image format does not support checks")
             return 63
-        if layer.image.backing_file:
+        if layer.backing_file:
             # qemu-img check opens the whole chain: a broken chain fails the check
             _open_chain(args.filename, args.fmt, args.force_share, for_io=False).close()
         from ..refcounts.check import check_image
-        res = check_image(layer.image, args.filename)
+        res = check_image(layer, args.filename)
     finally:
         layer.close()
     return _print_check(args, res)
@@ -378,8 +374,8 @@ def cmd_convert(args) -> int:
     if args.backing and not args.backing_fmt:
         _err("Backing file specified without backing format")
         return 1
-    from ..chain.view import open_chain
-    chain = open_chain(args.filename, args.fmt, lock=not args.force_share, snapshot=args.snapshot)
+    from ..chain.session import open_chain
+    chain = open_chain(args.filename, args.fmt, force_share=args.force_share, snapshot=args.snapshot)
     try:
         progress = _progress(args, "convert")
         if args.out_fmt == "raw":
@@ -414,7 +410,7 @@ def _progress(args, what: str):
 
 
 def cmd_rebase(args) -> int:
-    from ..chain.ops import rebase
+    from ..api import rebase
     progress = _progress(args, "rebase")
     rebase(args.filename, args.backing, args.backing_fmt, unsafe=args.unsafe, progress=progress)
     if progress:
@@ -423,7 +419,7 @@ def cmd_rebase(args) -> int:
 
 
 def cmd_commit(args) -> int:
-    from ..chain.ops import commit
+    from ..api import commit
     progress = _progress(args, "commit")
     commit(args.filename, args.base, drop=args.drop, progress=progress)
     if progress:
@@ -434,7 +430,7 @@ def cmd_commit(args) -> int:
 
 
 def cmd_stream(args) -> int:
-    from ..chain.ops import stream
+    from ..api import stream
     progress = _progress(args, "stream")
     stream(args.filename, args.base, progress=progress)
     if progress:
@@ -450,8 +446,8 @@ def cmd_measure(args) -> int:
         return 1
     opts = ",".join(args.options) or None
     if args.filename:
-        from ..chain.view import open_chain
-        chain = open_chain(args.filename, args.fmt, lock=not args.force_share, snapshot=args.snapshot)
+        from ..chain.session import open_chain
+        chain = open_chain(args.filename, args.fmt, force_share=args.force_share, snapshot=args.snapshot)
         try:
             res = measure(chain, options=opts, out_fmt=args.out_fmt)
         finally:
@@ -484,18 +480,8 @@ def cmd_create(args) -> int:
         raise CreateError("Image creation needs a size parameter")
     if o.backing_file and (o.size is None or not args.unsafe):
         # like qemu-img: the backing file must open (and gives the size when none is given)
-        from ..chain.session import open_file, resolve_backing, has_protocol
-        from ..errors import ChainError, InvalidImageError
-        if has_protocol(o.backing_file):
-            raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
-        bpath = resolve_backing(args.filename, o.backing_file)
-        try:
-            f = open_file(bpath, o.backing_fmt, lock=False)
-        except InvalidImageError as e:
-            raise ChainError("Could not open backing image: %s" % e) from None
-        if o.size is None:
-            o.size = f.size
-        f.close()
+        from ..api import backing_size_for_create
+        backing_size_for_create(args.filename, o)
     if not args.quiet:
         sys.stdout.write(formatting_line(args.filename, o, args.fmt) + "\n")
         sys.stdout.flush()
@@ -505,12 +491,12 @@ def cmd_create(args) -> int:
 
 
 def cmd_resize(args) -> int:
+    from ..api import resize
     from ..image.create import parse_size
-    from ..image.resize import resize_image
     from ..chain.session import open_file
     text = args.size
     if text[:1] in "+-":
-        f = open_file(args.filename, args.fmt, lock=False)
+        f = open_file(args.filename, args.fmt, force_share=True)
         cur = f.size
         f.close()
         delta = parse_size(text[1:])
@@ -520,18 +506,18 @@ def cmd_resize(args) -> int:
     if new < 0:
         _err("New image size must be positive")
         return 1
-    resize_image(args.filename, new, shrink=args.shrink, fmt=args.fmt)
+    resize(args.filename, new, shrink=args.shrink, fmt=args.fmt)
     if not args.quiet:
         sys.stdout.write("Image resized.\n")
     return 0
 
 
 def cmd_amend(args) -> int:
-    from ..image.amend import amend_image
+    from ..api import amend
     if not args.options:
         _err("Must specify options (-o)")
         return 1
-    amend_image(args.filename, ",".join(args.options))
+    amend(args.filename, ",".join(args.options))
     return 0
 
 
@@ -542,7 +528,7 @@ def cmd_snapshot(args) -> int:
     if writing and args.force_share:
         _err("force-share=on can only be used with read-only images")
         return 1
-    f = open_file(args.filename, args.fmt, lock=not args.force_share, writable=writing)
+    f = open_file(args.filename, args.fmt, force_share=args.force_share, writable=writing)
     try:
         if f.format == "raw":
             raise SnapshotError("Format driver 'raw' does not support internal snapshots")
@@ -553,7 +539,7 @@ def cmd_snapshot(args) -> int:
             except SnapshotError as e:
                 raise SnapshotError("Could not create snapshot '%s': %s" % (args.create, e)) from None
             except Exception as e:
-                from ..image.alloc import RefcountOverflow
+                from ..errors import RefcountOverflow
                 if isinstance(e, RefcountOverflow):
                     raise SnapshotError("Could not create snapshot '%s': %s" % (args.create, e)) from None
                 raise
@@ -562,7 +548,8 @@ def cmd_snapshot(args) -> int:
         elif args.delete is not None:
             S.delete_snapshot(f, args.delete)
         else:
-            from ..image.info import snapshot_info, snapshot_table_lines
+            from ..image.info import snapshot_info
+            from .render import snapshot_table_lines
             snaps = [snapshot_info(sn) for sn in f.snapshots]
             if snaps:
                 sys.stdout.write("Snapshot list:\n" + "\n".join(snapshot_table_lines(snaps)) + "\n")

@@ -172,6 +172,16 @@ def build_extensions(exts: list) -> bytes:
     return bytes(out)
 
 
+def build_feature_table(names: dict | None = None) -> bytes:
+    """The feature-name table extension's data ("Feature name table"): one 48-byte entry
+    per (kind, bit) -> name, default the features this engine knows."""
+    kinds = {"incompatible": 0, "compatible": 1, "autoclear": 2}
+    names = C.FEATURE_NAMES if names is None else names
+    return b"".join(FeatureNameEntry.build(dict(type=kinds[k], bit=bit,
+                                                name=name.encode().ljust(46, b"\0")[:46]))
+                    for (k, bit), name in names.items())
+
+
 def build_header(hdr: Header) -> bytes:
     """Serialise the fixed header (v2 or v3, header_length bytes) without extensions."""
     fields = {sc.name: getattr(hdr, sc.name) for sc in HeaderV2.subcons if sc.name != "magic"}

@@ -64,3 +64,23 @@ def lock_for_write(fd: int, path: str) -> None:
     """Exclusive writer, like a qemu-img command that modifies the image."""
     apply_locks(fd, {PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE},
                 {PERM_WRITE, PERM_RESIZE}, path)
+
+
+def upgrade_lock(old_fd: int, new_fd: int, path: str, *, locked: bool = True) -> None:
+    """Move a reader's locks (on old_fd) to a writer's (on new_fd, a new description of the
+    same file): the reader's own "write not shared" byte would block the writer, so it is
+    released first and taken back if the writer's locks cannot be had.  With locked=False
+    the reader held no locks (force-share) and new_fd simply takes the writer's."""
+    if not locked:
+        lock_for_write(new_fd, path)
+        return
+    byte = LOCK_BASE_SHARED + PERM_WRITE
+    _lock(old_fd, F_OFD_SETLK, byte, fcntl.F_UNLCK)
+    try:
+        lock_for_write(new_fd, path)
+    except BaseException:
+        try:
+            _lock(old_fd, F_OFD_SETLK, byte, fcntl.F_RDLCK)
+        except OSError:
+            pass
+        raise

@@ -1,49 +1,35 @@
-"""Metadata writes of one open qcow2 image: refcounts, cluster allocation, L1/L2, header.
+"""The allocator of one open qcow2 image: refcounts in memory, cluster allocation, L1/L2 writes.
 
-This is the only code that writes qcow2 metadata.  It keeps the refcounts of the clusters it
-touches in memory (authoritative while the image is open), allocates from them, and commits
-them in the order the design requires (docs/interop/qcow2.rst, "Host cluster management"):
+Each open image has exactly one (`img.allocator`, made on first use): it keeps the refcounts
+of the clusters it touches in memory (authoritative while the image is open), allocates
+from them, and commits them in the order the design requires (docs/interop/qcow2.rst,
+"Host cluster management"):
 
     new refcount blocks  ->  flush  ->  refcount table entries / new refcount table
     ->  flush  ->  header switch (when the table moved)  ->  flush  ->  free the old table
 
 Callers raise refcounts before they write any reference to a cluster, and lower them only
 after every reference to it is gone from disk, so a crash at any point leaks at worst.
+Header switches live beside it in metadata.py.
 """
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 
 from ..host import fileio
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import CorruptImageError, RefcountOverflow
 from ..format import constants as C
 from ..format.entries import decode_refblock, encode_refblock, to_be64
-from ..format.header import build_header
-
-# Byte offsets of header fields we rewrite in place.
-HDR_SIZE = 24
-HDR_L1_SIZE = 36
-HDR_L1_OFFSET = 40
-HDR_REFTABLE = 48
-HDR_REFTABLE_CLUSTERS = 56
-HDR_SNAPSHOTS = 60
-HDR_INCOMPAT = 72
-HDR_AUTOCLEAR = 88
+from . import metadata
 
 
-class RefcountOverflow(Qcow2Error):
-    pass
-
-
-class MetaWriter:
-    """Refcounts and allocation for one image opened read-write."""
+class Allocator:
+    """Refcounts and allocation for one image opened read-write (use `img.allocator`)."""
 
     def __init__(self, img, *, sync: bool = True):
         self.img = img
-        self.fd = img.fd
         self.cs = img.cluster_size
         self.bits = img.cluster_bits
         self.per_block = self.cs * 8 // img.refcount_bits
@@ -61,6 +47,10 @@ class MetaWriter:
         self.end = img.file_clusters     # one past the last cluster that may be in use
         self.sync = sync
         self.unflushed = False           # metadata written that no flush has covered yet
+
+    @property
+    def fd(self) -> int:
+        return self.img.fd
 
     # ------------------------------------------------------------ basics
     def flush(self) -> None:
@@ -369,8 +359,8 @@ class MetaWriter:
             if self.reftable_dirty:
                 self.flush()
                 for rb in sorted(self.reftable_dirty):
-                    fileio.pwrite(self.fd, struct.pack(">Q", int(self.reftable[rb])),
-                                  h.refcount_table_offset + 8 * rb)
+                    metadata.write_entries(self.img, h.refcount_table_offset + 8 * rb,
+                                           self.reftable[rb:rb + 1])
                 self.reftable_dirty.clear()
             if flush:
                 self.flush()
@@ -383,22 +373,25 @@ class MetaWriter:
         self.reftable = table
         fileio.pwrite(self.fd, to_be64(table), new_rt[0])
         self.flush()
-        fileio.pwrite(self.fd, struct.pack(">QI", new_rt[0], new_rt[1]), HDR_REFTABLE)
-        self.flush()
-        h.refcount_table_offset, h.refcount_table_clusters = new_rt
-        self.img._reftable = self.reftable
+        metadata.switch_refcount_table(self.img, new_rt[0], new_rt[1], self.reftable)
+        self.unflushed = False
         self.reftable_dirty.clear()
         self.free(np.arange(old_rt[0] >> self.bits, (old_rt[0] >> self.bits) + old_rt[1]))
         self.commit()
 
-    # ------------------------------------------------------------ tables and header
+    # ------------------------------------------------------------ tables
     def write_l2(self, offset: int, table: np.ndarray) -> None:
+        """Write one L2 table (no flush); the image's cache holds it from now on."""
         fileio.pwrite(self.fd, to_be64(table), offset)
-        self.img._l2_cache[offset] = table
+        self.img._cache_l2(offset, table)
 
-    def write_l1_entries(self, l1: np.ndarray, indices) -> None:
-        """Write the given entries of the active L1 table (contiguous runs in one write)."""
+    def set_l1_entries(self, indices, values=None) -> None:
+        """Set entries of the active L1 table (values None: write them as they are in the
+        image's L1), contiguous runs in one write each (no flush)."""
+        l1 = self.img.l1_table
         idx = np.unique(np.asarray(indices, np.int64))
+        if values is not None:
+            l1[np.asarray(indices, np.int64)] = values
         if not len(idx):
             return
         base = self.img.header.l1_table_offset
@@ -407,71 +400,6 @@ class MetaWriter:
             a, b = int(run[0]), int(run[-1]) + 1
             fileio.pwrite(self.fd, to_be64(l1[a:b]), base + 8 * a)
 
-    def write_header(self) -> None:
-        """Rewrite the fixed part of the header from img.header."""
-        fileio.pwrite(self.fd, build_header(self.img.header), 0)
-
-    def set_incompatible(self, bits: int, on: bool) -> None:
-        h = self.img.header
-        new = (h.incompatible_features | bits) if on else (h.incompatible_features & ~bits)
-        if new == h.incompatible_features or self.img.version < 3:
-            return
-        h.incompatible_features = new
-        fileio.pwrite(self.fd, struct.pack(">Q", new), HDR_INCOMPAT)
-        self.flush()
-
-
-def write_header_cluster(img) -> None:
-    """Rewrite the header, its extensions and the backing file name in one write (they all
-    live in cluster 0), then flush.  Used to change the backing file or the version."""
-    from ..format.header import build_extensions
-    h = img.header
-    exts = list(img.extensions)
-    ext_bytes = build_extensions(exts) if (exts or img.version >= 3 or img.backing_file) else b""
-    backing = img.backing_file.encode() if img.backing_file else b""
-    fixed = C.V2_HEADER_SIZE if img.version < 3 else h.header_length
-    if backing:
-        h.backing_file_offset = fixed + len(ext_bytes)
-        h.backing_file_size = len(backing)
-    else:
-        h.backing_file_offset = h.backing_file_size = 0
-    data = build_header(h)[:fixed] + ext_bytes + backing
-    if len(data) > img.cluster_size:
-        raise Qcow2Error("The header, its extensions and the backing file name do not fit in "
-                         "the first cluster")
-    fileio.pwrite(img.fd, data, 0)
-    fileio.fsync(img.fd)
-
-
-def write_refcount_structure(img, counts: np.ndarray, order: int):
-    """Write a complete new refcount table and blocks of width 2**order, holding counts
-    (one per cluster) and counting themselves, in clusters after everything in use; flush.
-    Returns (table offset, table clusters, table, clusters used).  The caller switches the
-    header to the new table (and frees the old structures) afterwards."""
-    cs = img.cluster_size
-    used = np.flatnonzero(counts)
-    end = max(int(used[-1]) + 1 if len(used) else 1, img.file_clusters)
-    per_block = cs * 8 // (1 << order)
-    nb_rb, rt_clusters = 1, 1
-    while True:            # the structure must also describe its own clusters
-        total = end + nb_rb + rt_clusters
-        need_rb = -(-total // per_block)
-        need_rt = -(-need_rb * 8 // cs)
-        if need_rb <= nb_rb and need_rt <= rt_clusters:
-            break
-        nb_rb, rt_clusters = max(nb_rb, need_rb), max(rt_clusters, need_rt)
-    total = end + nb_rb + rt_clusters
-    full = np.zeros(nb_rb * per_block, np.uint64)
-    n = min(len(counts), len(full))
-    full[:n] = counts[:n]
-    full[end:total] = 1
-    table = np.zeros(rt_clusters * cs // 8, np.uint64)
-    for b in range(nb_rb):
-        off = (end + b) * cs
-        table[b] = np.uint64(off)
-        fileio.pwrite(img.fd, encode_refblock(full[b * per_block:(b + 1) * per_block], order), off)
-    rt_off = (end + nb_rb) * cs
-    fileio.pwrite(img.fd, to_be64(table), rt_off)
-    fileio.fsync(img.fd)
-    img.file_size = max(img.file_size, total * cs)
-    return rt_off, rt_clusters, table, total
+    def mark_corrupt(self) -> None:
+        """Set the corrupt bit (an inconsistency found on a write path)."""
+        metadata.set_incompatible(self.img, C.INCOMPAT_CORRUPT, True)

@@ -12,55 +12,53 @@ from __future__ import annotations
 import numpy as np
 
 from ..host import fileio
-from ..errors import Qcow2Error
+from ..errors import AmendError, Qcow2Error
 from ..format import constants as C
-from ..format.header import Extension, build_header
+from ..format.header import Extension, build_feature_table
 from .qcow2 import Qcow2Image
-from .alloc import write_header_cluster, write_refcount_structure
+from .metadata import switch_refcount_table, write_header_cluster, write_refcount_structure
 
 
-class AmendError(Qcow2Error):
-    pass
 
-
-def amend_image(path: str, options) -> None:
+def parse_amend_options(options):
+    """The options of `amend -o` (only those that can change in place)."""
     from .create import parse_options, CreateOptions
     spec = parse_options(options, CreateOptions())
     allowed = {"compat", "lazy_refcounts", "refcount_bits", "size"}
     bad = [k for k in spec.given if k not in allowed]
     if bad:
         raise AmendError("Changing the option '%s' is not supported" % bad[0])
-    from ..chain.session import open_file
-    img = open_file(path, "qcow2", writable=True)
-    try:
-        if "size" in spec.given:
-            from .resize import resize_qcow2
-            resize_qcow2(img, spec.size, shrink=True)
-        if "refcount_bits" in spec.given and spec.refcount_bits != img.refcount_bits:
-            if img.version < 3 and spec.refcount_bits != 16 and spec.compat != "1.1":
-                raise AmendError("Different refcount widths than 16 bits require compatibility "
-                                 "level 1.1 or above (use compat=1.1 or greater)")
-            if img.version < 3:
-                _upgrade(img)
-            _change_refcount_order(img, spec.refcount_bits.bit_length() - 1)
-        if "compat" in spec.given:
-            if spec.compat == "1.1" and img.version < 3:
-                _upgrade(img)
-            elif spec.compat == "0.10" and img.version >= 3:
-                _downgrade(img)
-        if "lazy_refcounts" in spec.given:
-            if img.version < 3 and spec.lazy_refcounts:
-                raise AmendError("Lazy refcounts only supported with compatibility level 1.1 "
-                                 "and above (use compat=1.1 or greater)")
-            if img.version >= 3:
-                h = img.header
-                if spec.lazy_refcounts:
-                    h.compatible_features |= C.COMPAT_LAZY_REFCOUNTS
-                else:
-                    h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
-                write_header_cluster(img)
-    finally:
-        img.close()
+    return spec
+
+
+def amend_qcow2(img: Qcow2Image, spec) -> None:
+    """Change the options given in spec (parse_amend_options) of an image opened writable."""
+    if "size" in spec.given:
+        from .resize import resize_qcow2
+        resize_qcow2(img, spec.size, shrink=True)
+    if "refcount_bits" in spec.given and spec.refcount_bits != img.refcount_bits:
+        if img.version < 3 and spec.refcount_bits != 16 and spec.compat != "1.1":
+            raise AmendError("Different refcount widths than 16 bits require compatibility "
+                             "level 1.1 or above (use compat=1.1 or greater)")
+        if img.version < 3:
+            _upgrade(img)
+        _change_refcount_order(img, spec.refcount_bits.bit_length() - 1)
+    if "compat" in spec.given:
+        if spec.compat == "1.1" and img.version < 3:
+            _upgrade(img)
+        elif spec.compat == "0.10" and img.version >= 3:
+            _downgrade(img)
+    if "lazy_refcounts" in spec.given:
+        if img.version < 3 and spec.lazy_refcounts:
+            raise AmendError("Lazy refcounts only supported with compatibility level 1.1 "
+                             "and above (use compat=1.1 or greater)")
+        if img.version >= 3:
+            h = img.header
+            if spec.lazy_refcounts:
+                h.compatible_features |= C.COMPAT_LAZY_REFCOUNTS
+            else:
+                h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
+            write_header_cluster(img)
 
 
 def _upgrade(img: Qcow2Image) -> None:
@@ -70,11 +68,7 @@ def _upgrade(img: Qcow2Image) -> None:
     h.refcount_order = 4
     img.version = 3
     if not any(e.type == C.EXT_FEATURE_TABLE for e in img.extensions) and img.cluster_size >= 8192:
-        import struct
-        kinds = {"incompatible": 0, "compatible": 1, "autoclear": 2}
-        table = b"".join(struct.pack(">BB46s", kinds[k], bit, name.encode())
-                         for (k, bit), name in C.FEATURE_NAMES.items())
-        img.extensions.append(Extension(C.EXT_FEATURE_TABLE, table))
+        img.extensions.append(Extension(C.EXT_FEATURE_TABLE, build_feature_table()))
     write_header_cluster(img)
 
 
@@ -102,8 +96,7 @@ def _downgrade(img: Qcow2Image) -> None:
 def _expand_zero_clusters(img: Qcow2Image) -> None:
     """v2 has no zero flag: zero clusters become real zero data (or unallocated when nothing
     lies below them).  Snapshots' tables are handled like the active one."""
-    from .alloc import MetaWriter
-    meta = MetaWriter(img)
+    meta = img.allocator
     cs = img.cluster_size
     has_backing = bool(img.backing_file)
     from collections import Counter
@@ -143,9 +136,8 @@ def _expand_zero_clusters(img: Qcow2Image) -> None:
 
 def _change_refcount_order(img: Qcow2Image, order: int) -> None:
     """Rewrite all refcounts with a new width in new clusters, then switch and free."""
-    from .alloc import MetaWriter
     bits = img.cluster_bits
-    old = MetaWriter(img)
+    img.allocator.commit()
     counts = img.refcounts_all().astype(np.uint64)
     if counts.size and int(counts.max()) >= (1 << (1 << order)):
         raise AmendError("Cannot change refcount_bits to %d: some refcounts are too large"
@@ -155,15 +147,9 @@ def _change_refcount_order(img: Qcow2Image, order: int) -> None:
     h = img.header
     old_rt = (h.refcount_table_offset, h.refcount_table_clusters)
     old_blocks = [int(x) & C.REFT_OFFSET_MASK for x in img.refcount_table.tolist()]
-    h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_clusters
-    h.refcount_order = order
-    fileio.pwrite(img.fd, build_header(h)[:h.header_length], 0)   # one write switches both
-    fileio.fsync(img.fd)
-    img.refcount_order = order
-    img.refcount_bits = 1 << order
-    img._reftable = table
-    del old
-    meta = MetaWriter(img)
+    switch_refcount_table(img, rt_off, rt_clusters, table, order=order)
+    img.forget_tables()                  # the allocator starts over from the new structure
+    meta = img.allocator
     freed = [o >> bits for o in old_blocks if o] + \
         list(range(old_rt[0] >> bits, (old_rt[0] >> bits) + old_rt[1]))
     meta.free(np.array(sorted(set(freed)), np.int64))

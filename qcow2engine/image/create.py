@@ -7,21 +7,17 @@ refcount block in cluster 2, then the L1 table, the file ending where the L1 tab
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..host import fileio
-from ..errors import InvalidImageError, Qcow2Error
+from ..errors import CreateError, InvalidImageError, Qcow2Error
 from ..format import constants as C
-from ..format.header import Extension, Header, build_extensions, build_header
+from ..format.header import Extension, Header, build_extensions, build_feature_table, build_header
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
-
-class CreateError(Qcow2Error):
-    pass
 
 
 @dataclass
@@ -242,9 +238,7 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
         exts.append(Extension(C.EXT_DATA_FILE, o.data_file.encode()))
     backing = o.backing_file.encode() if o.backing_file else b""
     if v3:
-        table = b"".join(struct.pack(">BB46s", t, bit, name.encode())
-                         for (t, bit, name) in _feature_table())
-        with_table = exts + [Extension(C.EXT_FEATURE_TABLE, table)]
+        with_table = exts + [Extension(C.EXT_FEATURE_TABLE, build_feature_table())]
         # qemu-img 7.2 writes the feature-name table only with clusters of 8 KiB and more
         if cs >= 8192 and hdr.header_length + len(build_extensions(with_table)) + len(backing) < cs:
             exts = with_table
@@ -256,11 +250,6 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
     if len(body) > cs:
         raise CreateError("Header extensions and backing file name do not fit in one cluster")
     return body
-
-
-def _feature_table():
-    kinds = {"incompatible": 0, "compatible": 1, "autoclear": 2}
-    return [(kinds[k], bit, name) for (k, bit), name in C.FEATURE_NAMES.items()]
 
 
 def create_qcow2(path: str, o: CreateOptions) -> None:
@@ -333,16 +322,16 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
         lock_for_write(fd, path)
         # minimal image: header, refcount table, one refcount block, empty L1
         fileio.pwrite(fd, _header_cluster(o, 0, 0, size=0), 0)
-        fileio.pwrite(fd, struct.pack(">Q", 2 * cs), cs)
+        from ..format.entries import encode_refblock, to_be64
+        fileio.pwrite(fd, to_be64(np.array([2 * cs], np.uint64)), cs)
         per_block = cs * 8 // o.refcount_bits
         counts = np.zeros(per_block, np.uint64)
         counts[:3] = 1
-        from ..format.entries import encode_refblock
         fileio.pwrite(fd, encode_refblock(counts, o.refcount_bits.bit_length() - 1), 2 * cs)
         from .qcow2 import Qcow2Image
-        img = Qcow2Image(path, fd=fd, lock=False)
-        from .alloc import MetaWriter
-        meta = MetaWriter(img, sync=False)
+        img = Qcow2Image(path, fd=fd, lock=False, writable=True)
+        meta = img.allocator
+        meta.sync = False
         l1_off = 0
         if l1_size:
             first = int(meta.allocate(-(-l1_size * 8 // cs), contiguous=True)[0])
@@ -352,8 +341,9 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
             fileio.pwrite(fd, bytes(l1_size * 8), l1_off)
         fileio.pwrite(fd, _header_cluster(o, l1_size, l1_off), 0)
         if o.data_file_raw or o.preallocation != "off":
-            img = Qcow2Image(path, fd=fd, lock=False)
-            meta = MetaWriter(img, sync=False)
+            img = Qcow2Image(path, fd=fd, lock=False, writable=True)
+            meta = img.allocator
+            meta.sync = False
             _preallocate(img, meta, o)
         fileio.fsync(fd)
     except BaseException:
@@ -423,49 +413,9 @@ def create_from_options(path: str, o: CreateOptions, fmt: str = "qcow2") -> None
         create_raw(path, o.size, o.preallocation)
         return
     if o.backing_file:
-        from ..chain.session import has_protocol
+        from ..host.paths import has_protocol
         from ..errors import ChainError
         if has_protocol(o.backing_file):
             raise ChainError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
     validate(o)
     create_qcow2(path, o)
-
-
-def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow2",
-           backing_file: str | None = None, backing_fmt: str | None = None) -> CreateOptions:
-    """Create an image like `qemu-img create`; returns the effective options.
-
-    Without a size, an image with a backing file takes the backing file's virtual size.
-    """
-    o = parse_options(options)
-    if size is not None:
-        o.size = size
-    if backing_file is not None:
-        o.backing_file = backing_file
-    if backing_fmt is not None:
-        o.backing_fmt = backing_fmt
-    if fmt == "raw":
-        if o.size is None:
-            raise CreateError("Image creation needs a size parameter")
-        create_raw(path, o.size, o.preallocation)
-        return o
-    if fmt != "qcow2":
-        raise CreateError("Unknown file format '%s'" % fmt)
-    if o.backing_file and not o.backing_fmt:
-        raise CreateError("Backing file specified without backing format")
-    if o.backing_file:
-        from ..chain.session import resolve_backing, has_protocol, open_file as open_layer
-        if has_protocol(o.backing_file):
-            raise CreateError("Backing file '%s' uses a protocol prefix; refusing" % o.backing_file)
-        bpath = resolve_backing(path, o.backing_file)
-        try:
-            layer = open_layer(bpath, o.backing_fmt, lock=False)
-        except InvalidImageError as e:
-            raise CreateError("Could not open backing image: %s" % e) from None
-        try:
-            if o.size is None:
-                o.size = layer.size
-        finally:
-            layer.close()
-    create_qcow2(path, o)
-    return o

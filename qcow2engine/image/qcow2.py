@@ -72,9 +72,11 @@ class Qcow2Image:
         self._reftable = None
         self._snapshots = None
         self._bitmaps = None
+        self._allocator = None
         self.data_fd = None
         try:
             self._load()
+            self.locked = bool(lock)
             if lock:
                 from ..host.locking import lock_for_read, lock_for_write
                 (lock_for_write if writable else lock_for_read)(self.fd, self.path)
@@ -245,14 +247,67 @@ class Qcow2Image:
         if self.corrupt and not self._allow_corrupt:
             raise CorruptImageError("'%s' is marked corrupt; repair it with 'check -r all' "
                                     "before writing" % self.path)
-        h = self.header
-        unknown = h.autoclear_features & ~C.AUTOCLEAR_KNOWN
-        if unknown and self.version >= 3:
-            import struct
-            from ..host import fileio
-            h.autoclear_features &= C.AUTOCLEAR_KNOWN
-            fileio.pwrite(self.fd, struct.pack(">Q", h.autoclear_features), 88)
-            fileio.fsync(self.fd)
+        from .metadata import clear_unknown_autoclear
+        clear_unknown_autoclear(self)
+
+    def reopen_writable(self) -> None:
+        """Turn a read-only open into a read-write one (same object, new file description
+        with QEMU's write locks; the old one and its read locks go)."""
+        if self.writable:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidImageError("Could not open '%s': %s" % (self.path, e.strerror)) from None
+        try:
+            from ..host.locking import upgrade_lock
+            upgrade_lock(self.fd, fd, self.path, locked=self.locked)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self.fd = self.fd, fd
+        if self._own_fd:
+            os.close(old)
+        self._own_fd = True
+        self.writable = True
+        if self.data_fd is not None:
+            os.close(self.data_fd)
+            self.data_fd = None
+        self._prepare_for_write()
+
+    # ------------------------------------------------------------ owned state
+    @property
+    def allocator(self):
+        """The one allocator of this open image (refcounts, allocation, L1/L2 writes)."""
+        a = self._allocator
+        if a is None:
+            from .alloc import Allocator
+            a = self._allocator = Allocator(self)
+        return a
+
+    def forget_tables(self) -> None:
+        """Drop every cached table and the allocator (re-read from disk on next use): after
+        the refcount structure or the tables were rebuilt wholesale."""
+        self._l1 = None
+        self._l2_cache.clear()
+        self._reftable = None
+        self._bitmaps = None
+        self._allocator = None
+        self.file_size = os.fstat(self.fd).st_size
+
+    def drop_l2_cache(self) -> None:
+        """Forget the cached L2 tables (after tables were freed wholesale)."""
+        self._l2_cache.clear()
+
+    def cached_l2(self, l2_offset: int):
+        """The cached copy of an L2 table, or None."""
+        return self._l2_cache.get(l2_offset)
+
+    def _cache_l2(self, l2_offset: int, table) -> None:
+        self._l2_cache[l2_offset] = table
+        self._l2_cache.move_to_end(l2_offset)
+        if len(self._l2_cache) > self._l2_cache_max:
+            self._l2_cache.popitem(last=False)
 
     def data_fd_for_write(self) -> int:
         if not self.has_data_file:

@@ -9,43 +9,24 @@ frees their clusters: a crash at any point leaves the old or the new image, leak
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 
 from ..host import fileio
-from ..errors import Qcow2Error
+from ..errors import Qcow2Error, ResizeError
 from ..format import constants as C
 from ..format.entries import referenced_clusters, to_be64
-from .qcow2 import Qcow2Image, probe_is_qcow2
-from .alloc import HDR_SIZE, MetaWriter
+from .qcow2 import Qcow2Image
+from . import metadata
 
 
-class ResizeError(Qcow2Error):
-    pass
 
-
-def resize_image(path: str, size: int, *, shrink: bool = False, fmt: str | None = None) -> None:
-    if fmt is None:
-        fmt = "qcow2" if probe_is_qcow2(path) else "raw"
-    if fmt == "raw":
-        from ..chain.session import RawFile
-        from ..host.locking import lock_for_write
-        f = RawFile(path, writable=True)
-        try:
-            lock_for_write(f.fd, path)
-            if size < f.file_size and not shrink:
-                raise ResizeError("Use the --shrink option to perform a shrink operation.")
-            fileio.ftruncate(f.fd, size)
-        finally:
-            f.close()
-        return
-    from ..chain.session import open_file
-    img = open_file(path, "qcow2", writable=True)
-    try:
-        resize_qcow2(img, size, shrink=shrink)
-    finally:
-        img.close()
+def resize_raw(f, size: int, *, shrink: bool = False) -> None:
+    """Truncate a raw image (opened writable) to size; shrinking needs shrink=True."""
+    if size < f.file_size and not shrink:
+        raise ResizeError("Use the --shrink option to perform a shrink operation.")
+    fileio.ftruncate(f.fd, size)
+    f.file_size = f.size = size
 
 
 def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
@@ -64,7 +45,7 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
     need_l1 = -(-size // (per_l2 * cs))
     if need_l1 * 8 > C.MAX_L1_SIZE_BYTES:
         raise ResizeError("The image size is too large for file format 'qcow2'")
-    meta = MetaWriter(img)
+    meta = img.allocator
     h = img.header
     if size > img.size:
         if need_l1 > h.l1_size:
@@ -76,24 +57,16 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
             new_off = first * cs
             fileio.pwrite(img.fd, to_be64(l1), new_off)
             meta.flush()
-            fileio.pwrite(img.fd, struct.pack(">QIIQ", size, h.crypt_method, need_l1, new_off), HDR_SIZE)
-            meta.flush()
-            h.size, h.l1_size, h.l1_table_offset = size, need_l1, new_off
-            img._l1 = l1
+            metadata.switch_l1(img, l1, new_off, size)
             if old_n:
                 a = old_off >> img.cluster_bits
                 meta.free(np.arange(a, a + -(-old_n * 8 // cs), dtype=np.int64))
                 meta.commit()
         else:
-            fileio.pwrite(img.fd, struct.pack(">Q", size), HDR_SIZE)
-            meta.flush()
-            h.size = size
-        img.size = size
+            metadata.set_size(img, size)
         return
     # shrink: size first, then drop everything past it
-    fileio.pwrite(img.fd, struct.pack(">Q", size), HDR_SIZE)
-    meta.flush()
-    h.size = img.size = size
+    metadata.set_size(img, size)
     first_gone = -(-size // cs)                # first guest cluster wholly past the end
     l1 = img.l1_table
     release = []
@@ -109,8 +82,7 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
                                            normal=not img.has_data_file))
         shared = not (int(l1[i]) & C.QCOW_OFLAG_COPIED)
         if a == 0:
-            l1[i] = 0
-            changed_l1.append(i)
+            changed_l1.append((i, 0))
             release.append(np.array([l2off >> img.cluster_bits], np.int64))
         else:
             table[a * words:] = 0
@@ -119,14 +91,14 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
                 new = int(meta.allocate(1)[0]) * cs
                 meta.commit()
                 meta.write_l2(new, table)
-                l1[i] = np.uint64(new) | np.uint64(C.QCOW_OFLAG_COPIED)
-                changed_l1.append(i)
+                changed_l1.append((i, np.uint64(new) | np.uint64(C.QCOW_OFLAG_COPIED)))
                 release.append(np.array([l2off >> img.cluster_bits], np.int64))
             else:
                 meta.write_l2(l2off, table)
     meta.flush()
     if changed_l1:
-        meta.write_l1_entries(l1, changed_l1)
+        idx, vals = zip(*changed_l1)
+        meta.set_l1_entries(list(idx), np.array(vals, np.uint64))
         meta.flush()
     if release:
         clusters = np.concatenate(release)

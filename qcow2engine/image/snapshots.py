@@ -14,7 +14,6 @@ delete:  new snapshot table without the entry -> header -> -1 under the snapshot
 """
 from __future__ import annotations
 
-import struct
 import time
 
 import numpy as np
@@ -22,14 +21,14 @@ import numpy as np
 from ..host import fileio
 from ..errors import SnapshotError
 from ..format import constants as C
-from ..format.entries import referenced_clusters, to_be64
+from ..format.entries import to_be64
 from ..format.snapshot import SnapshotEntry, build_snapshot_entry
+from . import metadata
 from .qcow2 import Qcow2Image
-from .alloc import HDR_SIZE, HDR_SNAPSHOTS, MetaWriter
+from .references import ReachableTree, add_tree, fix_copied_flags
 
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
 MAX_NAME = 255
-BATCH = 256
 
 
 def find_snapshot(img: Qcow2Image, key: str, *, by_id: bool = True, by_name: bool = True):
@@ -54,85 +53,9 @@ def _check_writable(img: Qcow2Image) -> None:
         raise SnapshotError("Internal snapshots of encrypted images are not supported")
 
 
-class _Tree:
-    """The L2 tables and data clusters reachable from one L1 table, as cluster indices."""
-
-    def __init__(self, img: Qcow2Image, l1: np.ndarray):
-        self.img = img
-        self.l1 = l1
-        offs = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-        self.used = np.flatnonzero(offs)
-        self.l2_offsets = offs[self.used]
-
-    def batches(self):
-        """Yield (l1 indices, l2 offsets, 2-D tables) in batches read with large preads."""
-        img = self.img
-        from ..refcounts.check import _read_tables
-        for b in range(0, len(self.used), BATCH):
-            idx = self.used[b:b + BATCH]
-            offs = [int(o) for o in self.l2_offsets[b:b + BATCH]]
-            for o in offs:
-                if o % img.cluster_size:
-                    raise SnapshotError("L2 table offset %#x is not cluster aligned" % o)
-            yield idx, offs, _read_tables(img, offs)
-
-    def tables(self):
-        """Yield (l1 index, l2 offset, table) one table at a time."""
-        for idx, offs, tabs in self.batches():
-            for i, o, t in zip(idx.tolist(), offs, tabs):
-                yield i, o, t
-
-    def data_clusters(self, tables: np.ndarray) -> np.ndarray:
-        """Host cluster indices referenced by L2 tables (compressed ranges expanded)."""
-        img = self.img
-        e = (tables[..., 0::2] if img.extended_l2 else tables).reshape(-1)
-        return referenced_clusters(e, img.cluster_bits)
-
-
-def _add_tree(meta: MetaWriter, tree: _Tree, delta: int) -> None:
-    """delta on every L2 table and data cluster under tree (one reference per path).
-
-    The L2 tables (spread over the file) and each batch of data clusters (usually a dense
-    range) are added separately, which keeps the temporaries small."""
-    meta.add_many(tree.l2_offsets >> tree.img.cluster_bits, delta)
-    for _, _, tabs in tree.batches():
-        meta.add_many(tree.data_clusters(tabs), delta)
-
-
-def _fix_copied(img: Qcow2Image, meta: MetaWriter) -> None:
-    """COPIED exactly where the refcount is 1 in the active L1 and its L2 tables."""
-    l1 = img.l1_table
-    tree = _Tree(img, l1)
-    bits = img.cluster_bits
-    rc = meta.get(tree.l2_offsets >> bits)
-    changed = []
-    for j, i in enumerate(tree.used.tolist()):
-        want = rc[j] == 1
-        if want != bool(int(l1[i]) & C.QCOW_OFLAG_COPIED):
-            l1[i] = (l1[i] | COPIED) if want else (l1[i] & ~COPIED)
-            changed.append(i)
-    for i, o, t in tree.tables():
-        e = t[0::2] if img.extended_l2 else t
-        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
-        host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        alloc = ~comp & (host != 0)
-        want = np.zeros(len(e), bool)
-        want[alloc] = meta.get(host[alloc] >> bits) == 1
-        have = (e & COPIED) != 0
-        bad = want != have
-        if bad.any():
-            e[bad] = np.where(want[bad], e[bad] | COPIED, e[bad] & ~COPIED)
-            if img.extended_l2:
-                t[0::2] = e
-            meta.write_l2(o, t.copy())
-    meta.flush()
-    if changed:
-        meta.write_l1_entries(l1, changed)
-        meta.flush()
-
-
-def _write_table(img: Qcow2Image, meta: MetaWriter, snaps: list) -> None:
+def _write_table(img: Qcow2Image, snaps: list) -> None:
     """Write a whole new snapshot table, switch the header to it, free the old one."""
+    alloc = img.allocator
     h = img.header
     data = b"".join(build_snapshot_entry(s) for s in snaps)
     if len(data) > C.MAX_SNAPSHOT_TABLE_BYTES:
@@ -140,19 +63,15 @@ def _write_table(img: Qcow2Image, meta: MetaWriter, snaps: list) -> None:
     old_off, old_size = h.snapshots_offset, getattr(img, "snapshot_table_size", 0)
     new_off = 0
     if snaps:
-        new_off = meta.allocate_bytes(len(data))
-        meta.commit()
+        new_off = alloc.allocate_bytes(len(data))
+        alloc.commit()
         fileio.pwrite(img.fd, data, new_off)
-        meta.flush()
-    fileio.pwrite(img.fd, struct.pack(">IQ", len(snaps), new_off), HDR_SNAPSHOTS)
-    meta.flush()
-    h.nb_snapshots, h.snapshots_offset = len(snaps), new_off
-    img._snapshots = list(snaps)
-    img.snapshot_table_size = len(data)
+        alloc.flush()
+    metadata.switch_snapshot_table(img, snaps, new_off, len(data))
     if old_off and old_size:
         a = old_off >> img.cluster_bits
-        meta.free(np.arange(a, (old_off + old_size - 1 >> img.cluster_bits) + 1, dtype=np.int64))
-        meta.commit()
+        alloc.free(np.arange(a, (old_off + old_size - 1 >> img.cluster_bits) + 1, dtype=np.int64))
+        alloc.commit()
 
 
 def _next_id(snaps: list) -> str:
@@ -177,10 +96,10 @@ def create_snapshot(img: Qcow2Image, name: str, *, date: float | None = None,
     if len(snaps) >= C.MAX_SNAPSHOTS:
         raise SnapshotError("The snapshot table is full (%d snapshots)" % C.MAX_SNAPSHOTS)
     h = img.header
-    meta = MetaWriter(img)
+    meta = img.allocator
     l1 = img.l1_table
-    tree = _Tree(img, l1)
-    _add_tree(meta, tree, +1)                 # raises RefcountOverflow before any write
+    tree = ReachableTree(img, l1)
+    add_tree(meta, tree, +1)                  # raises RefcountOverflow before any write
     sn_l1_off = meta.allocate_bytes(max(h.l1_size * 8, 1)) if h.l1_size else 0
     now = time.time() if date is None else date
     sec = int(now)
@@ -205,10 +124,9 @@ def create_snapshot(img: Qcow2Image, name: str, *, date: float | None = None,
             meta.write_l2(o, t.copy())
     meta.flush()
     if len(tree.used):
-        l1[tree.used] &= ~COPIED
-        meta.write_l1_entries(l1, tree.used)
+        meta.set_l1_entries(tree.used, l1[tree.used] & ~COPIED)
         meta.flush()
-    _write_table(img, meta, snaps + [e])
+    _write_table(img, snaps + [e])
     return e
 
 
@@ -224,10 +142,10 @@ def apply_snapshot(img: Qcow2Image, key: str) -> SnapshotEntry:
     sn = img.snapshots[i]
     cs = img.cluster_size
     h = img.header
-    meta = MetaWriter(img)
+    meta = img.allocator
     snap_l1 = img.read_l1(sn.l1_table_offset, sn.l1_size)
-    new_tree = _Tree(img, snap_l1)
-    _add_tree(meta, new_tree, +1)
+    new_tree = ReachableTree(img, snap_l1)
+    add_tree(meta, new_tree, +1)
     size = sn.disk_size if sn.disk_size is not None else img.size
     l1_size = max(sn.l1_size, -(-size // (img.l2_entries * cs)))
     new_l1 = np.zeros(l1_size, np.uint64)
@@ -239,18 +157,14 @@ def apply_snapshot(img: Qcow2Image, key: str) -> SnapshotEntry:
         meta.flush()
     old_l1 = img.l1_table
     old_off, old_n = h.l1_table_offset, h.l1_size
-    fileio.pwrite(img.fd, struct.pack(">QIIQ", size, h.crypt_method, l1_size, new_off), HDR_SIZE)
-    meta.flush()
-    h.size, h.l1_size, h.l1_table_offset = size, l1_size, new_off
-    img.size = size
-    img._l1 = new_l1
+    metadata.switch_l1(img, new_l1, new_off, size)
     # the old active tree loses its reference
-    _add_tree(meta, _Tree(img, old_l1), -1)
+    add_tree(meta, ReachableTree(img, old_l1), -1)
     if old_n:
         a = old_off >> img.cluster_bits
         meta.free(np.arange(a, a + -(-old_n * 8 // cs), dtype=np.int64))
     meta.commit()
-    _fix_copied(img, meta)
+    fix_copied_flags(img)
     return sn
 
 
@@ -262,18 +176,18 @@ def delete_snapshot(img: Qcow2Image, key: str, *, by_id: bool = False) -> Snapsh
         raise SnapshotError("Could not delete snapshot '%s': snapshot not found" % key)
     snaps = list(img.snapshots)
     sn = snaps.pop(i)
-    tree = _Tree(img, img.read_l1(sn.l1_table_offset, sn.l1_size))
-    # 1. the new table no longer lists the snapshot (allocated from the refcounts as they
-    #    are on disk: nothing the snapshot still references can be reused for it)
-    _write_table(img, MetaWriter(img), snaps)
+    tree = ReachableTree(img, img.read_l1(sn.l1_table_offset, sn.l1_size))
+    # 1. the new table no longer lists the snapshot (its clusters still count: nothing the
+    #    snapshot references can be reused for the new table)
+    _write_table(img, snaps)
     # 2. only now do its clusters lose their references (a failure from here on leaks)
-    meta = MetaWriter(img)
-    _add_tree(meta, tree, -1)
+    meta = img.allocator
+    add_tree(meta, tree, -1)
     if sn.l1_size:
         a = sn.l1_table_offset >> img.cluster_bits
         meta.free(np.arange(a, a + -(-sn.l1_size * 8 // img.cluster_size), dtype=np.int64))
     meta.commit()
-    _fix_copied(img, meta)
+    fix_copied_flags(img)
     return sn
 
 
@@ -291,5 +205,5 @@ def rename_snapshot(img: Qcow2Image, key: str, new_name: str) -> SnapshotEntry:
     e = copy.copy(snaps[i])
     e.name = new_name
     snaps[i] = e
-    _write_table(img, MetaWriter(img), snaps)
+    _write_table(img, snaps)
     return e

@@ -16,6 +16,7 @@ import numpy as np
 from ..format import constants as C
 from ..format.entries import compressed_extent
 from ..image.qcow2 import Qcow2Image
+from ..image.references import read_tables
 
 L2_BATCH_BYTES = 4 << 20
 MAX_MESSAGES = 1000
@@ -181,24 +182,6 @@ class RefcountCalculator:
             self.counts[u] += c.astype(self.counts.dtype)
 
 
-def _read_tables(img: Qcow2Image, offsets: list) -> np.ndarray:
-    """Read whole clusters at the given offsets; 2-D native uint64 array, one row per table."""
-    cs = img.cluster_size
-    buf = bytearray(len(offsets) * cs)
-    mv = memoryview(buf)
-    i = 0
-    n = len(offsets)
-    while i < n:
-        j = i + 1
-        while j < n and offsets[j] == offsets[j - 1] + cs and (j - i) * cs < (8 << 20):
-            j += 1
-        mv[i * cs:j * cs] = img.pread((j - i) * cs, offsets[i])
-        i = j
-    arr = np.frombuffer(buf, dtype=np.uint64)
-    arr.byteswap(inplace=True)          # big-endian on disk -> native, without a copy
-    return arr.reshape(n, cs // 8)
-
-
 def _refcount_of(disk: np.ndarray, offsets: np.ndarray, bits: int) -> np.ndarray:
     idx = offsets >> bits
     n = len(idx)
@@ -244,7 +227,7 @@ def walk_l1(img: Qcow2Image, l1: np.ndarray, calc: RefcountCalculator, res: Chec
     def scan(chunk):
         # runs in a worker thread: reads and classifies, touches no shared state
         sink, deferred = CheckResult(filename=""), _DeferredCalc()
-        _check_l2_batch(img, _read_tables(img, chunk), deferred, sink, active, disk)
+        _check_l2_batch(img, read_tables(img, chunk), deferred, sink, active, disk)
         return sink, deferred
 
     if len(chunks) == 1:

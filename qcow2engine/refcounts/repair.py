@@ -14,15 +14,12 @@ The repair works from the same computation as `check`:
 """
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
-from ..host import fileio
 from ..format import constants as C
-from ..format.entries import to_be64
+from ..image import metadata
 from ..image.qcow2 import Qcow2Image
-from ..image.alloc import HDR_REFTABLE, MetaWriter, write_refcount_structure
+from ..image.references import fix_copied_flags
 from .check import CheckResult, check_image
 
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
@@ -43,7 +40,8 @@ def repair_open_image(img: Qcow2Image, mode: str, filename: str) -> CheckResult:
     first = check_image(img, filename, keep=True)
     corruptions_fixed = dropped
     leaks_fixed = 0
-    meta = MetaWriter(img)
+    img.forget_tables()             # the allocator starts from the refcounts on disk
+    meta = img.allocator
     calc, disk = first.calc, first.disk
     n = len(disk)
     comp = calc.counts[:n].astype(np.int64)
@@ -52,7 +50,7 @@ def repair_open_image(img: Qcow2Image, mode: str, filename: str) -> CheckResult:
         _rebuild(img, calc)
         corruptions_fixed += int(np.count_nonzero(dsk < comp)) + 1
         leaks_fixed += int(np.count_nonzero(dsk > comp))
-        meta = MetaWriter(img)
+        meta = img.allocator
     else:
         leak = np.flatnonzero(dsk > comp)
         err = np.flatnonzero(dsk < comp) if fix_errors else np.zeros(0, np.int64)
@@ -66,20 +64,18 @@ def repair_open_image(img: Qcow2Image, mode: str, filename: str) -> CheckResult:
         leaks_fixed += len(leak)
         corruptions_fixed += len(err)
     if fix_errors:
-        corruptions_fixed += _fix_copied(img, meta)
+        corruptions_fixed += fix_copied_flags(img)
     if corruptions_fixed or leaks_fixed:
-        img._reftable = None
-        img._l2_cache.clear()
-        img._l1 = None
+        img.forget_tables()
         res = check_image(img, filename)
     else:
         res = first
         res.calc = res.disk = None
     if not res.corruptions:
         # consistent now: clear the dirty and corrupt bits (never while refcounts are bad)
-        meta.set_incompatible(C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT, False)
+        metadata.set_incompatible(img, C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT, False)
         img.dirty = img.corrupt = False
-        fileio.fsync(img.fd)
+        img.allocator.flush()
     res.corruptions_fixed = corruptions_fixed
     res.leaks_fixed = leaks_fixed
     return res
@@ -91,6 +87,7 @@ def _drop_wild_entries(img: Qcow2Image) -> int:
     cs = img.cluster_size
     fsize = img.file_size
     fixed = 0
+    alloc = img.allocator
     l1s = [(img.l1_table, img.header.l1_table_offset)]
     for sn in img.snapshots:
         if sn.l1_table_offset % cs == 0 and sn.l1_size * 8 <= C.MAX_L1_SIZE_BYTES:
@@ -100,8 +97,8 @@ def _drop_wild_entries(img: Qcow2Image) -> int:
         offs = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
         bad_l1 = np.flatnonzero((offs != 0) & ((offs % cs != 0) | (offs + cs - fsize >= cs)))
         for i in bad_l1.tolist():
-            fileio.pwrite(img.fd, struct.pack(">Q", 0), l1_off + 8 * i)
             l1[i] = 0
+            metadata.write_entries(img, l1_off + 8 * i, l1[i:i + 1])
             fixed += 1
         for o in np.unique(offs[(offs != 0) & (offs % cs == 0) & (offs + cs - fsize < cs)]).tolist():
             if o in seen:
@@ -128,61 +125,11 @@ def _drop_wild_entries(img: Qcow2Image) -> int:
             if img.extended_l2:
                 t[0::2] = e
                 t[1::2][bad] = np.uint64(0xFFFFFFFF00000000)
-            fileio.pwrite(img.fd, to_be64(t), o)
-            img._l2_cache[o] = t
+            alloc.write_l2(o, t)
             fixed += int(bad.sum())
     if fixed:
-        fileio.fsync(img.fd)
-        img._l1 = None
-    return fixed
-
-
-def _fix_copied(img: Qcow2Image, meta: MetaWriter) -> int:
-    """Set COPIED exactly where the refcount is 1, in the active L1 and its L2 tables."""
-    cs = img.cluster_size
-    bits = img.cluster_bits
-    l1 = img.l1_table
-    fixed = 0
-    l2_off = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-    used = np.flatnonzero((l2_off != 0) & (l2_off % cs == 0))
-    changed_l1 = []
-    if len(used):
-        rc = meta.get(l2_off[used] >> bits)
-        want = rc == 1
-        have = (l1[used] & COPIED) != 0
-        for j in np.flatnonzero(want != have).tolist():
-            i = int(used[j])
-            l1[i] = (l1[i] | COPIED) if want[j] else (l1[i] & ~COPIED)
-            changed_l1.append(i)
-            fixed += 1
-    for i in used.tolist():
-        o = int(l2_off[i])
-        t = img.read_l2(o).copy()
-        e = t[0::2] if img.extended_l2 else t
-        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
-        host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
-        if img.has_data_file:
-            alloc = ~comp & ((host != 0) | ((e & COPIED) != 0))
-            want = np.ones(int(alloc.sum()), bool)
-        else:
-            alloc = ~comp & (host != 0)
-            want = meta.get(host[alloc] >> bits) == 1
-        have = (e[alloc] & COPIED) != 0
-        bad = want != have
-        comp_copied = comp & ((e & COPIED) != 0)
-        if not bad.any() and not comp_copied.any():
-            continue
-        idx = np.flatnonzero(alloc)[bad]
-        e[idx] = np.where(want[bad], e[idx] | COPIED, e[idx] & ~COPIED)
-        e[comp_copied] &= ~COPIED
-        if img.extended_l2:
-            t[0::2] = e
-        fileio.pwrite(img.fd, to_be64(t), o)
-        img._l2_cache[o] = t
-        fixed += int(bad.sum()) + int(comp_copied.sum())
-    if changed_l1:
-        meta.write_l1_entries(l1, changed_l1)
-    fileio.fsync(img.fd)
+        alloc.flush()
+        img.forget_tables()
     return fixed
 
 
@@ -201,8 +148,7 @@ def _rebuild(img: Qcow2Image, calc) -> None:
         if o and o % cs == 0 and (o >> bits) < len(counts):
             if counts[o >> bits]:
                 counts[o >> bits] -= np.uint64(1)
-    rt_off, rt_clusters, table, _ = write_refcount_structure(img, counts, img.refcount_order)
-    fileio.pwrite(img.fd, struct.pack(">QI", rt_off, rt_clusters), HDR_REFTABLE)
-    fileio.fsync(img.fd)
-    h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_clusters
-    img._reftable = table
+    rt_off, rt_clusters, table, _ = metadata.write_refcount_structure(img, counts,
+                                                                      img.refcount_order)
+    metadata.switch_refcount_table(img, rt_off, rt_clusters, table)
+    img.forget_tables()                 # the allocator starts over from the new structure

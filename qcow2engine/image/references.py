@@ -1,0 +1,129 @@
+"""The clusters one L1 table reaches, reference counting over them, and COPIED flags.
+
+"COPIED" (docs/interop/qcow2.rst, "Cluster mapping") means refcount == 1 and is accurate
+only under the active L1 table: `fix_copied_flags` sets it exactly there.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CorruptImageError
+from ..format import constants as C
+from ..format.entries import referenced_clusters
+
+COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
+BATCH = 256
+
+
+def read_tables(img, offsets: list) -> np.ndarray:
+    """Read whole clusters at the given offsets; 2-D native uint64 array, one row per table
+    (neighbouring clusters in one pread of up to 8 MiB)."""
+    cs = img.cluster_size
+    buf = bytearray(len(offsets) * cs)
+    mv = memoryview(buf)
+    i = 0
+    n = len(offsets)
+    while i < n:
+        j = i + 1
+        while j < n and offsets[j] == offsets[j - 1] + cs and (j - i) * cs < (8 << 20):
+            j += 1
+        mv[i * cs:j * cs] = img.pread((j - i) * cs, offsets[i])
+        i = j
+    arr = np.frombuffer(buf, dtype=np.uint64)
+    arr.byteswap(inplace=True)          # big-endian on disk -> native, without a copy
+    return arr.reshape(n, cs // 8)
+
+
+class ReachableTree:
+    """The L2 tables and data clusters reachable from one L1 table, as cluster indices.
+    skip_unaligned leaves out L1 entries whose L2 offset is not cluster aligned (else
+    they are an error when the tables are read)."""
+
+    def __init__(self, img, l1: np.ndarray, *, skip_unaligned: bool = False):
+        self.img = img
+        self.l1 = l1
+        offs = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+        keep = offs != 0
+        if skip_unaligned:
+            keep &= offs % img.cluster_size == 0
+        self.used = np.flatnonzero(keep)
+        self.l2_offsets = offs[self.used]
+
+    def batches(self):
+        """Yield (l1 indices, l2 offsets, 2-D tables) in batches read with large preads."""
+        img = self.img
+        for b in range(0, len(self.used), BATCH):
+            idx = self.used[b:b + BATCH]
+            offs = [int(o) for o in self.l2_offsets[b:b + BATCH]]
+            for o in offs:
+                if o % img.cluster_size:
+                    raise CorruptImageError("L2 table offset %#x is not cluster aligned" % o)
+            yield idx, offs, read_tables(img, offs)
+
+    def tables(self):
+        """Yield (l1 index, l2 offset, table) one table at a time."""
+        for idx, offs, tabs in self.batches():
+            for i, o, t in zip(idx.tolist(), offs, tabs):
+                yield i, o, t
+
+    def data_clusters(self, tables: np.ndarray) -> np.ndarray:
+        """Host cluster indices referenced by L2 tables (compressed ranges expanded)."""
+        img = self.img
+        e = (tables[..., 0::2] if img.extended_l2 else tables).reshape(-1)
+        return referenced_clusters(e, img.cluster_bits)
+
+
+def add_tree(alloc, tree: ReachableTree, delta: int) -> None:
+    """delta on every L2 table and data cluster under tree (one reference per path).
+
+    The L2 tables (spread over the file) and each batch of data clusters (usually a dense
+    range) are added separately, which keeps the temporaries small."""
+    alloc.add_many(tree.l2_offsets >> tree.img.cluster_bits, delta)
+    for _, _, tabs in tree.batches():
+        alloc.add_many(tree.data_clusters(tabs), delta)
+
+
+def fix_copied_flags(img) -> int:
+    """COPIED exactly where the refcount is 1 in the active L1 and its L2 tables (and never
+    on compressed entries); with an external data file every allocated entry has it.
+    L2 tables first, flush, then the L1 entries, flush.  Returns the entries changed."""
+    alloc = img.allocator
+    bits = img.cluster_bits
+    l1 = img.l1_table
+    tree = ReachableTree(img, l1, skip_unaligned=True)
+    fixed = 0
+    changed_l1 = []
+    if len(tree.used):
+        want = alloc.get(tree.l2_offsets >> bits) == 1
+        have = (l1[tree.used] & COPIED) != 0
+        for j in np.flatnonzero(want != have).tolist():
+            changed_l1.append(int(tree.used[j]))
+        fixed += len(changed_l1)
+    for _, o, t in tree.tables():
+        e = t[0::2] if img.extended_l2 else t
+        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+        host = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
+        if img.has_data_file:
+            allocd = ~comp & ((host != 0) | ((e & COPIED) != 0))
+            want = np.ones(int(allocd.sum()), bool)
+        else:
+            allocd = ~comp & (host != 0)
+            want = alloc.get(host[allocd] >> bits) == 1
+        have = (e[allocd] & COPIED) != 0
+        bad = want != have
+        comp_copied = comp & ((e & COPIED) != 0)
+        if not bad.any() and not comp_copied.any():
+            continue
+        idx = np.flatnonzero(allocd)[bad]
+        e[idx] = np.where(want[bad], e[idx] | COPIED, e[idx] & ~COPIED)
+        e[comp_copied] &= ~COPIED
+        if img.extended_l2:
+            t[0::2] = e
+        alloc.write_l2(o, t.copy())
+        fixed += int(bad.sum()) + int(comp_copied.sum())
+    alloc.flush()
+    if changed_l1:
+        idx = np.array(changed_l1, np.int64)
+        alloc.set_l1_entries(idx, l1[idx] ^ COPIED)
+        alloc.flush()
+    return fixed

@@ -12,8 +12,8 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def variant_images(tmp_path_factory):
-    """Every image variant of tests/images.py, built once per session: name -> path."""
-    from tests.images import VARIANTS
+    """Every image variant of tests/helpers/images.py, built once per session: name -> path."""
+    from tests.helpers.images import VARIANTS
     root = tmp_path_factory.mktemp("variants")
     out = {}
     for v in VARIANTS:

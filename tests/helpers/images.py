@@ -9,7 +9,7 @@ file, following docs/interop/qcow2.rst.
 
 Usage::
 
-    from tests.images import VARIANTS, Variant, run
+    from tests.helpers.images import VARIANTS, Variant, run
     for v in VARIANTS:
         img = v.build(tmp_path / v.name)
 
@@ -314,7 +314,7 @@ class Variant:
     ``build(dir)`` creates the image (plus backing/data files) inside ``dir``
     and returns the path of the top image.  The flags below were filled in
     from what qemu-img 7.2 actually reports for the built image (and are
-    re-verified by tests/test_images_factory.py).
+    re-verified by tests/interop/test_images_factory.py).
     """
     name: str
     build: Callable[[Path], Path]

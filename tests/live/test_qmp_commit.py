@@ -13,7 +13,7 @@ from qmp_bridge import nodes as N
 from qmp_bridge.blockjobs import commit, start_commit, start_stream, stream
 from qmp_bridge.errors import LiveGraphError, LiveJobError, QMPImageInUseError
 from qmp_bridge.graph import read_graph
-from tests.test_qmp_common import (MiB, Model, assert_clean, backing_name, guest_write,  # noqa
+from tests.helpers.qmp import (MiB, Model, assert_clean, backing_name, guest_write,  # noqa
                                    make_image, setup_disk, vm, vm_none, written_ok)
 
 SIZE = 32 * MiB

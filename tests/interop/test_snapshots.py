@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine import engine
-from tests.images import (QEMU_SYSTEM, VARIANTS_BY_NAME, qemu_img_info, qemu_io, read_header,
+from tests.helpers.engine import engine
+from tests.helpers.images import (QEMU_SYSTEM, VARIANTS_BY_NAME, qemu_img_info, qemu_io, read_header,
                           run)
 
 KiB = 1024
@@ -49,7 +49,7 @@ def _par(*thunks):
 
 
 def _qemu_img(*args, cwd=None) -> subprocess.CompletedProcess:
-    # no preexec_fn (unlike tests.images.run): lets subprocess use vfork, much cheaper
+    # no preexec_fn (unlike tests.helpers.images.run): lets subprocess use vfork, much cheaper
     return subprocess.run(["qemu-img", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=60)
 
@@ -521,7 +521,7 @@ def _rand_range(rng: random.Random, size: int, cs: int) -> tuple[int, int]:
 
 
 def _engine_view(path: Path, snap_id: str | None, size: int) -> bytes:
-    from qcow2engine.chain.view import open_chain
+    from qcow2engine import open_chain
     with open_chain(str(path), snapshot=None if snap_id is None else f"snapshot.id={snap_id}") as c:
         data = c.read(0, c.size)
     if snap_id is None:
@@ -550,7 +550,7 @@ def _first_diff(a: bytes, b: bytes) -> str:
 
 def _run_sequence(seed: int, root: Path) -> None:
     from qcow2engine.image import snapshots as S
-    from qcow2engine.chain.view import open_chain
+    from qcow2engine import open_chain
     from qcow2engine.image.qcow2 import Qcow2Image
     from qcow2engine.image.resize import resize_image
     rng = random.Random(seed)

@@ -514,7 +514,7 @@ def run_killed(fn: Callable[[], Any], fail_at: int, *, module: str = FILEIO_MODU
 _BOOTSTRAP_HEAD = """\
 import os, sys
 sys.path.insert(0, %r)
-from tests.faultinject import inject
+from tests.helpers.faultinject import inject
 _inj = inject(int(sys.argv[1]), "kill", module=%r)
 _inj.__enter__()
 try:
@@ -535,7 +535,7 @@ def run_killed_script(script: str, fail_at: int, *, module: str = FILEIO_MODULE,
     """Run ``script`` (Python source) in a fresh interpreter whose
     ``fail_at``-th fileio call does ``os._exit(137)``; ``SystemExit(n)``
     from the script exits with n.  Returns the CompletedProcess."""
-    tests_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tests_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     body = textwrap.indent(textwrap.dedent(script).strip("\n") + "\n", "    ")
     code = _BOOTSTRAP_HEAD % (tests_parent, module) + body + "    pass\n" + _BOOTSTRAP_TAIL
     return subprocess.run([sys.executable, "-c", code, str(fail_at)], cwd=cwd, env=env,

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from tests.engine import engine, qemu_img
-from tests.images import VARIANTS
+from tests.helpers.engine import engine, qemu_img
+from tests.helpers.images import VARIANTS
 
 NAMES = [v.name for v in VARIANTS]
 

@@ -8,8 +8,8 @@ import tracemalloc
 
 import pytest
 
-from tests.corpus import build_corpus, case_names
-from tests.engine import engine
+from tests.helpers.corpus import build_corpus, case_names
+from tests.helpers.engine import engine
 
 COMMANDS = {
     "info": (["info", "--output=json"], {0, 1}),

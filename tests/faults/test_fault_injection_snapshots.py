@@ -29,8 +29,8 @@ from typing import Callable
 
 import pytest
 
-from tests.faultinject import inject, run_injected
-from tests.images import VARIANTS_BY_NAME, qemu_io, read_header, run
+from tests.helpers.faultinject import inject, run_injected
+from tests.helpers.images import VARIANTS_BY_NAME, qemu_io, read_header, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -350,7 +350,7 @@ def test_fault_injection_snapshot_ops(root, name, mode):
 
 def test_corruption_classifier(tmp_path):
     """_real_corruptions() forgives only the two harmless OFLAG_COPIED states."""
-    from tests.images import l2_entry_file_offset
+    from tests.helpers.images import l2_entry_file_offset
     img = tmp_path / "img.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, 1 * MiB)
     qemu_io(img, "write -P 1 0 64k")

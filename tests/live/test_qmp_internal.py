@@ -8,7 +8,7 @@ from qcow2engine.errors import JobError, SnapshotError
 from qmp_bridge.errors import LiveSnapshotError
 from qmp_bridge.graph import read_graph
 from qmp_bridge.internal import delete_vm, list_vm_snapshots, load_vm, save_vm
-from tests.test_qmp_common import (MiB, Model, assert_clean, guest_write, run,  # noqa: F401
+from tests.helpers.qmp import (MiB, Model, assert_clean, guest_write, run,  # noqa: F401
                                    setup_disk, vm, vm_none)
 
 SIZE = 32 * MiB

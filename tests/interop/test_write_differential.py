@@ -2,12 +2,12 @@
 (and pattern reads) run through qemu-io on copy A and through ``qcow2engine io`` on an
 identical copy B of the same starting image; then A and B must have the same guest contents,
 B must be clean for ``qemu-img check`` and our ``check`` must agree with it, and the two
-tools must print the same lines and exit status.  See tests/iodiff.py for the harness and
+tools must print the same lines and exit status.  See tests/helpers/iodiff.py for the harness and
 the variants; a failure prints a shell script that replays the case by hand.
 
-Run:   python -m pytest tests/test_write_differential.py
+Run:   python -m pytest tests/interop/test_write_differential.py
 Self-test of the harness (qemu-io on both copies):
-       IODIFF_B=qemu-io python -m pytest tests/test_write_differential.py
+       IODIFF_B=qemu-io python -m pytest tests/interop/test_write_differential.py
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests import iodiff
-from tests.iodiff import KiB, MiB, Cmd, Variant, VARIANTS, build_template, format_cmd, \
+from tests.helpers import iodiff
+from tests.helpers.iodiff import KiB, MiB, Cmd, Variant, VARIANTS, build_template, format_cmd, \
     gen_sequence, run_case
 
 

@@ -21,9 +21,9 @@ from qmp_bridge.client import QMPSession
 from qmp_bridge.errors import (QMPCommandError, QMPConnectionError, QMPImageInUseError,
                                QMPTimeoutError)
 from qmp_bridge.launch import QemuProcess
-from tests.test_qmp_common import MiB, make_image, vm_none  # noqa: F401  (fixture)
+from tests.helpers.qmp import MiB, make_image, vm_none  # noqa: F401  (fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeQMP(threading.Thread):

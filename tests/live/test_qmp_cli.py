@@ -10,10 +10,10 @@ import pytest
 
 from qcow2engine.cli.main import main as engine_main
 from qmp_bridge.graph import read_graph
-from tests.test_qmp_common import (MiB, Model, assert_clean, guest_write, setup_disk,  # noqa
+from tests.helpers.qmp import (MiB, Model, assert_clean, guest_write, setup_disk,  # noqa
                                    vm)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32 * MiB
 A = [(0, 4 * MiB, 0x11)]
 B = [(8 * MiB, 4 * MiB, 0x22)]

@@ -10,7 +10,7 @@ from qmp_bridge.blockjobs import commit, start_commit
 from qmp_bridge.errors import LiveGraphError, QMPCommandError, QMPTimeoutError
 from qmp_bridge.graph import read_graph
 from qmp_bridge.snapshot import snapshot_disks
-from tests.test_qmp_common import (MiB, Model, assert_clean, backing_name, guest_write,  # noqa
+from tests.helpers.qmp import (MiB, Model, assert_clean, backing_name, guest_write,  # noqa
                                    setup_disk, vm, vm_none, written_ok)
 
 SIZE = 32 * MiB

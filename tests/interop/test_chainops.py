@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine import engine
+from tests.helpers.engine import engine
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -87,7 +87,7 @@ def _fsync_fd_check_only(fd: int) -> None:
 def _no_disk_flush(monkeypatch):
     """fdatasync costs tens of ms on the test machine's disk and durability against power
     loss is not what these tests observe: the engine still makes every flush call (counted
-    and injectable by tests/faultinject.py, which wraps fileio.fsync at call time), but the
+    and injectable by tests/helpers/faultinject.py, which wraps fileio.fsync at call time), but the
     call only checks its fd.  qemu-img's own flushes are untouched."""
     from qcow2engine.host import fileio
     monkeypatch.setattr(fileio, "fsync", _fsync_fd_check_only)

@@ -22,7 +22,7 @@ A few scenarios are also run with a real process death (``os._exit(137)``
 at call i) in a forked child and in a fresh interpreter running the CLI.
 
 The first part of the file proves the injection framework itself
-(tests/faultinject.py) against a stand-in fileio module.
+(tests/helpers/faultinject.py) against a stand-in fileio module.
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from tests.faultinject import (KILL_EXIT_CODE, SimulatedCrash, count_calls, inject,
+from tests.helpers.faultinject import (KILL_EXIT_CODE, SimulatedCrash, count_calls, inject,
                                injection_points, run_injected, run_killed, run_killed_script,
                                trace_calls)
-from tests.images import qemu_io, read_header, run, set_refcount
+from tests.helpers.images import qemu_io, read_header, run, set_refcount
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -289,7 +289,7 @@ class TestFramework:
         moddir.mkdir()
         (moddir / "fake_fileio_mod.py").write_text(STANDIN_SOURCE)
         p = tmp_path / "s"
-        env = dict(os.environ, PYTHONPATH=f"{moddir}{os.pathsep}{Path(__file__).parents[1]}")
+        env = dict(os.environ, PYTHONPATH=f"{moddir}{os.pathsep}{Path(__file__).parents[2]}")
         script = f"""
             import os, struct
             import fake_fileio_mod as fio

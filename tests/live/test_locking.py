@@ -15,8 +15,8 @@ import pytest
 
 import qcow2engine
 from qcow2engine import ImageInUseError
-from tests.engine import engine, qemu_img
-from tests.qemu_vm import ExecuteError, QemuVM
+from tests.helpers.engine import engine, qemu_img
+from tests.helpers.qemu_vm import ExecuteError, QemuVM
 
 SHARED_WRITE = 'Failed to get shared "write" lock'   # a reader meets a writer
 WRITE = 'Failed to get "write" lock'                 # a writer meets a reader or writer

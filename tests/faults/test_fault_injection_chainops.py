@@ -36,8 +36,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tests.faultinject import inject, injection_points, run_injected
-from tests.test_chainops import ChainSpec, Layer, _par, build_chain, qimg
+from tests.helpers.faultinject import inject, injection_points, run_injected
+from tests.interop.test_chainops import ChainSpec, Layer, _par, build_chain, qimg
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -65,7 +65,7 @@ def _fsync_fd_check_only(fd: int) -> None:
 def _no_disk_flush(monkeypatch):
     """fdatasync costs tens of ms on the test machine's disk and durability against power
     loss is not what these tests observe: the engine still makes every flush call (counted
-    and injectable by tests/faultinject.py, which wraps fileio.fsync at call time), but the
+    and injectable by tests/helpers/faultinject.py, which wraps fileio.fsync at call time), but the
     call only checks its fd.  qemu-img's own flushes are untouched."""
     from qcow2engine.host import fileio
     monkeypatch.setattr(fileio, "fsync", _fsync_fd_check_only)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.engine import engine, qemu_img
+from tests.helpers.engine import engine, qemu_img
 
 OPTION_SETS = [
     "", "compat=0.10", "cluster_size=512", "cluster_size=512,refcount_bits=1",

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 
 from qcow2engine.host import fileio
-from qcow2engine.chain.view import open_chain
+from qcow2engine import open_chain
 from qcow2engine.chain.ops import commit, rebase
 from qcow2engine.blockdev.sources import PatternSource, ViewSource
-from tests.engine import engine
+from tests.helpers.engine import engine
 
 MiB = 1 << 20
 

@@ -14,10 +14,10 @@ import pytest
 from qmp_bridge.blockjobs import ChainJob
 from qmp_bridge.cli import main as live_main
 from qmp_bridge.graph import read_graph
-from tests.test_qmp_common import (MiB, Model, assert_clean, guest_write, setup_disk,  # noqa
+from tests.helpers.qmp import (MiB, Model, assert_clean, guest_write, setup_disk,  # noqa
                                    vm, written_ok)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32 * MiB
 BASE = [(0, 8 * MiB, 0x11)]
 TOP = [(4 * MiB, 10 * MiB, 0x21), (16 * MiB, 8 * MiB, 0x22)]

@@ -19,7 +19,7 @@ as ``raw``), ``info --backing-chain`` for images naming a backing file, and a
 ``qemu-io -r`` read of the first 128 KiB (the data path).
 
 ``format_reference()`` renders the results as the table kept in
-tests/corpus_qemu_reference.txt.  ``python -m tests.corpus [DIR]`` builds the
+tests/interop/corpus_qemu_reference.txt.  ``python -m tests.helpers.corpus [DIR]`` builds the
 corpus by hand and prints that table.
 
 This module deliberately does not import qcow2engine.
@@ -1095,9 +1095,9 @@ def format_reference(cases: list[Case], dir: Path | None = None) -> str:
     cols = list(COMMANDS)
     ver = _first_line(_run(["qemu-img", "--version"])[1])
     lines = [
-        "# How QEMU reacts to the damaged images of tests/corpus.py.",
+        "# How QEMU reacts to the damaged images of tests/helpers/corpus.py.",
         "# Regenerate: WRITE_CORPUS_REF=1 python -m pytest -q "
-        "tests/test_corpus_qemu.py",
+        "tests/interop/test_corpus_qemu.py",
         f"# {ver}; tools run with LC_ALL=C, ulimit -Sn {NOFILE_LIMIT}, "
         f"{QEMU_TIMEOUT:g} s timeout.",
         "#",

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers for the live QMP tests (tests/test_qmp_*.py); no tests here.
+"""Shared fixtures and helpers for the live QMP tests (tests/live/test_qmp_*.py); no tests here.
 
 Every test runs a real qemu-system-x86_64 (TCG, `-M pc -S`: no firmware runs, block jobs and
 devices work) through qmp_bridge.launch.QemuProcess.  Data is checked offline after QEMU has

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from tests.engine import engine, qemu_img
-from tests.images import VARIANTS_BY_NAME, qemu_io
+from tests.helpers.engine import engine, qemu_img
+from tests.helpers.images import VARIANTS_BY_NAME, qemu_io
 
 
 def _img(tmp_path, opts="cluster_size=4k", size="10M", snapshot=True):

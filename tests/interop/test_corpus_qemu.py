@@ -1,8 +1,8 @@
-"""Run QEMU's own tools over the damaged-image corpus (tests/corpus.py).
+"""Run QEMU's own tools over the damaged-image corpus (tests/helpers/corpus.py).
 
 * every case: qemu-img info / check must terminate (no hang / timeout);
 * with ``WRITE_CORPUS_REF=1`` the summary is (re)written to
-  tests/corpus_qemu_reference.txt (the table of QEMU's exit codes and first
+  tests/interop/corpus_qemu_reference.txt (the table of QEMU's exit codes and first
   error lines we decide to mirror);
 * otherwise, if that reference exists and was produced by the same QEMU
   version, the exit codes of info/check must still match it.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import corpus
+from tests.helpers import corpus
 
 REFERENCE = Path(__file__).with_name("corpus_qemu_reference.txt")
 WRITE_REF = os.environ.get("WRITE_CORPUS_REF") == "1"

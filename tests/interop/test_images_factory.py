@@ -1,4 +1,4 @@
-"""Each builder in tests/images.py produces what it claims, according to
+"""Each builder in tests/helpers/images.py produces what it claims, according to
 qemu-img 7.2 itself (info / check / map JSON)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.images import (UNKNOWN_AUTOCLEAR_BIT, UNKNOWN_EXT_DATA,
+from tests.helpers.images import (UNKNOWN_AUTOCLEAR_BIT, UNKNOWN_EXT_DATA,
                           UNKNOWN_EXT_TYPE, VARIANTS, VARIANTS_BY_NAME,
                           Variant, qemu_img_check, qemu_img_info,
                           read_extensions, read_header, run)

@@ -35,21 +35,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _rate(text: str) -> int:
-    """Bytes per second with qemu-img's suffixes (k, M, G: powers of 1024)."""
-    t = text.strip()
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    m = 1
-    if t and t[-1].lower() in mult:
-        m, t = mult[t[-1].lower()], t[:-1]
-    elif t and t[-1] in "bB":
-        t = t[:-1]
+    """Bytes per second in qemu-img's size grammar (qcow2engine.units)."""
+    from qcow2engine.errors import InvalidRequestError
+    from qcow2engine.units import parse_size
     try:
-        v = int(float(t) * m)
-    except ValueError:
-        raise argparse.ArgumentTypeError("Invalid speed '%s'" % text) from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("Invalid speed '%s'" % text)
-    return v
+        return parse_size(text, what="speed")
+    except InvalidRequestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

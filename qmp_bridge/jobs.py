@@ -35,7 +35,7 @@ __all__ = ["Job", "JobResult", "JOB_EVENTS", "ProgressCallback", "job_event_matc
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
+from qcow2engine.jobs import Progress as ProgressCallback  # noqa: E402 - one vocabulary
 
 JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
               "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "BLOCK_JOB_PENDING")

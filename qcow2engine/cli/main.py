@@ -24,21 +24,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _size(text: str) -> int:
-    """qemu-img size syntax: plain bytes or a k/M/G/T/P/E suffix (powers of 1024)."""
-    t = text.strip()
-    mult = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-    if t and t[-1].lower() in mult and t[-1].lower() != "b" or (t and t[-1] in "bB" and t[:-1].isdigit()):
-        num, m = t[:-1], mult[t[-1].lower()]
-    else:
-        num, m = t, 1
+    """qemu-img size syntax (units.parse_size) as an argparse type."""
+    from ..errors import InvalidRequestError
+    from ..units import parse_size
     try:
-        v = float(num) if "." in num else int(num, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("Invalid size '%s'" % text) from None
-    v = int(v * m)
-    if v < 0:
-        raise argparse.ArgumentTypeError("Invalid size '%s'" % text)
-    return v
+        return parse_size(text)
+    except InvalidRequestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _err(msg: str) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..host import fileio
-from ..errors import CreateError, InvalidImageError, Qcow2Error
+from ..errors import CreateError, InvalidImageError, InvalidRequestError, Qcow2Error
+from ..units import parse_size as _parse_size
 from ..format import constants as C
 from ..format.header import Extension, Header, build_extensions, build_feature_table, build_header
 
@@ -38,21 +39,11 @@ class CreateOptions:
 
 
 def parse_size(text: str) -> int:
-    t = str(text).strip()
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-    m = 1
-    if t and t[-1].lower() in mult:
-        m = mult[t[-1].lower()]
-        t = t[:-1]
-    elif t and t[-1] in "bB":
-        t = t[:-1]
+    """A size in qemu-img's grammar (units.parse_size); CreateError when malformed."""
     try:
-        v = float(t) if "." in t else int(t, 0)
-    except ValueError:
-        raise CreateError("Invalid size '%s'" % text) from None
-    if v < 0:
-        raise CreateError("Invalid size '%s'" % text)
-    return int(v * m)
+        return _parse_size(text)
+    except InvalidRequestError as e:
+        raise CreateError(str(e)) from None
 
 
 def _bool(key: str, val: str) -> bool:

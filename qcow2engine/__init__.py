@@ -12,8 +12,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["open_image", "open_chain", "check", "compare", "convert_to_raw", "info", "create",
-           "resize",
+_API = ("Session", "open_image", "open_chain", "check", "compare", "convert_to_raw",
+        "convert_to_qcow2", "info", "create", "resize", "amend", "rebase", "commit", "stream",
+        "snapshot_list", "snapshot_create", "snapshot_apply", "snapshot_delete")
+
+__all__ = [*_API,
            "Qcow2Error", "InvalidImageError", "UnsupportedFeatureError", "CorruptImageError",
            "ImageInUseError", "ChainError", "SnapshotError", "JobError"]
 
@@ -22,8 +25,7 @@ from .errors import (Qcow2Error, InvalidImageError, UnsupportedFeatureError, Cor
 
 
 def __getattr__(name):
-    if name in ("open_image", "open_chain", "check", "compare", "convert_to_raw", "info", "create",
-                "resize"):
+    if name in _API:
         from . import api
         return getattr(api, name)
     raise AttributeError(name)

@@ -25,7 +25,7 @@ import pytest
 from qcow2engine.host import fileio
 from qcow2engine import open_chain
 from qcow2engine.chain.ops import commit, rebase
-from qcow2engine.blockdev.sources import PatternSource, ViewSource
+from qcow2engine.blockdev.sources import ViewSource
 from tests.helpers.engine import engine
 
 MiB = 1 << 20
@@ -155,17 +155,6 @@ def test_pattern_write_spans_chunks(tmp_path, fmt):
     assert (tmp_path / "e").read_bytes() == before
 
 
-def test_pattern_source_parts():
-    s = PatternSource(0x5A, 20 * MiB + 3, chunk=MiB)
-    assert len(s) == 20 * MiB + 3
-    p = s.part(19 * MiB, 20 * MiB + 3)
-    assert len(p) == MiB + 3
-    assert bytes(p[MiB:MiB + 3]) == b"ZZZ"
-    assert bytes(s[5:105]) == b"Z" * 100
-    with pytest.raises(ValueError):
-        s[0:MiB + 1]
-
-
 def _commit_chain(d):
     run("qemu-img", "create", "-q", "-f", "qcow2", d / "base.qcow2", "40M")
     qio(d / "base.qcow2", "write -P 0x5a 0 40M")
@@ -226,7 +215,7 @@ def test_in_place_overwrite_has_no_flush_until_close(tmp_path, monkeypatch):
 def test_rebase_and_commit_over_many_small_windows(tmp_path, monkeypatch, onto):
     """Windows of 1 MiB (compare of the next one running in a helper thread while this one
     is written; commit in several write requests): same result as qemu-img."""
-    import qcow2engine.chain.ops as co
+    import qcow2engine.chain.copy as co
     monkeypatch.setattr(co, "REBASE_WINDOW", 1 * MiB)
     monkeypatch.setattr(co, "WINDOW", 1 * MiB)
     monkeypatch.setattr(co, "CHUNK", 256 * 1024)

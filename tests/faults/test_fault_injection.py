@@ -39,7 +39,8 @@ import pytest
 
 from tests.helpers.faultinject import (KILL_EXIT_CODE, inject, injection_points, run_injected,
                                        run_killed, run_killed_script)
-from tests.helpers.images import qemu_io, read_header, run, set_refcount
+from tests.helpers.images import create_image, read_header, set_refcount
+from tests.helpers.qemu import guest_bytes_or_error, qemu_img, qemu_img_check, qemu_io, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -55,21 +56,6 @@ SAMPLE = int(os.environ.get("QCOW2ENGINE_FI_SAMPLE", "12"))
 
 def _rand(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def _qemu_img(*args, cwd) -> Any:
-    return run("qemu-img", *args, cwd=cwd, check=False)
-
-
-def _create(d: Path, name: str, size: int, opts: str | None = None,
-            backing: str | None = None) -> Path:
-    args = ["create", "-q", "-f", "qcow2"]
-    if backing:
-        args += ["-b", backing, "-F", "qcow2"]
-    if opts:
-        args += ["-o", opts]
-    run("qemu-img", *args, name, size, cwd=d)
-    return d / name
 
 
 @dataclass
@@ -178,34 +164,34 @@ def b_alloc_4k_rc64(d: Path) -> Path:
     # 4k clusters, 64-bit refcounts: a refcount block covers 2 MiB of file,
     # an L2 table 2 MiB of guest.  The file is ~1.9 MiB: the write below
     # needs a new L2 table and a new refcount block.
-    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=4k,refcount_bits=64")
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=4k,refcount_bits=64")
     qemu_io(img.name, "write -P 0x11 0 1900k", cwd=d)
     return img
 
 
 def b_64k(d: Path) -> Path:
-    img = _create(d, "img.qcow2", 8 * MiB, "cluster_size=64k")
+    img = create_image(d, "img.qcow2", 8 * MiB, opts="cluster_size=64k")
     qemu_io(img.name, "write -P 0x21 0 256k", "write -P 0x22 1M 64k",
             "write -P 0x23 5M 100k", cwd=d)
     return img
 
 
 def b_4k(d: Path) -> Path:
-    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=4k")
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=4k")
     qemu_io(img.name, "write -P 0x71 0 1M", "write -P 0x72 3M 4k", cwd=d)
     return img
 
 
 def b_backing(d: Path) -> Path:
-    _create(d, "base.qcow2", 8 * MiB)
+    create_image(d, "base.qcow2", 8 * MiB)
     qemu_io("base.qcow2", "write -P 0xb0 0 8M", cwd=d)
-    img = _create(d, "top.qcow2", 8 * MiB, "cluster_size=64k", backing="base.qcow2")
+    img = create_image(d, "top.qcow2", 8 * MiB, opts="cluster_size=64k", backing="base.qcow2")
     qemu_io(img.name, "write -P 0x41 64k 64k", cwd=d)
     return img
 
 
 def b_snapshot(d: Path) -> Path:
-    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=64k")
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=64k")
     qemu_io(img.name, "write -P 0x51 0 1M", cwd=d)
     run("qemu-img", "snapshot", "-c", "s1", img.name, cwd=d)
     qemu_io(img.name, "write -P 0x52 2M 64k", cwd=d)
@@ -213,10 +199,10 @@ def b_snapshot(d: Path) -> Path:
 
 
 def b_extl2_backing(d: Path) -> Path:
-    _create(d, "base.qcow2", 8 * MiB)
+    create_image(d, "base.qcow2", 8 * MiB)
     qemu_io("base.qcow2", "write -P 0xc0 0 8M", cwd=d)
-    img = _create(d, "top.qcow2", 8 * MiB, "cluster_size=64k,extended_l2=on",
-                  backing="base.qcow2")
+    img = create_image(d, "top.qcow2", 8 * MiB, opts="cluster_size=64k,extended_l2=on",
+                       backing="base.qcow2")
     qemu_io(img.name, "write -P 0x61 4k 4k", "write -z 40k 2k", cwd=d)
     return img
 
@@ -226,13 +212,13 @@ def b_empty(d: Path) -> Path:
 
 
 def b_empty_with_base(d: Path) -> Path:
-    _create(d, "base.qcow2", 8 * MiB)
+    create_image(d, "base.qcow2", 8 * MiB)
     qemu_io("base.qcow2", "write -P 0xd0 0 3M", "write -P 0xd1 7M 1M", cwd=d)
     return d / "new.qcow2"
 
 
 def b_leaks(d: Path) -> Path:
-    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=64k")
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=64k")
     qemu_io(img.name, "write -P 0x31 0 192k", "write -P 0x32 2M 64k", cwd=d)
     cs = 64 * KiB
     # the header cluster with refcount 2 (a leak; a data cluster would be an
@@ -243,13 +229,13 @@ def b_leaks(d: Path) -> Path:
     with open(img, "r+b") as f:
         f.truncate(end + cs)
     set_refcount(img, end // cs, 1)
-    rc = _qemu_img("check", img.name, cwd=d).returncode
+    rc = qemu_img("check", img.name, cwd=d).returncode
     assert rc == 3, "template should have leaks only"
     return img
 
 
 def b_dirty_lazy(d: Path) -> Path:
-    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=64k,lazy_refcounts=on")
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=64k,lazy_refcounts=on")
     qemu_io(img.name, "write -P 0x81 0 128k", cwd=d)
     proc = qemu_io(img.name, "write -P 0x82 1M 128k", "write -P 0x83 3M 5k", "abort",
                    cwd=d, check=False)
@@ -259,13 +245,13 @@ def b_dirty_lazy(d: Path) -> Path:
 
 
 def b_grow(d: Path) -> Path:
-    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=4k")
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=4k")
     qemu_io(img.name, "write -P 0x91 0 64k", f"write -P 0x92 {4 * MiB - 4096} 4k", cwd=d)
     return img
 
 
 def b_shrink(d: Path) -> Path:
-    img = _create(d, "img.qcow2", 8 * MiB, "cluster_size=64k")
+    img = create_image(d, "img.qcow2", 8 * MiB, opts="cluster_size=64k")
     qemu_io(img.name, "write -P 0xa1 0 1M", "write -P 0xa2 3M 2M", "write -P 0xa3 7M 1M",
             cwd=d)
     return img
@@ -275,7 +261,7 @@ def b_alloc_512_rc64(d: Path) -> Path:
     # 512-byte clusters, 64-bit refcounts: a refcount block covers 32 KiB of
     # file and the one-cluster refcount table 2 MiB.  The file is ~1.95 MiB:
     # the write below must grow the refcount table.
-    img = _create(d, "img.qcow2", 4 * MiB, "cluster_size=512,refcount_bits=64")
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=512,refcount_bits=64")
     qemu_io(img.name, "write -P 0x12 0 1800k", cwd=d)
     return img
 
@@ -356,28 +342,13 @@ def _header_flags(img: Path) -> tuple[bool, bool]:
 
 
 def _check(img: Path) -> tuple[int, dict, str]:
-    import json
-    p = _qemu_img("check", "--output=json", img.name, cwd=img.parent)
-    try:
-        data = json.loads(p.stdout) if p.stdout.strip() else {}
-    except ValueError:
-        data = {}
-    return p.returncode, data, p.stderr.strip()
+    return qemu_img_check(img.name, cwd=img.parent)
 
 
 def _guest(img: Path, snapshot: str | None = None) -> bytes | str:
     """Guest content via qemu-img convert -O raw, or an error string."""
-    out = img.parent / f".guest-{os.getpid()}.raw"
-    args = ["convert", "-f", "qcow2", "-O", "raw"]
-    if snapshot:
-        args += ["-l", f"snapshot.name={snapshot}"]
-    p = _qemu_img(*args, img.name, out.name, cwd=img.parent)
-    try:
-        if p.returncode != 0:
-            return f"qemu-img convert failed rc={p.returncode}: {p.stderr.strip()}"
-        return out.read_bytes()
-    finally:
-        out.unlink(missing_ok=True)
+    return guest_bytes_or_error(img, fmt="qcow2",
+                                snapshot=f"snapshot.name={snapshot}" if snapshot else None)
 
 
 def _is_qcow2_file(img: Path) -> bool:
@@ -511,7 +482,7 @@ def _verify(sc: Scenario, prep: Prepared, img: Path, succeeded: bool) -> list[st
         if _guest(img, s) != snap:
             problems.append(f"internal snapshot {s} content changed")
     if rc != 0 or dirty:
-        r = _qemu_img("check", "-r", "all", img.name, cwd=img.parent)
+        r = qemu_img("check", "-r", "all", img.name, cwd=img.parent)
         if r.returncode != 0:
             problems.append(f"qemu-img check -r all rc={r.returncode}: "
                             + " | ".join((r.stdout + r.stderr).strip().splitlines()[-4:]))

@@ -24,7 +24,6 @@ reaches the disk from that call on, the image fds are dropped).  QEMU's tools ju
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import random
@@ -36,8 +35,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from tests.helpers.chains import ChainSpec, Layer, build_chain
 from tests.helpers.faultinject import inject, injection_points, run_injected
-from tests.interop.test_chainops import ChainSpec, Layer, _par, build_chain, qimg
+from tests.helpers.files import tree_hashes
+from tests.helpers.qemu import guest_bytes_or_error, par, qemu_img, qemu_img_check, qemu_img_info
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -45,30 +46,11 @@ MiB = 1024 * KiB
 FIRST = int(os.environ.get("QCOW2ENGINE_FI_FIRST", "60"))
 SAMPLE = int(os.environ.get("QCOW2ENGINE_FI_SAMPLE", "20"))
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def _tree(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): _sha(p) for p in sorted(d.rglob("*")) if p.is_file()}
+pytestmark = pytest.mark.usefixtures("no_disk_flush")
 
 
 def _fmt(rel: str) -> str:
     return "raw" if rel.endswith(".raw") else "qcow2"
-
-
-def _fsync_fd_check_only(fd: int) -> None:
-    os.fstat(fd)                 # EBADF still surfaces; the data is not forced to disk
-
-
-@pytest.fixture(autouse=True)
-def _no_disk_flush(monkeypatch):
-    """fdatasync costs tens of ms on the test machine's disk and durability against power
-    loss is not what these tests observe: the engine still makes every flush call (counted
-    and injectable by tests/helpers/faultinject.py, which wraps fileio.fsync at call time), but the
-    call only checks its fd.  qemu-img's own flushes are untouched."""
-    from qcow2engine.host import fileio
-    monkeypatch.setattr(fileio, "fsync", _fsync_fd_check_only)
 
 
 # -- chains --------------------------------------------------------------------
@@ -157,35 +139,23 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 # -- QEMU's view ---------------------------------------------------------------
 
 def _guest(d: Path, rel: str) -> bytes | str:
-    out = d / f".guest-{os.getpid()}-{rel.replace('/', '_')}.bin"
-    p = qimg("convert", "-U", "-f", _fmt(rel), "-O", "raw", d / rel, out)
-    try:
-        if p.returncode:
-            return f"qemu-img convert {rel} failed: {p.stderr.strip()}"
-        return out.read_bytes()
-    finally:
-        out.unlink(missing_ok=True)
+    return guest_bytes_or_error(d / rel, fmt=_fmt(rel), force_share=True)
 
 
 def _backing(d: Path, rel: str) -> tuple:
-    p = qimg("info", "-U", "--output=json", "-f", _fmt(rel), d / rel)
-    if p.returncode:
-        return ("info failed", p.stderr.strip())
-    j = json.loads(p.stdout)
+    try:
+        j = qemu_img_info(d / rel, fmt=_fmt(rel), force_share=True)
+    except RuntimeError as e:
+        return ("info failed", str(e))
     return j.get("backing-filename"), j.get("backing-filename-format")
 
 
 def _check(d: Path, rel: str) -> tuple[int, dict, str]:
-    p = qimg("check", "--output=json", d / rel)
-    try:
-        data = json.loads(p.stdout) if p.stdout.strip() else {}
-    except ValueError:
-        data = {}
-    return p.returncode, data, p.stderr.strip()
+    return qemu_img_check(d / rel)
 
 
 def _top_allocated(d: Path, rel: str) -> list:
-    p = qimg("map", "--output=json", "-U", d / rel)
+    p = qemu_img("map", "--output=json", "-U", d / rel)
     assert p.returncode == 0, p.stderr
     return [e for e in json.loads(p.stdout) if e["depth"] == 0]
 
@@ -238,7 +208,7 @@ def _prepare(sc: Scenario, root: Path) -> Prepared:
         _TEMPLATES[sc.chain] = build_chain(spec, root / "t" / sc.chain, root / "random.bin",
                                             others=False)
     tdir = _TEMPLATES[sc.chain]
-    hashes = _tree(tdir)
+    hashes = tree_hashes(tdir)
     old_top = _guest(tdir, "top.qcow2")
     assert isinstance(old_top, bytes), old_top
     old_backing = _backing(tdir, "top.qcow2")
@@ -252,7 +222,7 @@ def _prepare(sc: Scenario, root: Path) -> Prepared:
     assert inj.calls, "the operation made no fileio call"
     assert not inj.bypasses, inj.bypasses
     assert not inj.leaked_fds(), inj.leaked_fds()
-    after = _tree(w)
+    after = tree_hashes(w)
     changed = {k for k in hashes if after.get(k) != hashes[k]}
     for rel in sorted(after):
         if _fmt(rel) == "qcow2" and rel.endswith(".qcow2"):
@@ -311,7 +281,7 @@ def _content_problems(sc: Scenario, prep: Prepared, w: Path, succeeded: bool,
     jobs = [lambda: _guest(w, "top.qcow2"), lambda: _backing(w, "top.qcow2")]
     if sc.kind == "commit":
         jobs.append(lambda: _guest(w, sc.base))
-    res = _par(jobs)
+    res = par(jobs)
     top, backing = res[0], res[1]
     if isinstance(top, str):
         probs.append(label + top)
@@ -343,7 +313,7 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
     shutil.copytree(prep.tdir, w)
     out = run_injected(lambda: _run_op(sc, w), i, mode, paths=[w], baseline=prep.ncalls)
     inj, succeeded, probs = out.injector, out.succeeded, out.problems
-    now = _tree(w)
+    now = tree_hashes(w)
     touched = sorted(k for k in prep.hashes if now.get(k) != prep.hashes[k])
     stray = [k for k in touched if k not in prep.changed]
     if stray:
@@ -351,7 +321,7 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
     if set(now) != set(prep.hashes):
         probs.append(f"files appeared or vanished: {sorted(set(now) ^ set(prep.hashes))}")
     qcows = [k for k in touched if k.endswith(".qcow2")]
-    checks = dict(zip(qcows, _par([lambda k=k: _check(w, k) for k in qcows])))
+    checks = dict(zip(qcows, par([lambda k=k: _check(w, k) for k in qcows])))
     corrupt = False
     for k, (rc, data, err) in checks.items():
         if rc not in (0, 3) or data.get("corruptions") or data.get("check-errors"):
@@ -363,9 +333,9 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
         probs += _content_problems(sc, prep, w, succeeded, "")
         leaky = [k for k, (rc, _, _) in checks.items() if rc != 0]
         if leaky:
-            before = _tree(w)
+            before = tree_hashes(w)
             for k in leaky:
-                r = qimg("check", "-r", "all", w / k)
+                r = qemu_img("check", "-r", "all", w / k)
                 if r.returncode != 0:
                     probs.append(f"{k}: qemu-img check -r all rc={r.returncode}: "
                                  + " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:]))
@@ -373,7 +343,7 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
                 rc2, data2, err2 = _check(w, k)
                 if rc2 != 0:
                     probs.append(f"{k}: after check -r all: check rc={rc2} {data2} {err2}")
-            if _tree(w) != before:
+            if tree_hashes(w) != before:
                 probs += _content_problems(sc, prep, w, succeeded, "after check -r all: ")
     shutil.rmtree(w)
     where = inj.triggered or f"#{i}"

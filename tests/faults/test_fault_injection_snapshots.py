@@ -18,11 +18,8 @@ dropped), and QEMU's tools judge the result:
 from __future__ import annotations
 
 import gc
-import json
-import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,15 +27,13 @@ from typing import Callable
 import pytest
 
 from tests.helpers.faultinject import inject, run_injected
-from tests.helpers.images import VARIANTS_BY_NAME, qemu_io, read_header, run
+from tests.helpers.files import tree_hashes
+from tests.helpers.images import VARIANTS_BY_NAME, l2_entry_file_offset, read_header
+from tests.helpers.qemu import (guest_bytes_or_error, qemu_img, qemu_img_check, qemu_img_info,
+                                qemu_io, run)
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def _qemu_img(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
 
 
 # -- template images (QEMU's tools) -------------------------------------------
@@ -117,32 +112,13 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 # -- QEMU's view of an image ---------------------------------------------------
 
 def _snap_list(img: Path) -> list[tuple[str, str, int]]:
-    p = _qemu_img("info", "--output=json", img)
-    assert p.returncode == 0, p.stderr
     return [(s["id"], s["name"], s["vm-state-size"])
-            for s in json.loads(p.stdout).get("snapshots", [])]
+            for s in qemu_img_info(img).get("snapshots", [])]
 
 
 def _guest(img: Path, snap_id: str | None = None) -> bytes | str:
-    out = img.parent / f".guest-{os.getpid()}.raw"
-    args = ["convert", "-O", "raw"] + ([] if snap_id is None else
-                                       ["-l", f"snapshot.id={snap_id}"])
-    p = _qemu_img(*args, img, out)
-    try:
-        if p.returncode:
-            return f"qemu-img convert {snap_id or 'active'} failed: {p.stderr.strip()}"
-        return out.read_bytes()
-    finally:
-        out.unlink(missing_ok=True)
-
-
-def _check(img: Path) -> tuple[int, dict, str]:
-    p = _qemu_img("check", "--output=json", img)
-    try:
-        data = json.loads(p.stdout) if p.stdout.strip() else {}
-    except ValueError:
-        data = {}
-    return p.returncode, data, p.stderr.strip()
+    return guest_bytes_or_error(img, snapshot=None if snap_id is None
+                                else f"snapshot.id={snap_id}")
 
 
 COPIED_RE = re.compile(r"^ERROR OFLAG_COPIED (?:data cluster: l2_entry=([0-9a-f]+)|L2 cluster: "
@@ -160,7 +136,7 @@ def _real_corruptions(img: Path, corruptions: int) -> tuple[int, list[str]]:
     COPIED set on a cluster whose refcount is above 1 only because it is leaked (reference
     count 1: writes in place are right), and COPIED clear on a cluster of refcount 1 (a
     write copies needlessly).  Everything else counts."""
-    p = _qemu_img("check", img)
+    p = qemu_img("check", img)
     lines = (p.stdout + p.stderr).splitlines()
     leaks = {}
     for ln in lines:
@@ -248,7 +224,7 @@ def _prepare(sc: Scenario, root: Path) -> Prepared:
     assert inj.calls and not inj.bypasses, inj.bypasses
     gc.collect()
     assert not inj.leaked_fds()
-    rc, data, err = _check(w / timg.name)
+    rc, data, err = qemu_img_check(w / timg.name)
     assert rc == 0, f"after a successful {sc.name}: check rc={rc} {data} {err}"
     new = _state(w / timg.name)
     shutil.rmtree(w)
@@ -305,7 +281,7 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
     out = run_injected(lambda: _run_op(sc, img), i, mode, paths=[w], baseline=prep.ncalls,
                        any_eio_must_surface=True)
     inj, succeeded, probs = out.injector, out.succeeded, out.problems
-    rc, data, err = _check(img)
+    rc, data, err = qemu_img_check(img)
     real, lines = _real_corruptions(img, data.get("corruptions", 0)) if rc == 2 else (0, [])
     if rc not in (0, 2, 3) or real or data.get("check-errors"):
         probs.append(f"qemu-img check rc={rc} corruptions={data.get('corruptions')} "
@@ -313,25 +289,19 @@ def _run_point(sc: Scenario, prep: Prepared, root: Path, i: int, mode: str) -> l
                      f"leaks={data.get('leaks')}: " + " | ".join(lines or err.splitlines()[:4]))
     else:
         probs += _content_problems(prep, img, succeeded, "")
-        before = _sha_tree(w)
-        r = _qemu_img("check", "-r", "all", img)
+        before = tree_hashes(w)
+        r = qemu_img("check", "-r", "all", img)
         if r.returncode != 0:
             probs.append(f"qemu-img check -r all rc={r.returncode}: "
                          + " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:]))
-        elif rc != 0 or _sha_tree(w) != before:
-            rc2, data2, err2 = _check(img)
+        elif rc != 0 or tree_hashes(w) != before:
+            rc2, data2, err2 = qemu_img_check(img)
             if rc2 != 0:
                 probs.append(f"after check -r all: check rc={rc2} {data2} {err2}")
             probs += _content_problems(prep, img, succeeded, "after check -r all: ")
     shutil.rmtree(w)
     where = inj.triggered or f"#{i}"
     return [f"{mode} at {where}: {p}" for p in probs]
-
-
-def _sha_tree(d: Path) -> dict:
-    import hashlib
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir()
-            if p.is_file()}
 
 
 # -- the tests ---------------------------------------------------------------
@@ -350,7 +320,6 @@ def test_fault_injection_snapshot_ops(root, name, mode):
 
 def test_corruption_classifier(tmp_path):
     """_real_corruptions() forgives only the two harmless OFLAG_COPIED states."""
-    from tests.helpers.images import l2_entry_file_offset
     img = tmp_path / "img.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, 1 * MiB)
     qemu_io(img, "write -P 1 0 64k")
@@ -366,13 +335,13 @@ def test_corruption_classifier(tmp_path):
             f.seek(off)
             f.write(e.to_bytes(8, "big"))
 
-    assert _check(img)[0] == 0
+    assert qemu_img_check(img)[0] == 0
     flip(64 * KiB, False)                     # refcount 1, COPIED clear: harmless
-    rc, data, _ = _check(img)
+    rc, data, _ = qemu_img_check(img)
     assert rc == 2 and data["corruptions"] == 1
     assert _real_corruptions(img, 1)[0] == 0
     flip(0, True)                             # shared (refcount 2, 2 references), COPIED set
-    rc, data, _ = _check(img)
+    rc, data, _ = qemu_img_check(img)
     assert rc == 2 and data["corruptions"] == 2
     real, lines = _real_corruptions(img, 2)
     assert real == 1 and "OFLAG_COPIED" in lines[0]

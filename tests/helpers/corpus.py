@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import qemu
+
 QEMU_TIMEOUT = 10.0
 
 QCOW2_MAGIC = 0x514649FB
@@ -888,13 +890,14 @@ _LIMIT_PREFIX = ["sh", "-c",
 
 def _run(args: list[str], cwd: Path | None = None,
          timeout: float = QEMU_TIMEOUT) -> tuple[int | None, str, str]:
+    """(rc, stdout, stderr) of a QEMU tool under the descriptor limit; rc None after a
+    timeout."""
     try:
-        p = subprocess.run(_LIMIT_PREFIX + args, cwd=cwd, capture_output=True,
-                           timeout=timeout, stdin=subprocess.DEVNULL, env=_ENV)
+        rc, out, err = qemu.run(*_LIMIT_PREFIX, *args, check=False, cwd=cwd,
+                                timeout=timeout, env=_ENV)
     except subprocess.TimeoutExpired:
         return None, "", "<timeout>"
-    return (p.returncode, p.stdout.decode(errors="replace"),
-            p.stderr.decode(errors="replace"))
+    return rc, out, err
 
 
 def _must(args: list[str], cwd: Path) -> None:

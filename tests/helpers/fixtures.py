@@ -19,7 +19,7 @@ def variant_images(tmp_path_factory):
     class Built(dict):
         def directory(self, name: str):
             """The folder holding variant name's image and its backing / data files."""
-            self[name]
+            self[name]                  # built on first use
             return root / name
 
         def __missing__(self, name: str):

@@ -9,7 +9,7 @@ file, following docs/interop/qcow2.rst.
 
 Usage::
 
-    from tests.helpers.images import VARIANTS, Variant, run
+    from tests.helpers.images import VARIANTS, Variant
     for v in VARIANTS:
         img = v.build(tmp_path / v.name)
 
@@ -26,9 +26,7 @@ not against the image's directory (unlike backing file names).  Variants with
 """
 from __future__ import annotations
 
-import json
 import os
-import resource
 import struct
 import subprocess
 import time
@@ -36,106 +34,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
+from .qemu import QEMU_IMG, QEMU_SYSTEM, qemu_img_info, qemu_io, run
+
 __all__ = [
-    "run", "qemu_io", "qemu_img_info", "qemu_img_check", "Variant", "VARIANTS",
-    "VARIANTS_BY_NAME", "read_header", "read_extensions", "write_extensions",
-    "set_refcount", "get_refcount", "l2_entry_file_offset",
-    "build_savevm_image",
+    "Variant", "VARIANTS", "VARIANTS_BY_NAME", "create_image", "read_header",
+    "read_extensions", "write_extensions", "set_refcount", "get_refcount",
+    "l2_entry_file_offset", "build_savevm_image", "variant_params",
 ]
 
 KiB = 1024
 MiB = 1024 * KiB
 
-QEMU_IMG = "qemu-img"
-QEMU_IO = "qemu-io"
-QEMU_SYSTEM = "qemu-system-x86_64"
 
-
-# --------------------------------------------------------------------------
-# Process helpers
-# --------------------------------------------------------------------------
-
-def _no_core_dumps() -> None:
-    # "qemu-io -c abort" raises SIGABRT; don't litter the disk with cores.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def run(*args: Any, check: bool = True, cwd: str | os.PathLike | None = None,
-        input: str | None = None, timeout: float = 60
-        ) -> subprocess.CompletedProcess:
-    """Run a command (arguments are str()-ed), capturing text output.
-
-    With ``check=True`` a non-zero exit raises RuntimeError carrying the
-    command, exit code and stderr.  With ``check=False`` the CompletedProcess
-    is returned whatever the exit code (e.g. ``qemu-img check`` returning 2/3,
-    or ``qemu-io -c abort`` dying from SIGABRT, returncode -6).
-    """
-    argv = [str(a) for a in args]
-    proc = subprocess.run(argv, cwd=None if cwd is None else str(cwd),
-                          input=input, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_no_core_dumps)
-    if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"command failed (rc={proc.returncode}): {' '.join(argv)}\n"
-            f"stderr: {proc.stderr.strip()}\nstdout: {proc.stdout.strip()}")
-    return proc
-
-
-def qemu_io(img: str | os.PathLike, *cmds: str, fmt: str = "qcow2",
-            cwd: str | os.PathLike | None = None, check: bool = True
-            ) -> subprocess.CompletedProcess:
-    """Run ``qemu-io -f FMT -c CMD1 -c CMD2 ... IMG``."""
-    args: list[str] = [QEMU_IO, "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    args.append(str(img))
-    proc = run(*args, cwd=cwd, check=check)
-    # qemu-io reports many command errors on stdout/stderr but exits 0.
-    if check:
-        out = proc.stdout + proc.stderr
-        for bad in ("failed:", "Invalid argument", "Operation not permitted",
-                    "No space left"):
-            if bad in out:
-                raise RuntimeError(f"qemu-io error on {img}: {out.strip()}")
-    return proc
-
-
-def qemu_img_info(img: str | os.PathLike, cwd: str | os.PathLike | None = None,
-                  backing_chain: bool = False) -> Any:
-
-    args = [QEMU_IMG, "info", "--output=json"]
-    if backing_chain:
-        args.append("--backing-chain")
-    args.append(str(img))
-    return json.loads(run(*args, cwd=cwd).stdout)
-
-
-def qemu_img_check(img: str | os.PathLike, cwd: str | os.PathLike | None = None
-                   ) -> tuple[int, dict]:
-    """Return (exit code, parsed JSON or {})."""
-
-    proc = run(QEMU_IMG, "check", "--output=json", str(img), cwd=cwd,
-               check=False)
-    try:
-        data = json.loads(proc.stdout) if proc.stdout.strip() else {}
-    except ValueError:
-        data = {}
-    return proc.returncode, data
-
-
-def _create(dirpath: Path, name: str, size: int | str, *, fmt: str = "qcow2",
-            opts: str | None = None, backing: str | None = None,
-            backing_fmt: str | None = None) -> Path:
+def create_image(dirpath: Path, name: str, size: int | str, *, fmt: str = "qcow2",
+                 opts: str | None = None, backing: str | None = None,
+                 backing_fmt: str = "qcow2") -> Path:
+    """``qemu-img create -q -f FMT [-b BACKING -F BACKING_FMT] [-o OPTS] NAME SIZE`` run in
+    dirpath; returns dirpath / name."""
     args: list[Any] = [QEMU_IMG, "create", "-q", "-f", fmt]
     if backing is not None:
-        args += ["-b", backing]
-        if backing_fmt is not None:
-            args += ["-F", backing_fmt]
+        args += ["-b", backing, "-F", backing_fmt]
     if opts:
         args += ["-o", opts]
     args += [name, size]
     run(*args, cwd=dirpath)
-    return dirpath / name
+    return Path(dirpath) / name
 
 
 def _mkdir(d: Path) -> Path:
@@ -342,6 +267,18 @@ class Variant:
     def __repr__(self) -> str:          # short ids in pytest output
         return f"Variant({self.name})"
 
+    @property
+    def marks(self) -> tuple:
+        """pytest marks of a test on this variant: ``live`` if building it boots
+        qemu-system-x86_64."""
+        return (pytest.mark.live,) if self.slow else ()
+
+
+def variant_params(names: list[str] | None = None) -> list:
+    """pytest.param(name, id=name, marks=...) for each variant (all of them by default)."""
+    return [pytest.param(n, id=n, marks=VARIANTS_BY_NAME[n].marks)
+            for n in (names if names is not None else [v.name for v in VARIANTS])]
+
 
 # --------------------------------------------------------------------------
 # Guest data recipes
@@ -367,7 +304,7 @@ def _simple_qcow2(size: int, opts: str | None, extra: list[str] | None = None,
                   name: str = "img.qcow2") -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         _mkdir(d)
-        img = _create(d, name, size, opts=opts)
+        img = create_image(d, name, size, opts=opts)
         qemu_io(name, *_std_writes(size), *(extra or []), cwd=d)
         return img
     return build
@@ -383,7 +320,7 @@ def build_cluster_2m(d: Path) -> Path:
     cluster each)."""
     _mkdir(d)
     size = 64 * MiB
-    img = _create(d, "img.qcow2", size, opts="cluster_size=2M")
+    img = create_image(d, "img.qcow2", size, opts="cluster_size=2M")
     qemu_io("img.qcow2",
             "write -P 0x11 0 64k",
             "write -P 0x22 100000 50000",
@@ -400,7 +337,7 @@ def build_compressed_zlib_convert(d: Path) -> Path:
     """Raw file with data -> qemu-img convert -c -O qcow2, then overwrite a
     few ranges uncompressed (COW out of compressed clusters)."""
     _mkdir(d)
-    _create(d, "src.raw", 8 * MiB, fmt="raw")
+    create_image(d, "src.raw", 8 * MiB, fmt="raw")
     qemu_io("src.raw", "write -P 0x5a 0 1M", "write -P 0x6b 1500000 700000",
             "write -P 0x7c 5M 64k", "write -P 0x01 8323072 65536",
             fmt="raw", cwd=d)
@@ -415,7 +352,7 @@ def build_compressed_zlib_convert(d: Path) -> Path:
 def build_compressed_qemuio(opts: str | None) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         _mkdir(d)
-        img = _create(d, "img.qcow2", 16 * MiB, opts=opts)
+        img = create_image(d, "img.qcow2", 16 * MiB, opts=opts)
         qemu_io("img.qcow2",
                 "write -c -P 0x21 0 64k",
                 "write -c -P 0x22 64k 64k",
@@ -430,7 +367,7 @@ def build_compressed_qemuio(opts: str | None) -> Callable[[Path], Path]:
 
 def build_extended_l2(d: Path) -> Path:
     _mkdir(d)
-    img = _create(d, "img.qcow2", 16 * MiB, opts="extended_l2=on")
+    img = create_image(d, "img.qcow2", 16 * MiB, opts="extended_l2=on")
     qemu_io("img.qcow2",
             "write -P 0x31 4k 4k",               # one 2k-subcluster pair
             "write -P 0x32 10k 1k",              # sub-subcluster write (COW)
@@ -450,9 +387,9 @@ def build_extended_l2_backing(d: Path) -> Path:
     """extended_l2 overlay over a fully written qcow2 base: unallocated
     subclusters of allocated clusters must read from the backing file."""
     _mkdir(d)
-    _create(d, "base.qcow2", 8 * MiB)
+    create_image(d, "base.qcow2", 8 * MiB)
     qemu_io("base.qcow2", "write -P 0xb0 0 4M", "write -P 0xb1 4M 4M", cwd=d)
-    img = _create(d, "top.qcow2", 8 * MiB, opts="extended_l2=on",
+    img = create_image(d, "top.qcow2", 8 * MiB, opts="extended_l2=on",
                   backing="base.qcow2", backing_fmt="qcow2")
     qemu_io("top.qcow2",
             "write -P 0x41 4k 4k",
@@ -471,7 +408,7 @@ def build_data_file(raw: bool) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         _mkdir(d)
         opts = "data_file=data.bin" + (",data_file_raw=on" if raw else "")
-        img = _create(d, "img.qcow2", 8 * MiB, opts=opts)
+        img = create_image(d, "img.qcow2", 8 * MiB, opts=opts)
         qemu_io("img.qcow2", *_std_writes(8 * MiB), cwd=d)
         return img
     return build
@@ -479,7 +416,7 @@ def build_data_file(raw: bool) -> Callable[[Path], Path]:
 
 def build_internal_snapshots(d: Path) -> Path:
     _mkdir(d)
-    img = _create(d, "img.qcow2", 16 * MiB)
+    img = create_image(d, "img.qcow2", 16 * MiB)
     q = lambda *c: qemu_io("img.qcow2", *c, cwd=d)  # noqa: E731
     snap = lambda *a: run(QEMU_IMG, "snapshot", *a, "img.qcow2", cwd=d)  # noqa
     q("write -P 0x51 0 256k", "write -P 0x52 2M 100000")
@@ -497,7 +434,7 @@ def build_internal_snapshots(d: Path) -> Path:
 
 def build_bitmaps(d: Path) -> Path:
     _mkdir(d)
-    img = _create(d, "img.qcow2", 16 * MiB)
+    img = create_image(d, "img.qcow2", 16 * MiB)
     bm = lambda *a: run(QEMU_IMG, "bitmap", *a, cwd=d)  # noqa: E731
     qemu_io("img.qcow2", "write -P 0x61 0 128k", cwd=d)
     bm("--add", "img.qcow2", "bm0")
@@ -516,18 +453,18 @@ def build_backing_chain_relative(d: Path) -> Path:
     _mkdir(d)
     for sub in ("base", "l1", "l2", "top"):
         _mkdir(d / sub)
-    _create(d, "base/base.raw", 8 * MiB, fmt="raw")
+    create_image(d, "base/base.raw", 8 * MiB, fmt="raw")
     qemu_io("base/base.raw", "write -P 0xa0 0 3M", "write -P 0xa1 7M 1M",
             fmt="raw", cwd=d)
-    _create(d, "l1/l1.qcow2", 8 * MiB, backing="../base/base.raw",
+    create_image(d, "l1/l1.qcow2", 8 * MiB, backing="../base/base.raw",
             backing_fmt="raw")
     qemu_io("l1/l1.qcow2", "write -P 0xa2 1M 64k", "write -P 0xa3 100000 3000",
             "write -z 2M 128k", cwd=d)
-    _create(d, "l2/l2.qcow2", 8 * MiB, backing="../l1/l1.qcow2",
+    create_image(d, "l2/l2.qcow2", 8 * MiB, backing="../l1/l1.qcow2",
             backing_fmt="qcow2")
     qemu_io("l2/l2.qcow2", f"write -P 0xa4 {MiB + 32 * KiB} 64k",
             "discard 0 64k", "write -P 0xa5 5M 10", cwd=d)
-    img = _create(d, "top/top.qcow2", 8 * MiB, backing="../l2/l2.qcow2",
+    img = create_image(d, "top/top.qcow2", 8 * MiB, backing="../l2/l2.qcow2",
                   backing_fmt="qcow2")
     qemu_io("top/top.qcow2", "write -P 0xa6 4k 4k", "write -z 2M 64k",
             f"write -P 0xa7 {8 * MiB - 4096} 4k",
@@ -538,9 +475,9 @@ def build_backing_chain_relative(d: Path) -> Path:
 def build_backing_shorter(d: Path) -> Path:
     """base 4 MiB, overlay 8 MiB: reads past 4 MiB in the base are zeros."""
     _mkdir(d)
-    _create(d, "base.qcow2", 4 * MiB)
+    create_image(d, "base.qcow2", 4 * MiB)
     qemu_io("base.qcow2", "write -P 0xc0 0 4M", cwd=d)
-    img = _create(d, "top.qcow2", 8 * MiB, backing="base.qcow2",
+    img = create_image(d, "top.qcow2", 8 * MiB, backing="base.qcow2",
                   backing_fmt="qcow2")
     qemu_io("top.qcow2", "write -P 0xc1 64k 4k",
             f"write -P 0xc2 {4 * MiB - 3000} 6000",   # straddles base EOF
@@ -552,7 +489,7 @@ def build_lazy_dirty(d: Path) -> Path:
     """lazy_refcounts=on, then a crash (qemu-io abort) after more writes:
     dirty bit set, on-disk refcounts of the new clusters are 0."""
     _mkdir(d)
-    img = _create(d, "img.qcow2", 16 * MiB, opts="lazy_refcounts=on")
+    img = create_image(d, "img.qcow2", 16 * MiB, opts="lazy_refcounts=on")
     qemu_io("img.qcow2", "write -P 0x71 0 128k", "write -P 0x72 200000 3000",
             cwd=d)
     proc = qemu_io("img.qcow2", "write -P 0x73 1M 128k",
@@ -565,7 +502,7 @@ def build_lazy_dirty(d: Path) -> Path:
 def build_leaked_clusters(d: Path) -> Path:
     """Two clusters appended to the file with refcount 1 and no reference."""
     _mkdir(d)
-    img = _create(d, "img.qcow2", 16 * MiB)
+    img = create_image(d, "img.qcow2", 16 * MiB)
     qemu_io("img.qcow2", *_std_writes(16 * MiB), cwd=d)
     hdr = read_header(img)
     cs = hdr["cluster_size"]
@@ -581,7 +518,7 @@ def build_leaked_clusters(d: Path) -> Path:
 def build_wild_l2(d: Path) -> Path:
     """An L2 entry pointing 64 MiB past EOF (file is < 1 MiB)."""
     _mkdir(d)
-    img = _create(d, "img.qcow2", 16 * MiB)
+    img = create_image(d, "img.qcow2", 16 * MiB)
     qemu_io("img.qcow2", "write -P 0x81 0 192k", "write -P 0x82 1M 64k", cwd=d)
     cs = read_header(img)["cluster_size"]
     off = l2_entry_file_offset(img, cs)            # guest cluster 1
@@ -599,9 +536,9 @@ def build_unknown_ext_autoclear(d: Path) -> Path:
     """Unknown autoclear bit 7 + an unknown header extension inserted before
     the end marker; the image has a backing file so its name gets moved."""
     _mkdir(d)
-    _create(d, "base.qcow2", 8 * MiB)
+    create_image(d, "base.qcow2", 8 * MiB)
     qemu_io("base.qcow2", "write -P 0xd0 0 1M", cwd=d)
-    img = _create(d, "img.qcow2", 8 * MiB, backing="base.qcow2",
+    img = create_image(d, "img.qcow2", 8 * MiB, backing="base.qcow2",
                   backing_fmt="qcow2")
     qemu_io("img.qcow2", *_std_writes(8 * MiB), cwd=d)
     exts = read_extensions(img)
@@ -614,7 +551,7 @@ def build_unknown_ext_autoclear(d: Path) -> Path:
 
 def build_raw_sparse(d: Path) -> Path:
     _mkdir(d)
-    img = _create(d, "img.raw", 8 * MiB, fmt="raw")
+    img = create_image(d, "img.raw", 8 * MiB, fmt="raw")
     qemu_io("img.raw", "write -P 0xe1 0 64k", "write -P 0xe2 1000000 70000",
             "write -P 0xe3 4M 1M", f"write -z {4 * MiB + 64 * KiB} 64k",
             f"write -P 0xe4 {8 * MiB - 512} 512", fmt="raw", cwd=d)
@@ -625,7 +562,7 @@ def build_savevm_image(d: Path, timeout: float = 30) -> Path:
     """Boot a (diskless-firmware) TCG guest on a qcow2 drive and take an
     internal snapshot with VM state via HMP ``savevm`` on stdio."""
     _mkdir(d)
-    img = _create(d, "img.qcow2", 16 * MiB)
+    img = create_image(d, "img.qcow2", 16 * MiB)
     qemu_io("img.qcow2", "write -P 0xf1 0 128k", "write -P 0xf2 3M 5000",
             cwd=d)
     argv = [QEMU_SYSTEM, "-machine", "pc", "-accel", "tcg", "-nodefaults",
@@ -634,7 +571,7 @@ def build_savevm_image(d: Path, timeout: float = 30) -> Path:
             "-monitor", "stdio"]
     proc = subprocess.Popen(argv, cwd=str(d), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_no_core_dumps)
+                            text=True)
     try:
         assert proc.stdin is not None
         # Let the firmware run a little so vm-clock and RAM are non-trivial.

@@ -38,20 +38,20 @@ Environment knobs (harness self-test / debugging, not for CI):
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import os
 import random
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from .engine import engine, engine_proc
+from .files import file_sha256
+from .qemu import CommandError, Result, guest_bytes, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -276,13 +276,8 @@ class Template:
     snapshot_raw: bytes | None = None
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _run(argv: Sequence[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in argv], cwd=str(cwd), capture_output=True,
-                          text=True, timeout=timeout)
+def _run(argv: Sequence[str], cwd: Path) -> Result:
+    return run(*argv, check=False, cwd=cwd)
 
 
 def build_template(v: Variant, d: Path) -> Template:
@@ -294,20 +289,14 @@ def build_template(v: Variant, d: Path) -> Template:
         if p.returncode != 0 or "failed" in out:
             raise RuntimeError(f"template {v.name}: {shlex.join(argv)} -> rc {p.returncode}\n"
                                f"{out}")
-    t = Template(v, d, {b: _sha(d / b) for b in v.backing_files})
+    t = Template(v, d, {b: file_sha256(d / b) for b in v.backing_files})
     if v.snapshot:
-        t.snapshot_raw = _snapshot_bytes(d, v.snapshot, d / "snap.raw")
+        t.snapshot_raw = _snapshot_bytes(d, v.snapshot)
     return t
 
 
-def _snapshot_bytes(d: Path, snap: str, out: Path) -> bytes:
-    p = _run(["qemu-img", "convert", "-l", f"snapshot.name={snap}", "-O", "raw", IMG,
-              str(out)], d)
-    if p.returncode != 0:
-        raise RuntimeError(f"convert of snapshot {snap} in {d} failed: {p.stderr}")
-    data = out.read_bytes()
-    out.unlink()
-    return data
+def _snapshot_bytes(d: Path, snap: str) -> bytes:
+    return guest_bytes(IMG, snapshot=f"snapshot.name={snap}", cwd=d)
 
 
 # --------------------------------------------------------------------------
@@ -445,27 +434,10 @@ def _io_argv(prog: Sequence[str], cmds: Sequence[str]) -> list[str]:
     return argv + [IMG]
 
 
-def _engine_inproc(args: Sequence[str], cwd: Path) -> tuple[int, str, str]:
-    from qcow2engine.cli.main import main
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main([str(a) for a in args])
-            except SystemExit as e:                      # argparse / sys.exit in a command
-                rc = e.code if isinstance(e.code, int) else 1
-    finally:
-        os.chdir(old)
-    return rc, out.getvalue(), err.getvalue()
-
-
 def _engine(args: Sequence[str], cwd: Path, mode: str) -> tuple[int, str, str]:
     if mode == "subprocess":
-        p = _run([sys.executable, "-m", "qcow2engine", *args], cwd)
-        return p.returncode, p.stdout, p.stderr
-    return _engine_inproc(args, cwd)
+        return engine_proc(*args, cwd=cwd)
+    return engine(*args, cwd=cwd, catch_exit=True)      # argparse / sys.exit in a command
 
 
 def _run_b(cmds: Sequence[str], cwd: Path, mode: str) -> tuple[int, str, str]:
@@ -635,9 +607,9 @@ def run_case(t: Template, cmds: Sequence[str] | Sequence[Sequence[str]], case_di
     # --- internal snapshot content survives the writes
     if v.snapshot:
         try:
-            sa = _snapshot_bytes(a_dir, v.snapshot, case_dir / "snap-A.raw")
-            sb = _snapshot_bytes(b_dir, v.snapshot, case_dir / "snap-B.raw")
-        except RuntimeError as e:
+            sa = _snapshot_bytes(a_dir, v.snapshot)
+            sb = _snapshot_bytes(b_dir, v.snapshot)
+        except CommandError as e:
             problems.append(str(e))
         else:
             if sa != t.snapshot_raw:
@@ -649,7 +621,7 @@ def run_case(t: Template, cmds: Sequence[str] | Sequence[Sequence[str]], case_di
     # --- backing files untouched
     for name, digest in t.backing_digests.items():
         for d in (a_dir, b_dir):
-            if (d / name).exists() and _sha(d / name) != digest:
+            if (d / name).exists() and file_sha256(d / name) != digest:
                 problems.append(f"backing file {d.name}/{name} was modified")
 
     if problems:

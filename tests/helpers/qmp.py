@@ -1,14 +1,14 @@
-"""Shared fixtures and helpers for the live QMP tests (tests/live/test_qmp_*.py); no tests here.
+"""Fixtures and helpers for the live tests (tests/live/); no tests here.
 
-Every test runs a real qemu-system-x86_64 (TCG, `-M pc -S`: no firmware runs, block jobs and
-devices work) through qmp_bridge.launch.QemuProcess.  Data is checked offline after QEMU has
-quit, with qemu-io (read -P) and with our engine (open_chain().read()), and every image file
-must pass `qemu-img check`.
+Every live test runs a real qemu-system-x86_64 (TCG, `-M pc -S` or `-M none`: no firmware
+runs; block jobs, and with pc devices, work) through qmp_bridge.launch.QemuProcess -- the one
+QEMU launcher.  Data is checked offline after QEMU has quit, with qemu-io (read -P) and with
+our engine (open_chain().read()), and every image file must pass `qemu-img check`.  The
+fixtures `vm` and `vm_none` are registered for tests/live/ in tests/live/conftest.py.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,41 +18,34 @@ import qcow2engine
 from qmp_bridge import nodes as N
 from qmp_bridge.launch import QemuProcess
 
+from .qemu import assert_clean, qemu_img, qemu_img_info, qemu_io
+
+__all__ = ["MiB", "Span", "make_image", "expect", "assert_clean", "backing_name", "written_ok",
+           "setup_disk", "vm", "vm_none", "Model", "guest_write"]
+
 MiB = 1 << 20
 Span = tuple  # (offset, length, pattern byte)
-
-
-def run(*argv: object, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command (qemu-img, qemu-io), text output, 60 s limit."""
-    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60)
-    if check and p.returncode != 0:
-        raise AssertionError("%s failed (%d): %s %s" % (argv, p.returncode, p.stdout, p.stderr))
-    return p
 
 
 def make_image(path: Path, size: int, *, backing: Path | None = None,
                writes: Iterable[Span] = ()) -> Path:
     """A qcow2 image (with a relative backing name if `backing`), with `writes` done by
     qemu-io."""
-    argv: list[object] = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    argv: list[object] = ["create", "-q", "-f", "qcow2"]
     if backing is not None:
         argv += ["-b", os.path.relpath(backing, path.parent), "-F", "qcow2"]
-    run(*argv, path, size)
-    cmds: list[str] = []
-    for off, length, pat in writes:
-        cmds += ["-c", "write -P 0x%02x %d %d" % (pat, off, length)]
+    qemu_img(*argv, path, size, check=True)
+    cmds = ["write -P 0x%02x %d %d" % (pat, off, length) for off, length, pat in writes]
     if cmds:
-        run("qemu-io", "-f", "qcow2", *cmds, path)
+        qemu_io(path, *cmds)
     return path
 
 
 def expect(path: Path, spans: Sequence[Span]) -> None:
     """The guest view of `path` (its whole chain) holds pattern `pat` at each span: checked with
     qemu-io read -P and with our engine."""
-    cmds: list[str] = []
-    for off, length, pat in spans:
-        cmds += ["-c", "read -P 0x%02x %d %d" % (pat, off, length)]
-    p = run("qemu-io", "-r", *cmds, path)
+    cmds = ["read -P 0x%02x %d %d" % (pat, off, length) for off, length, pat in spans]
+    p = qemu_io(path, *cmds, fmt=None, read_only=True)
     assert "verification failed" not in p.stdout, (path, p.stdout)
     with qcow2engine.open_chain(str(path)) as chain:
         for off, length, pat in spans:
@@ -60,18 +53,9 @@ def expect(path: Path, spans: Sequence[Span]) -> None:
             assert data == bytes([pat]) * length, (path, off, length, pat, data[:16])
 
 
-def assert_clean(*paths: Path) -> None:
-    """`qemu-img check` finds nothing wrong in any of `paths`."""
-    for p in paths:
-        r = run("qemu-img", "check", p, check=False)
-        assert r.returncode == 0, (p, r.stdout, r.stderr)
-
-
 def backing_name(path: Path) -> str | None:
     """The backing file name written in `path`'s header (qemu-img info)."""
-    import json
-    info = json.loads(run("qemu-img", "info", "--output=json", "-U", path).stdout)
-    return info.get("backing-filename")
+    return qemu_img_info(path, force_share=True).get("backing-filename")
 
 
 def written_ok(vm: QemuProcess, count: int) -> None:
@@ -136,7 +120,7 @@ class Model:
         file, and our engine's read of the whole chain."""
         raw = tmp / ("model-%s.raw" % path.stem)
         raw.write_bytes(bytes(self.data))
-        r = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, path, check=False)
+        r = qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, path)
         assert r.returncode == 0, (path, r.stdout, r.stderr)
         with qcow2engine.open_chain(str(path)) as chain:
             assert chain.read(0, self.size) == bytes(self.data), path

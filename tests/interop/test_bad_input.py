@@ -2,7 +2,6 @@
 of error, bounded time and memory, and never a changed byte."""
 from __future__ import annotations
 
-import hashlib
 import time
 import tracemalloc
 
@@ -10,6 +9,7 @@ import pytest
 
 from tests.helpers.corpus import build_corpus, case_names
 from tests.helpers.engine import engine
+from tests.helpers.files import file_sha256
 
 COMMANDS = {
     "info": (["info", "--output=json"], {0, 1}),
@@ -29,14 +29,7 @@ def corpus(tmp_path_factory):
 
 
 def _digest(paths) -> list:
-    out = []
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out.append(h.hexdigest())
-    return out
+    return [file_sha256(p) for p in paths]
 
 
 @pytest.mark.parametrize("name", case_names())

@@ -30,212 +30,25 @@ number of clusters; the engine's fdatasync is reduced to an fd check (speed only
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.chains import KiB, MiB, UNRELATED, UNRELATED_BIG, ChainSpec, Layer, build_chain
 from tests.helpers.engine import engine
+from tests.helpers.files import tree_hashes
+from tests.helpers.qemu import par, qemu_img, qemu_img_check, qemu_io
 
-KiB = 1024
-MiB = 1024 * KiB
-
-_POOL = ThreadPoolExecutor(max_workers=4)
-
-
-def _par(thunks):
-    """Run independent read-only tool invocations concurrently (2 cores)."""
-    futs = [_POOL.submit(t) for t in thunks]
-    return [f.result() for f in futs]
-
-
-def qimg(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
-def qio(img, cmds, fmt="qcow2", cwd=None) -> None:
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    argv.append(str(img))
-    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0 and "failed" not in out and "error" not in out.lower(), \
-        f"qemu-io {cmds} on {img}: {out}"
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def tree_hashes(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): sha(p) for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def _fsync_fd_check_only(fd: int) -> None:
-    os.fstat(fd)                 # EBADF still surfaces; the data is not forced to disk
-
-
-@pytest.fixture(autouse=True)
-def _no_disk_flush(monkeypatch):
-    """fdatasync costs tens of ms on the test machine's disk and durability against power
-    loss is not what these tests observe: the engine still makes every flush call (counted
-    and injectable by tests/helpers/faultinject.py, which wraps fileio.fsync at call time), but the
-    call only checks its fd.  qemu-img's own flushes are untouched."""
-    from qcow2engine.host import fileio
-    monkeypatch.setattr(fileio, "fsync", _fsync_fd_check_only)
+pytestmark = pytest.mark.usefixtures("no_disk_flush")
 
 
 # ==========================================================================
 # Chain specifications
 # ==========================================================================
-
-@dataclass
-class Layer:
-    path: str                      # relative to the chain directory
-    fmt: str = "qcow2"
-    size: int = 4 * MiB
-    opts: str = ""                 # qemu-img create -o
-    kinds: str = "PR"              # random op kinds: P pattern, R random bytes, Z zero,
-    #                                U zero+unmap, D discard, C compressed
-    nops: int = 6
-    gran: int = 4 * KiB            # offset / length granularity of the random ops
-    maxlen: int = 384 * KiB
-    cmds: list[str] = field(default_factory=list)    # fixed qemu-io commands, run first
-    snapshot: str | None = None    # internal snapshot taken after the ops, then more ops
-
-    @property
-    def cluster(self) -> int:
-        for o in self.opts.split(","):
-            if o.startswith("cluster_size="):
-                return _size(o.split("=", 1)[1])
-        return 64 * KiB
-
-
-def _size(t: str) -> int:
-    m = {"k": KiB, "K": KiB, "M": MiB, "G": 1024 * MiB}
-    return int(t[:-1]) * m[t[-1]] if t[-1] in m else int(t)
-
-
-@dataclass
-class ChainSpec:
-    name: str
-    layers: list[Layer]            # bottom first; the last one is the top
-    seed: int = 0
-
-    @property
-    def depth(self) -> int:
-        return len(self.layers)
-
-    def backing_name(self, i: int) -> str | None:
-        """The backing file name stored in layer i (relative to its directory)."""
-        if i == 0:
-            return None
-        below, me = self.layers[i - 1].path, self.layers[i].path
-        return os.path.relpath(below, os.path.dirname(me) or ".")
-
-    def rel(self, target: int, frm: int) -> str:
-        """Name of layer `target` relative to the directory of layer `frm`."""
-        return os.path.relpath(self.layers[target].path,
-                               os.path.dirname(self.layers[frm].path) or ".")
-
-
-UNRELATED = "other/unrelated.qcow2"
-UNRELATED_BIG = "other/big.raw"            # larger than every chain
-
-
-def _parse_range(cmd: str) -> tuple[int, int]:
-    off, ln = cmd.split()[-2:]
-    return _size(off), _size(ln)
-
-
-def _rand_cmds(rng: random.Random, L: Layer, rnd: Path, used: set[int]) -> list[str]:
-    """nops random qemu-io commands for layer L; used: clusters written compressed or
-    otherwise allocated so far (a compressed write must go to unallocated clusters)."""
-    out = []
-    g = L.gran
-    cs = L.cluster
-    for _ in range(L.nops):
-        k = rng.choice(L.kinds)
-        if k == "C":
-            free = [c for c in range(-(-L.size // cs)) if c not in used]
-            if not free:
-                continue
-            c0 = rng.choice(free)
-            n = 1
-            while n < 4 and c0 + n in free:
-                n += 1
-            n = rng.randrange(1, n + 1)
-            used.update(range(c0, c0 + n))
-            off = c0 * cs
-            ln = min(n * cs, L.size - off)
-            src = rng.choice([f"-P {rng.randrange(1, 256):#x}", f"-s {rnd}"])
-            out.append(f"write -c {src} {off} {ln}")
-            continue
-        off = rng.randrange(0, L.size // g) * g
-        ln = min(rng.randrange(1, L.maxlen // g + 1) * g, L.size - off,
-                 256 * KiB if k == "R" else L.size)
-        used.update(range(off // cs, -(-(off + ln) // cs)))
-        if k == "P":
-            out.append(f"write -P {rng.randrange(1, 256):#x} {off} {ln}")
-        elif k == "R":
-            out.append(f"write -s {rnd} {off} {ln}")
-        elif k == "Z":
-            out.append(f"write -z {off} {ln}")
-        elif k == "U":
-            out.append(f"write -z -u {off} {ln}")
-        elif k == "D":
-            out.append(f"discard {off} {ln}")
-    return out
-
-
-def build_chain(spec: ChainSpec, d: Path, rnd: Path, others: bool = True) -> Path:
-    """Build the chain (and, with others, the images other/unrelated.qcow2 and
-    other/big.raw) in d with QEMU's tools."""
-    rng = random.Random(f"{spec.name}:{spec.seed}")
-    d.mkdir(parents=True)
-    for i, L in enumerate(spec.layers):
-        p = d / L.path
-        p.parent.mkdir(parents=True, exist_ok=True)
-        args = ["create", "-q", "-f", L.fmt]
-        if i:
-            args += ["-b", spec.backing_name(i), "-F", spec.layers[i - 1].fmt]
-        if L.opts:
-            args += ["-o", L.opts]
-        r = qimg(*args, L.path, L.size, cwd=d)
-        assert r.returncode == 0, r.stderr
-        used: set[int] = set()
-        for cmd in L.cmds:
-            off, ln = _parse_range(cmd)
-            used.update(range(off // L.cluster, -(-(off + ln) // L.cluster)))
-        cmds = list(L.cmds) + _rand_cmds(rng, L, rnd, used)
-        if cmds:
-            qio(L.path, cmds, L.fmt, cwd=d)
-        if L.snapshot:
-            r = qimg("snapshot", "-c", L.snapshot, L.path, cwd=d)
-            assert r.returncode == 0, r.stderr
-            qio(L.path, _rand_cmds(rng, L, rnd, used), L.fmt, cwd=d)
-    if not others:
-        return d
-    # an image outside the chain (rebase target), smaller than most chains
-    (d / "other").mkdir(exist_ok=True)
-    r = qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=16k", UNRELATED, 3 * MiB, cwd=d)
-    assert r.returncode == 0, r.stderr
-    qio(UNRELATED, [f"write -P 0x{0x40 + spec.seed % 64:02x} 0 1M", f"write -s {rnd} 1536k 256k",
-                    "write -P 0x11 2M 64k"], cwd=d)
-    r = qimg("create", "-q", "-f", "raw", UNRELATED_BIG, 10 * MiB, cwd=d)
-    assert r.returncode == 0, r.stderr
-    qio(UNRELATED_BIG, ["write -P 0x0e 0 3M", f"write -s {rnd} 5M 256k", "write -P 0x0f 9M 1M"],
-        fmt="raw", cwd=d)
-    return d
-
 
 def _deep_layers() -> list[Layer]:
     """Depth 10: sub-folders in both directions, growing sizes, zero writes and discards
@@ -330,7 +143,7 @@ def _images(d: Path) -> list[str]:
 
 
 def _info(p: Path) -> dict:
-    r = qimg("info", "-U", "--output=json", "-f", _fmt(p), p)
+    r = qemu_img("info", "-U", "--output=json", "-f", _fmt(p), p)
     assert r.returncode == 0, f"qemu-img info {p}: {r.stderr}"
     j = json.loads(r.stdout)
     return {k: j.get(k) for k in ("format", "virtual-size", "backing-filename",
@@ -338,16 +151,11 @@ def _info(p: Path) -> dict:
 
 
 def _check(p: Path) -> tuple[int, dict, str]:
-    r = qimg("check", "--output=json", "-f", "qcow2", p)
-    try:
-        data = json.loads(r.stdout) if r.stdout.strip() else {}
-    except ValueError:
-        data = {}
-    return r.returncode, data, r.stderr.strip()
+    return qemu_img_check(p, fmt="qcow2")
 
 
 def _compare(a: Path, b: Path) -> tuple[int, str]:
-    r = qimg("compare", "-U", "-f", _fmt(a), "-F", _fmt(b), a, b)
+    r = qemu_img("compare", "-U", "-f", _fmt(a), "-F", _fmt(b), a, b)
     return r.returncode, (r.stdout + r.stderr).strip()
 
 
@@ -402,7 +210,7 @@ def tree_problems(a: Path, b: Path, rebased: str | None = None) -> list[str]:
     ha, hb = tree_hashes(a), tree_hashes(b)
     untouched = {r for r in ia if tmpl.get(r) is not None and ha[r] == hb[r] == tmpl[r]}
     todo = [r for r in ia if not all(x in untouched for x in _below(r))]
-    return [p for ps in _par([lambda r=r: image_problems(a, b, r, r != rebased) for r in todo])
+    return [p for ps in par([lambda r=r: image_problems(a, b, r, r != rebased) for r in todo])
             for p in ps]
 
 
@@ -430,7 +238,7 @@ def _subst(argv: list[str], d: Path) -> list[str]:
 
 def run_both(tmpl: Path, tmp_path: Path, argv: list[str]) -> tuple[Path, Path, tuple, tuple]:
     a, b = _copies(tmpl, tmp_path)
-    ra = qimg(*_subst(argv, a), cwd=a)
+    ra = qemu_img(*_subst(argv, a), cwd=a)
     rb = engine(*_subst(argv, b), cwd=b)
     return a, b, (ra.returncode, ra.stdout, ra.stderr), rb
 
@@ -532,7 +340,7 @@ def test_case_count():
 # --------------------------------------------------------------------------
 
 def _map(p: Path, fmt: str = "qcow2") -> list[dict]:
-    r = qimg("map", "--output=json", "-f", fmt, p)
+    r = qemu_img("map", "--output=json", "-f", fmt, p)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -571,7 +379,7 @@ def test_convert_with_backing(chain_templates, tmp_path, chain, extra):
         probs.append(f"target differs from the source: {msg}")
     # no target cluster allocated where the source's top has nothing
     src = _top_ranges(_map(b / top))
-    cs = json.loads(qimg("info", "--output=json", b / out).stdout)["cluster-size"]
+    cs = json.loads(qemu_img("info", "--output=json", b / out).stdout)["cluster-size"]
     for s, e in _top_ranges(_map(b / out)):
         for k in range(s // cs * cs, e, cs):
             if not _overlaps(src, max(k, s), min(k + cs, e)):
@@ -590,11 +398,11 @@ def test_convert_with_backing_fine_top(tmp_path, top_cmds):
     partly covered by the top's allocation, the rest must still read from the backing."""
     d = tmp_path / "t"
     d.mkdir()
-    assert qimg("create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d).returncode == 0
-    qio("base.qcow2", ["write -P 0x11 0 4M"], cwd=d)
-    assert qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.qcow2",
+    assert qemu_img("create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d).returncode == 0
+    qemu_io("base.qcow2", "write -P 0x11 0 4M", cwd=d)
+    assert qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.qcow2",
                 "-F", "qcow2", "top.qcow2", "4M", cwd=d).returncode == 0
-    qio("top.qcow2", top_cmds, cwd=d)
+    qemu_io("top.qcow2", *top_cmds, cwd=d)
     argv = ["convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2",
             "out.qcow2"]
     a, b, ra, rb = run_both(d, tmp_path, argv)
@@ -622,7 +430,7 @@ def test_convert_snapshot(chain_templates, tmp_path, fmt, extra, sel):
     probs = tree_problems(a, b)
     # and it really is the snapshot, not the active layer
     ref = tmp_path / "ref.raw"
-    r = qimg("convert", "-l", "snapshot.name=snap1", "-O", "raw", a / "top.qcow2", ref)
+    r = qemu_img("convert", "-l", "snapshot.name=snap1", "-O", "raw", a / "top.qcow2", ref)
     assert r.returncode == 0, r.stderr
     rc, msg = _compare(ref, b / out)
     assert rc == 0, msg
@@ -657,7 +465,7 @@ def test_measure_images(chain_templates, chain):
     if chain == "d3_snapshot":
         jobs.append(["measure", "--output=json", "-l", "snapshot.name=snap1", "-O", "qcow2",
                      "top.qcow2"])
-    qres = _par([lambda j=j: qimg(*j, cwd=d) for j in jobs])
+    qres = par([lambda j=j: qemu_img(*j, cwd=d) for j in jobs])
     probs = []
     for j, q in zip(jobs, qres):
         assert q.returncode == 0, f"qemu-img {j}: {q.stderr}"
@@ -675,7 +483,7 @@ def test_measure_size(tmp_path, size):
     for o in MEASURE_OPTS + [["-O", "qcow2", "-o", "cluster_size=64k,extended_l2=on"],
                              ["-O", "qcow2", "-o", "cluster_size=2M,extended_l2=on"]]:
         j = ["measure", "--output=json", *o, "--size", size]
-        q = qimg(*j)
+        q = qemu_img(*j)
         rc, out, err = engine(*j)
         if q.returncode:
             # e.g. 3T with 512-byte clusters: "The image size is too large ..."

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.helpers.engine import engine, qemu_img
+from tests.helpers.engine import engine
+from tests.helpers.qemu import qemu_img
 
 OPTION_SETS = [
     "", "compat=0.10", "cluster_size=512", "cluster_size=512,refcount_bits=1",

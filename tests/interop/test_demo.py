@@ -5,7 +5,7 @@ import contextlib
 import io
 import os
 
-from tests.helpers.engine import qemu_img
+from tests.helpers.qemu import qemu_img
 
 
 def test_demo_chain(tmp_path):

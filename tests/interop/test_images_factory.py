@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.images import (UNKNOWN_AUTOCLEAR_BIT, UNKNOWN_EXT_DATA,
-                          UNKNOWN_EXT_TYPE, VARIANTS, VARIANTS_BY_NAME,
-                          Variant, qemu_img_check, qemu_img_info,
-                          read_extensions, read_header, run)
+from tests.helpers.images import (UNKNOWN_AUTOCLEAR_BIT, UNKNOWN_EXT_DATA, UNKNOWN_EXT_TYPE,
+                                  VARIANTS, VARIANTS_BY_NAME, Variant, read_extensions,
+                                  read_header)
+from tests.helpers.qemu import qemu_img_check, qemu_img_info, run
 
 MAX_FILES_BYTES = 20 * 1024 * 1024
 
@@ -27,15 +27,14 @@ def _lookup(info: dict, dotted: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, Path]:
-    """Build every variant once per module (cheap: ~1-2 s in total)."""
-    root = tmp_path_factory.mktemp("images")
-    return {v.name: v.build(root / v.name) for v in VARIANTS}
+def built(variant_images):
+    """The session's variants (tests/helpers/fixtures.py), each built on first use."""
+    return variant_images
 
 
-@pytest.mark.parametrize("v", VARIANTS, ids=[v.name for v in VARIANTS])
-def test_variant(v: Variant, built: dict[str, Path]) -> None:
-    img = built[v.name]
+@pytest.mark.parametrize("v", [pytest.param(v, id=v.name, marks=v.marks) for v in VARIANTS])
+def test_variant(v: Variant, built) -> None:
+    img = _img(built, v.name)
     assert img.is_file()
     cwd = img.parent
 
@@ -65,7 +64,7 @@ def test_variant(v: Variant, built: dict[str, Path]) -> None:
     if v.has_data_file:
         assert (cwd / fs["data-file"]).is_file()
 
-    rc, chk = qemu_img_check(img, cwd=cwd)
+    rc, chk, _ = qemu_img_check(img, cwd=cwd)
     assert rc == v.expect_check_rc, chk
     if v.fmt == "qcow2":
         assert chk["check-errors"] == 0
@@ -89,8 +88,8 @@ def test_variant(v: Variant, built: dict[str, Path]) -> None:
 
 # ---------------------------------------------------------------- specifics
 
-def _img(built: dict[str, Path], name: str) -> Path:
-    return built[name]
+def _img(built, name: str) -> Path:
+    return built[name][1]
 
 
 def test_compat_010_is_version_2(built):
@@ -154,6 +153,7 @@ def test_internal_snapshots(built):
     assert all(s["vm-state-size"] == 0 for s in snaps)
 
 
+@pytest.mark.live
 def test_savevm(built):
     snaps = qemu_img_info(_img(built, "savevm"))["snapshots"]
     assert len(snaps) == 1 and snaps[0]["name"] == "snap1"
@@ -174,7 +174,7 @@ def test_savevm(built):
 def test_preallocation(built):
     for name in ("prealloc_metadata", "prealloc_falloc"):
         img = _img(built, name)
-        rc, chk = qemu_img_check(img)
+        rc, chk, _ = qemu_img_check(img)
         assert rc == 0
         # Nearly every cluster has a host cluster (only discards freed some).
         assert chk["allocated-clusters"] >= chk["total-clusters"] - 2, name
@@ -212,7 +212,7 @@ def test_unknown_ext_and_autoclear(built):
 
 def test_wild_l2_entry_points_past_eof(built):
     img = _img(built, "wild_l2_entry")
-    rc, chk = qemu_img_check(img)
+    rc, chk, _ = qemu_img_check(img)
     assert rc == 2 and chk["corruptions"] >= 1
     assert img.stat().st_size < 64 << 20
 

@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-from tests.helpers.engine import engine, qemu_img
-from tests.helpers.images import VARIANTS
+from tests.helpers.engine import engine
+from tests.helpers.images import variant_params
+from tests.helpers.qemu import qemu_img
 
-NAMES = [v.name for v in VARIANTS]
+NAMES = variant_params()          # every variant (building savevm boots qemu-system: live)
 
 COMMANDS = {
     "info-json": ["info", "--output=json"],

@@ -26,48 +26,21 @@ import random
 import re
 import shutil
 import struct
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.engine import engine
-from tests.helpers.images import (QEMU_SYSTEM, VARIANTS_BY_NAME, qemu_img_info, qemu_io, read_header,
-                          run)
+from tests.helpers.files import file_sha256, tree_hashes
+from tests.helpers.images import VARIANTS_BY_NAME, read_header, variant_params
+from tests.helpers.qemu import QEMU_SYSTEM, guest_bytes, par, qemu_img, qemu_img_info, qemu_io, run
 
 KiB = 1024
 MiB = 1024 * KiB
 
-_POOL = ThreadPoolExecutor(max_workers=4)
-
-
-def _par(*thunks):
-    """Run independent read-only tool invocations concurrently (2 cores)."""
-    futs = [_POOL.submit(t) for t in thunks]
-    return [f.result() for f in futs]
-
-
-def _qemu_img(*args, cwd=None) -> subprocess.CompletedProcess:
-    # no preexec_fn (unlike tests.helpers.images.run): lets subprocess use vfork, much cheaper
-    return subprocess.run(["qemu-img", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tree_hashes(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): _sha(p) for p in sorted(d.rglob("*")) if p.is_file()}
-
 
 # --------------------------------------------------------------------------
-# Templates (variants built once per module)
+# Templates (the session's variants, and two more built once per module)
 # --------------------------------------------------------------------------
 
 def _build_rc2_two_snaps(d: Path) -> Path:
@@ -94,16 +67,20 @@ EXTRA_TEMPLATES = {"rc2_two_snaps": _build_rc2_two_snaps,
 
 
 @pytest.fixture(scope="module")
-def templates(tmp_path_factory):
+def templates(tmp_path_factory, variant_images):
+    """name -> (template directory, image path relative to it): the session's image variants
+    and the EXTRA_TEMPLATES, built once (do not modify)."""
     root = tmp_path_factory.mktemp("snapvariants")
     cache: dict[str, tuple[Path, Path]] = {}
 
     def get(name: str) -> tuple[Path, Path]:
-        """(template directory, image path relative to it)"""
         if name not in cache:
-            d = root / name
-            build = EXTRA_TEMPLATES.get(name) or VARIANTS_BY_NAME[name].build
-            img = build(d)
+            if name in EXTRA_TEMPLATES:
+                d = root / name
+                img = EXTRA_TEMPLATES[name](d)
+            else:
+                d = variant_images.directory(name)
+                img = variant_images[name][1]
             cache[name] = (d, img.relative_to(d))
         return cache[name]
     return get
@@ -180,16 +157,15 @@ def _vmstate_digest(path: Path, name: str) -> tuple[int, str]:
     return sn["vm_state_size"], dig.hexdigest()
 
 
-def _loadvm(img: Path, name: str) -> subprocess.CompletedProcess:
+def _loadvm(img: Path, name: str):
     """Boot the savevm machine configuration with -loadvm NAME, print the status, quit."""
     argv = [QEMU_SYSTEM, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-display", "none",
             "-m", "64", "-S", "-drive", f"file={img.name},format=qcow2,if=virtio",
             "-monitor", "stdio", "-loadvm", name]
-    return subprocess.run(argv, cwd=img.parent, input="info status\nquit\n",
-                          capture_output=True, text=True, timeout=10)
+    return run(*argv, check=False, cwd=img.parent, input="info status\nquit\n", timeout=10)
 
 
-def _loadvm_ok(p: subprocess.CompletedProcess) -> bool:
+def _loadvm_ok(p) -> bool:
     return (p.returncode == 0 and "VM status: paused" in p.stdout
             and "rror" not in p.stderr + p.stdout)
 
@@ -245,12 +221,12 @@ def _mask_dates(text: str) -> str:
 def _step_problems(a: Path, b: Path, scratch: Path, cache: dict, vm: dict | None,
                    bitmaps: bool = False) -> list[str]:
     probs: list[str] = []
-    check_b, check_a, list_a, list_b, cmp = _par(
-        lambda: _qemu_img("check", "--output=json", b, cwd=b.parent),
-        lambda: _qemu_img("check", a, cwd=a.parent),
-        lambda: _qemu_img("snapshot", "-l", a, cwd=a.parent),
-        lambda: _qemu_img("snapshot", "-l", b, cwd=b.parent),
-        lambda: _qemu_img("compare", a, b, cwd=b.parent))
+    check_b, check_a, list_a, list_b, cmp = par([
+        lambda: qemu_img("check", "--output=json", b, cwd=b.parent),
+        lambda: qemu_img("check", a, cwd=a.parent),
+        lambda: qemu_img("snapshot", "-l", a, cwd=a.parent),
+        lambda: qemu_img("snapshot", "-l", b, cwd=b.parent),
+        lambda: qemu_img("compare", a, b, cwd=b.parent)])
     data = json.loads(check_b.stdout) if check_b.stdout.strip() else {}
     if check_b.returncode != 0 or data.get("leaks") or data.get("corruptions"):
         probs.append(f"qemu-img check B: rc={check_b.returncode} {data} "
@@ -280,16 +256,16 @@ def _step_problems(a: Path, b: Path, scratch: Path, cache: dict, vm: dict | None
         i = key[0]
         if key not in cache:
             cache[key] = scratch / f"A-{i}-{len(cache)}-{os.urandom(4).hex()}.raw"
-            jobs.append(lambda i=i, out=cache[key]: _qemu_img(
+            jobs.append(lambda i=i, out=cache[key]: qemu_img(
                 "convert", "-l", f"snapshot.id={i}", "-O", "raw", a, out, cwd=a.parent))
-        jobs.append(lambda i=i: _qemu_img("convert", "-l", f"snapshot.id={i}", "-O", "raw", b,
+        jobs.append(lambda i=i: qemu_img("convert", "-l", f"snapshot.id={i}", "-O", "raw", b,
                                           scratch / f"B-{i}.raw", cwd=b.parent))
-    for p in _par(*jobs):
+    for p in par(jobs):
         if p.returncode:
             probs.append(f"{' '.join(p.args)} failed: {p.stderr.strip()}")
-    cmps = _par(*[lambda key=key: _qemu_img("compare", "-f", "raw", "-F", "raw",
-                                            cache[key], scratch / f"B-{key[0]}.raw")
-                  for key in rows])
+    cmps = par([lambda key=key: qemu_img("compare", "-f", "raw", "-F", "raw",
+                                         cache[key], scratch / f"B-{key[0]}.raw")
+                for key in rows])
     for key, c in zip(rows, cmps):
         if c.returncode != 0:
             probs.append(f"snapshot ID {key[0]} ({key[1]}): guest views of A and B differ: "
@@ -312,7 +288,7 @@ def _step_problems(a: Path, b: Path, scratch: Path, cache: dict, vm: dict | None
     return probs
 
 
-@pytest.mark.parametrize("name", DIFF_VARIANTS)
+@pytest.mark.parametrize("name", variant_params(DIFF_VARIANTS))
 def test_differential_vs_qemu_img(templates, tmp_path, name):
     a = _copy(templates, name, tmp_path / "A")
     b = _copy(templates, name, tmp_path / "B")
@@ -336,14 +312,14 @@ def test_differential_vs_qemu_img(templates, tmp_path, name):
     for n, (op, arg) in enumerate(_sequence(pre, keep)):
         label = f"step {n} {op} {arg}"
         if op == "write":
-            _par(lambda: qemu_io(a, *arg, cwd=a.parent), lambda: qemu_io(b, *arg, cwd=b.parent))
+            par([lambda: qemu_io(a, *arg, cwd=a.parent), lambda: qemu_io(b, *arg, cwd=b.parent)])
         else:
             if isinstance(arg, tuple):
                 arg = next(s["id"] for s in _snapshot_table(a) if s["name"] == arg[1])
                 label += f" (ID {arg})"
             flag = {"create": "-c", "apply": "-a", "delete": "-d"}[op]
-            before = _sha(b)
-            qa = _qemu_img("snapshot", flag, arg, a, cwd=a.parent)
+            before = file_sha256(b)
+            qa = qemu_img("snapshot", flag, arg, a, cwd=a.parent)
             rc, out, err = engine("snapshot", flag, arg, b, cwd=b.parent)
             assert qa.returncode == rc, (f"{name} {label}: qemu-img rc={qa.returncode} "
                                          f"{qa.stderr.strip()!r}, ours rc={rc} {err.strip()!r}")
@@ -355,23 +331,24 @@ def test_differential_vs_qemu_img(templates, tmp_path, name):
                 why = r"overflow|bitmap" + (r"|not found|No such file" if refused else "")
                 assert re.search(why, err, re.I), \
                     f"{name} {label}: both failed: {qa.stderr.strip()!r} / {err.strip()!r}"
-                assert err.count("\n") == 1 and _sha(b) == before, \
+                assert err.count("\n") == 1 and file_sha256(b) == before, \
                     f"{name} {label}: the refused operation changed the image"
                 refused.append(label)
-                if _qemu_img("check", a, cwd=a.parent).returncode == 3:
+                if qemu_img("check", a, cwd=a.parent).returncode == 3:
                     # QEMU's failed apply leaves leaked (over-counted) clusters, which would
                     # make its later operations overflow where ours do not: repair them
-                    r = _qemu_img("check", "-r", "leaks", a, cwd=a.parent)
+                    r = qemu_img("check", "-r", "leaks", a, cwd=a.parent)
                     assert r.returncode == 0, r.stdout + r.stderr
         probs = _step_problems(a, b, scratch, cache, vm, bitmaps=VARIANTS_BY_NAME[name].has_bitmaps)
         assert not probs, f"{name} {label}:\n" + "\n".join(probs)
     assert not refused or name in ("refcount_bits_2", "bitmaps"), refused
     if vm is not None:
-        pa, pb = _par(lambda: _loadvm(a, "snap1"), lambda: _loadvm(b, "snap1"))
+        pa, pb = par([lambda: _loadvm(a, "snap1"), lambda: _loadvm(b, "snap1")])
         assert _loadvm_ok(pa), f"(oracle) loadvm on A: {pa.stdout} {pa.stderr}"
         assert _loadvm_ok(pb), f"loadvm snap1 after our operations: {pb.stdout} {pb.stderr}"
 
 
+@pytest.mark.live
 def test_loadvm_oracle_detects_damage(templates, tmp_path):
     """The loadvm check has teeth: zeroing the VM state's first data cluster breaks it,
     and a snapshot that does not exist is refused."""
@@ -425,11 +402,11 @@ REFUSALS = [
                          ids=[f"{n}{a[0]}{a[1][:8]}" for n, a, _ in REFUSALS])
 def test_refusal_leaves_image_unchanged(templates, tmp_path, name, args, needle):
     img = _copy(templates, name, tmp_path / "w")
-    before = _tree_hashes(img.parent)
+    before = tree_hashes(img.parent)
     rc, out, err = engine("snapshot", *args, img.name, cwd=img.parent)
     _assert_refused(rc, out, err, f"{name} snapshot {args[0]}")
     assert needle.lower() in err.lower(), err
-    assert _tree_hashes(img.parent) == before, "a refused operation changed the image"
+    assert tree_hashes(img.parent) == before, "a refused operation changed the image"
 
 
 def test_refusals_through_the_api(templates, tmp_path):
@@ -447,17 +424,17 @@ def test_refusals_through_the_api(templates, tmp_path):
              ("internal_snapshots", lambda i: S.rename_snapshot(i, "nosuch", "x"))]
     for k, (name, fn) in enumerate(cases):
         img = _copy(templates, name, tmp_path / f"w{k}")
-        before = _tree_hashes(img.parent)
+        before = tree_hashes(img.parent)
         q = Qcow2Image(str(img), writable=True)
         try:
             with pytest.raises(Qcow2Error):
                 fn(q)
         finally:
             q.close()
-        assert _tree_hashes(img.parent) == before, f"case {k} ({name}) changed the image"
+        assert tree_hashes(img.parent) == before, f"case {k} ({name}) changed the image"
     # data_file: refused on open for writing or on the operation, never a change
     img = _copy(templates, "data_file", tmp_path / "wd")
-    before = _tree_hashes(img.parent)
+    before = tree_hashes(img.parent)
     old = os.getcwd()
     os.chdir(img.parent)
     try:
@@ -469,7 +446,7 @@ def test_refusals_through_the_api(templates, tmp_path):
                 q.close()
     finally:
         os.chdir(old)
-    assert _tree_hashes(img.parent) == before
+    assert tree_hashes(img.parent) == before
 
 
 def test_longest_name_and_rename(templates, tmp_path):
@@ -486,11 +463,11 @@ def test_longest_name_and_rename(templates, tmp_path):
         S.create_snapshot(q, long)
     finally:
         q.close()
-    assert _qemu_img("check", img).returncode == 0
+    assert qemu_img("check", img).returncode == 0
     names = [s["name"] for s in qemu_img_info(img)["snapshots"]]
     assert names == ["short", long]
     rc, out, err = engine("snapshot", "-l", img)
-    assert out == _qemu_img("snapshot", "-l", img).stdout
+    assert out == qemu_img("snapshot", "-l", img).stdout
 
 
 # --------------------------------------------------------------------------
@@ -532,13 +509,8 @@ def _engine_view(path: Path, snap_id: str | None, size: int) -> bytes:
     return data
 
 
-def _qemu_view(path: Path, snap_id: str | None, out: Path) -> bytes:
-    args = ["convert", "-O", "raw"] + ([] if snap_id is None else ["-l", f"snapshot.id={snap_id}"])
-    p = _qemu_img(*args, path, out)
-    assert p.returncode == 0, p.stderr
-    data = out.read_bytes()
-    out.unlink()
-    return data
+def _qemu_view(path: Path, snap_id: str | None) -> bytes:
+    return guest_bytes(path, snapshot=None if snap_id is None else f"snapshot.id={snap_id}")
 
 
 def _first_diff(a: bytes, b: bytes) -> str:
@@ -552,7 +524,7 @@ def _run_sequence(seed: int, root: Path) -> None:
     from qcow2engine.image import snapshots as S
     from qcow2engine import open_chain
     from qcow2engine.image.qcow2 import Qcow2Image
-    from qcow2engine.image.resize import resize_image
+    from qcow2engine.api import resize as resize_image
     rng = random.Random(seed)
     d = root / f"seq{seed}"
     d.mkdir()
@@ -649,7 +621,7 @@ def _run_sequence(seed: int, root: Path) -> None:
                 del m.snaps[sid]
         # --- verification after every operation
         where = "\n".join(log)
-        p = _qemu_img("check", "--output=json", img)
+        p = qemu_img("check", "--output=json", img)
         data = json.loads(p.stdout) if p.stdout.strip() else {}
         assert p.returncode == 0 and not data.get("leaks"), \
             f"{where}\nqemu-img check rc={p.returncode} {data} {p.stderr}"
@@ -664,14 +636,14 @@ def _run_sequence(seed: int, root: Path) -> None:
             got = _engine_view(img, sid, cur)
             assert got == want, f"{where}\nsnapshot {sid}: {_first_diff(got, want)}"
         if step == N_OPS - 1 or rng.random() < 0.15:     # QEMU's view, on a sample
-            assert _qemu_view(img, None, d / "out.raw") == m.active, f"{where}\nqemu active"
+            assert _qemu_view(img, None) == m.active, f"{where}\nqemu active"
             if m.snaps:
                 sid = rng.choice(sorted(m.snaps))
                 # qemu-img 7.2 reads a snapshot at the image's *current* virtual size
                 # (qcow2_snapshot_load_tmp keeps bs->total_sectors): zero padded here
                 cur = len(m.active)
                 want = bytes(m.snaps[sid][1][:cur]).ljust(cur, b"\0")
-                assert _qemu_view(img, sid, d / "out.raw") == want, \
+                assert _qemu_view(img, sid) == want, \
                     f"{where}\nqemu-img convert -l snapshot.id={sid}"
                 # our convert -l, with each way of naming the snapshot: like qemu-img, at
                 # the image's current size
@@ -708,14 +680,14 @@ def test_random_sequences_against_model(tmp_path):
 # --------------------------------------------------------------------------
 
 def _listing_pair(img: Path, *extra) -> tuple[str, str]:
-    p = _qemu_img("snapshot", "-l", *extra, img, cwd=img.parent)
+    p = qemu_img("snapshot", "-l", *extra, img, cwd=img.parent)
     assert p.returncode == 0, p.stderr
     rc, out, err = engine("snapshot", "-l", *extra, img, cwd=img.parent)
     assert rc == 0, err
     return out, p.stdout
 
 
-@pytest.mark.parametrize("name", ["internal_snapshots", "savevm", "cluster_4k"])
+@pytest.mark.parametrize("name", variant_params(["internal_snapshots", "savevm", "cluster_4k"]))
 def test_listing_matches_qemu_img(templates, tmp_path, name):
     img = _copy(templates, name, tmp_path / "w")
     ours, theirs = _listing_pair(img)

@@ -17,43 +17,18 @@ import errno
 import os
 import random
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from qcow2engine.host import fileio
 from qcow2engine import open_chain
-from qcow2engine.chain.ops import commit, rebase
 from qcow2engine.blockdev.sources import ViewSource
+from qcow2engine.chain.ops import commit, rebase
+from qcow2engine.host import fileio
 from tests.helpers.engine import engine
+from tests.helpers.qemu import assert_clean, assert_same_guest, qemu_io, run
 
 MiB = 1 << 20
-
-
-def run(*argv, cwd=None):
-    p = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, (argv, p.stdout, p.stderr)
-    return p.stdout
-
-
-def qio(path, *cmds, fmt="qcow2"):
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    return run(*argv, path)
-
-
-def same_guest(a, b):
-    p = subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)], capture_output=True,
-                       text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
-
-
-def clean(path):
-    p = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout + p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +36,21 @@ def chain_dir(tmp_path_factory):
     """raw base <- compressed qcow2 <- extended-L2 qcow2 with zeros/discards <- top."""
     d = tmp_path_factory.mktemp("streamchain")
     run("qemu-img", "create", "-q", "-f", "raw", d / "base.raw", "24M")
-    qio(d / "base.raw", "write -P 0x11 0 24M", fmt="raw")
+    qemu_io(d / "base.raw", "write -P 0x11 0 24M", fmt="raw")
     run("qemu-img", "create", "-q", "-f", "qcow2", d / "src.qcow2", "24M")
     rng = random.Random(5)
     cmds = ["write -P %d %d %d" % (rng.randrange(1, 255), rng.randrange(0, 23 * MiB),
                                    rng.randrange(1, 600000)) for _ in range(30)]
-    qio(d / "src.qcow2", *cmds)
+    qemu_io(d / "src.qcow2", *cmds)
     run("qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", "-B", "base.raw",
         "-F", "raw", "src.qcow2", "mid.qcow2", cwd=d)
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k",
         "-b", "mid.qcow2", "-F", "qcow2", "l2.qcow2", cwd=d)
-    qio(d / "l2.qcow2", "write -P 0x22 100000 3M", "write -z 5M 2M", "discard 9M 1M",
+    qemu_io(d / "l2.qcow2", "write -P 0x22 100000 3M", "write -z 5M 2M", "discard 9M 1M",
         "write -P 0x23 12345 40000")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "l2.qcow2", "-F", "qcow2",
         "top.qcow2", "30M", cwd=d)
-    qio(d / "top.qcow2", "write -P 0x33 20M 5M", "write -z 1M 64k", "write -P 0x34 7M 70000")
+    qemu_io(d / "top.qcow2", "write -P 0x33 20M 5M", "write -z 1M 64k", "write -P 0x34 7M 70000")
     return d
 
 
@@ -132,7 +107,7 @@ def test_view_source_slices_and_copies(chain_dir, tmp_path):
 def test_pattern_write_spans_chunks(tmp_path, fmt):
     base = tmp_path / "base.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "64M")
-    qio(base, "write -P 7 0 64M")
+    qemu_io(base, "write -P 7 0 64M")
     cmds = ["write -P 0xab 1000 21M", "write -P 3 30M 100", "write 40M 17M",
             "write -P 9 %d 9M" % (63 * MiB - 4097)]
     for name in ("q", "e"):
@@ -141,14 +116,14 @@ def test_pattern_write_spans_chunks(tmp_path, fmt):
             run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", p)
         else:
             run("qemu-img", "create", "-q", "-f", "raw", p, "64M")
-    qio(tmp_path / "q", *cmds[:3], fmt=fmt)
+    qemu_io(tmp_path / "q", *cmds[:3], fmt=fmt)
     rc, out, err = engine("io", "-f", fmt, *sum((["-c", c] for c in cmds[:3]), []),
                           tmp_path / "e")
     assert rc == 0, err
     assert out.count("wrote") == 3
-    same_guest(tmp_path / "q", tmp_path / "e")
+    assert_same_guest(tmp_path / "q", tmp_path / "e")
     if fmt == "qcow2":
-        clean(tmp_path / "e")
+        assert_clean(tmp_path / "e")
     # a write past the end fails like qemu-io's, without writing
     before = (tmp_path / "e").read_bytes()
     rc, out, err = engine("io", "-f", fmt, "-c", cmds[3], tmp_path / "e")
@@ -157,10 +132,10 @@ def test_pattern_write_spans_chunks(tmp_path, fmt):
 
 def _commit_chain(d):
     run("qemu-img", "create", "-q", "-f", "qcow2", d / "base.qcow2", "40M")
-    qio(d / "base.qcow2", "write -P 0x5a 0 40M")
+    qemu_io(d / "base.qcow2", "write -P 0x5a 0 40M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
         "top.qcow2", "48M", cwd=d)
-    qio(d / "top.qcow2", *["write -P %d %d 1M" % (i + 3, i * 1398101) for i in range(30)],
+    qemu_io(d / "top.qcow2", *["write -P %d %d 1M" % (i + 3, i * 1398101) for i in range(30)],
         "write -z 44M 1M", "write -P 0x77 46M 100000")
 
 
@@ -182,13 +157,13 @@ def test_commit_and_flatten_with_and_without_copy_file_range(tmp_path, monkeypat
             assert os.path.getsize(e / "top.qcow2") <= os.path.getsize(q / "top.qcow2")
             assert os.stat(e / "top.qcow2").st_blocks <= os.stat(q / "top.qcow2").st_blocks
             for f in ("base.qcow2", "top.qcow2"):
-                same_guest(q / f, e / f)
-                clean(e / f)
+                assert_same_guest(q / f, e / f)
+                assert_clean(e / f)
         else:
             run("qemu-img", "rebase", "-b", "", "top.qcow2", cwd=q)
             rebase(str(e / "top.qcow2"), "")
-            same_guest(q / "top.qcow2", e / "top.qcow2")
-            clean(e / "top.qcow2")
+            assert_same_guest(q / "top.qcow2", e / "top.qcow2")
+            assert_clean(e / "top.qcow2")
             # only clusters that differ from zeros were copied: no bigger than qemu-img's
             assert os.path.getsize(e / "top.qcow2") <= os.path.getsize(q / "top.qcow2")
 
@@ -196,7 +171,7 @@ def test_commit_and_flatten_with_and_without_copy_file_range(tmp_path, monkeypat
 def test_in_place_overwrite_has_no_flush_until_close(tmp_path, monkeypatch):
     img = tmp_path / "a.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
-    qio(img, "write -P 1 0 16M")
+    qemu_io(img, "write -P 1 0 16M")
     calls = []
     real = fileio.fsync
     monkeypatch.setattr(fileio, "fsync", lambda fd: (calls.append(fd), real(fd)))
@@ -206,9 +181,10 @@ def test_in_place_overwrite_has_no_flush_until_close(tmp_path, monkeypatch):
         ch.write(0, b"\x03" * 1000)                # partial, still in place
         assert calls == []
     assert len(calls) == 1                          # the close flushes
-    out = qio(img, "read -P 2 1M 4M", "read -P 3 0 1000", "read -P 1 1000 %d" % (MiB - 1000))
+    out = qemu_io(img, "read -P 2 1M 4M", "read -P 3 0 1000",
+                  "read -P 1 1000 %d" % (MiB - 1000)).out
     assert "verification failed" not in out
-    clean(img)
+    assert_clean(img)
 
 
 @pytest.mark.parametrize("onto", ["nothing", "new-base", "in-chain"])
@@ -223,10 +199,10 @@ def test_rebase_and_commit_over_many_small_windows(tmp_path, monkeypatch, onto):
     q.mkdir()
     _commit_chain(q)
     run("qemu-img", "create", "-q", "-f", "qcow2", q / "mid.qcow2", "40M")
-    qio(q / "mid.qcow2", "write -P 0x5a 0 20M", "write -P 0x61 20M 10M", "write -z 30M 2M")
+    qemu_io(q / "mid.qcow2", "write -P 0x5a 0 20M", "write -P 0x61 20M 10M", "write -z 30M 2M")
     run("qemu-img", "rebase", "-u", "-b", "mid.qcow2", "-F", "qcow2", "base.qcow2", cwd=q)
     run("qemu-img", "create", "-q", "-f", "qcow2", q / "other.qcow2", "40M")
-    qio(q / "other.qcow2", "write -P 0x5a 0 10M", "write -P 0x62 10M 20M")
+    qemu_io(q / "other.qcow2", "write -P 0x5a 0 10M", "write -P 0x62 10M 20M")
     e = tmp_path / "e"
     shutil.copytree(q, e)
     if onto == "nothing":
@@ -238,8 +214,8 @@ def test_rebase_and_commit_over_many_small_windows(tmp_path, monkeypatch, onto):
     run("qemu-img", "rebase", *args, "top.qcow2", cwd=q)
     rc, out, err = engine("rebase", *args, "top.qcow2", cwd=e)
     assert rc == 0, err
-    same_guest(q / "top.qcow2", e / "top.qcow2")
-    clean(e / "top.qcow2")
+    assert_same_guest(q / "top.qcow2", e / "top.qcow2")
+    assert_clean(e / "top.qcow2")
     if onto == "nothing":       # nothing left to commit into, as qemu-img says
         rc, out, err = engine("commit", "-q", "top.qcow2", cwd=e)
         assert rc == 1 and "does not have a backing file" in err
@@ -248,5 +224,5 @@ def test_rebase_and_commit_over_many_small_windows(tmp_path, monkeypatch, onto):
     rc, out, err = engine("commit", "-q", "top.qcow2", cwd=e)
     assert rc == 0, err
     for f in ("top.qcow2", "base.qcow2", "other.qcow2", "mid.qcow2"):
-        same_guest(q / f, e / f)
-        clean(e / f)
+        assert_same_guest(q / f, e / f)
+        assert_clean(e / f)

@@ -2,8 +2,8 @@
 (and pattern reads) run through qemu-io on copy A and through ``qcow2engine io`` on an
 identical copy B of the same starting image; then A and B must have the same guest contents,
 B must be clean for ``qemu-img check`` and our ``check`` must agree with it, and the two
-tools must print the same lines and exit status.  See tests/helpers/iodiff.py for the harness and
-the variants; a failure prints a shell script that replays the case by hand.
+tools must print the same lines and exit status.  See tests/helpers/iodiff.py for the harness
+and the variants; a failure prints a shell script that replays the case by hand.
 
 Run:   python -m pytest tests/interop/test_write_differential.py
 Self-test of the harness (qemu-io on both copies):

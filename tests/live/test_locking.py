@@ -6,17 +6,19 @@ A read-write qcow2 node holds 100, 101, 103, 201, 203; a read-only one 100, 201,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
 
 import pytest
 
 import qcow2engine
 from qcow2engine import ImageInUseError
-from tests.helpers.engine import engine, qemu_img
-from tests.helpers.qemu_vm import ExecuteError, QemuVM
+from qmp_bridge import nodes as N
+from qmp_bridge.errors import QMPImageInUseError
+from qmp_bridge.launch import QemuProcess
+from tests.helpers.engine import engine
+from tests.helpers.files import file_sha256
+from tests.helpers.qemu import qemu_img, qemu_io
 
 SHARED_WRITE = 'Failed to get shared "write" lock'   # a reader meets a writer
 WRITE = 'Failed to get "write" lock'                 # a writer meets a reader or writer
@@ -26,22 +28,30 @@ WRITE = 'Failed to get "write" lock'                 # a writer meets a reader o
 def image(tmp_path):
     """A 16 MiB qcow2 image with data in the first 64 KiB and at 8 MiB."""
     path = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True,
-                   timeout=30)
-    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 8M 4k",
-                    str(path)], check=True, capture_output=True, timeout=30)
+    qemu_img("create", "-q", "-f", "qcow2", path, "16M", check=True)
+    qemu_io(path, "write -P 0xab 0 64k", "write -P 0xcd 8M 4k", fmt=None)
     return str(path)
+
+
+def launch(machine: str = "none") -> QemuProcess:
+    """A QEMU (TCG, prelaunch) with its log in its private dir: the image's folder must hold
+    nothing but the image."""
+    return QemuProcess(machine=machine, timeout=10.0)
 
 
 @pytest.fixture
 def vm():
-    with QemuVM() as v:
+    with launch() as v:
         yield v
 
 
-def digest(path) -> str:
-    with open(path, "rb") as f:
-        return "%d:%s" % (os.fstat(f.fileno()).st_size, hashlib.sha256(f.read()).hexdigest())
+def add_qcow2(vm: QemuProcess, path, node: str, read_only: bool = False) -> None:
+    """blockdev-add a qcow2 node `node` over a file node `<node>-file`."""
+    N.add_image(vm.qmp, path, node, fmt="qcow2", read_only=read_only)
+
+
+def node_names(vm: QemuProcess) -> list:
+    return [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", {"flat": True})]
 
 
 def held_lock_bytes(path) -> list:
@@ -65,30 +75,26 @@ def assert_one_line_error(rc, out, err, expected_rc, needle):
     assert needle in err, err
 
 
-def qemu_io(*args):
-    p = subprocess.run(["qemu-io", *map(str, args)], capture_output=True, text=True, timeout=30)
-    return p.returncode, p.stdout, p.stderr
-
-
 # ---------------------------------------------------------------- QEMU holds the image
 def test_qemu_writer_blocks_our_writers(image, vm):
-    vm.add_qcow2(image, "d0")
-    before = digest(image)
+    add_qcow2(vm, image, "d0")
+    before = file_sha256(image)
 
     rc, out, err = engine("io", "-c", "write -P 0x55 0 4k", image)
     assert_one_line_error(rc, out, err, 1, WRITE)
     assert out == ""
-    assert WRITE in qemu_io("-c", "write -P 0x55 0 4k", image)[2]  # qemu-io says the same
+    # qemu-io says the same
+    assert WRITE in qemu_io(image, "write -P 0x55 0 4k", fmt=None, check=False)[2]
 
     with pytest.raises(ImageInUseError, match=WRITE):
         qcow2engine.open_chain(image, writable=True)
     with pytest.raises(ImageInUseError, match=SHARED_WRITE):
         qcow2engine.open_chain(image)
 
-    assert digest(image) == before
+    assert file_sha256(image) == before
     # QEMU's node is untouched and still usable
-    assert vm.hmp('qemu-io d0 "read -P 0xab 0 64k"') == ""
-    assert vm.hmp('qemu-io d0 "write -P 0x77 2M 4k"') == ""
+    assert vm.qmp.hmp('qemu-io d0 "read -P 0xab 0 64k"') == ""
+    assert vm.qmp.hmp('qemu-io d0 "write -P 0x77 2M 4k"') == ""
     assert "Pattern verification failed" not in vm.log()
 
 
@@ -104,15 +110,15 @@ def test_qemu_writer_blocks_our_writers(image, vm):
 ])
 def test_qemu_writer_refuses_our_modifying_commands(image, vm, argv, needle):
     """Every modifying command fails like qemu-img (exit 1, lock error) and changes nothing."""
-    vm.add_qcow2(image, "d0")
-    before = digest(image)
+    add_qcow2(vm, image, "d0")
+    before = file_sha256(image)
     argv = [a.format(img=image) for a in argv]
     if argv[0] != "io":
         q_rc, _, q_err = qemu_img(*argv)
         assert q_rc == 1 and WRITE in q_err, q_err
     rc, out, err = engine(*argv)
     assert_one_line_error(rc, out, err, 1, needle)
-    assert digest(image) == before
+    assert file_sha256(image) == before
     assert [n for n in os.listdir(os.path.dirname(image)) if n != "disk.qcow2"] == []
 
 
@@ -126,8 +132,8 @@ def test_qemu_writer_refuses_our_modifying_commands(image, vm, argv, needle):
     pytest.param(["compare", "{img}"], 2, id="compare"),
 ])
 def test_qemu_writer_blocks_our_readers_without_U(image, vm, tmp_path, argv, qemu_rc):
-    vm.add_qcow2(image, "d0")
-    before = digest(image)
+    add_qcow2(vm, image, "d0")
+    before = file_sha256(image)
     argv = [a.format(tmp=tmp_path, img=image) for a in argv]
     cmd, rest = argv[0], argv[1:]
 
@@ -141,12 +147,12 @@ def test_qemu_writer_blocks_our_readers_without_U(image, vm, tmp_path, argv, qem
 
     with pytest.raises(ImageInUseError, match=SHARED_WRITE):
         qcow2engine.open_chain(image)
-    assert digest(image) == before
+    assert file_sha256(image) == before
 
 
 def test_qemu_writer_force_share_readers_match_qemu_img(image, vm, tmp_path):
-    vm.add_qcow2(image, "d0")
-    before = digest(image)
+    add_qcow2(vm, image, "d0")
+    before = file_sha256(image)
 
     for argv in (["info", "-U", "--output=json"], ["info", "-U"], ["check", "-U"],
                  ["check", "-U", "--output=json"], ["map", "-U", "--output=json"], ["map", "-U"]):
@@ -162,16 +168,16 @@ def test_qemu_writer_force_share_readers_match_qemu_img(image, vm, tmp_path):
     assert rc == 0 and "Pattern verification failed" not in out, (out, err)
     assert engine("convert", "-U", "-O", "raw", image, tmp_path / "ours.raw")[0] == 0
     assert qemu_img("convert", "-U", "-O", "raw", image, tmp_path / "theirs.raw")[0] == 0
-    assert digest(tmp_path / "ours.raw") == digest(tmp_path / "theirs.raw")
+    assert file_sha256(tmp_path / "ours.raw") == file_sha256(tmp_path / "theirs.raw")
     with qcow2engine.open_chain(image, force_share=True) as chain:
         assert chain.read(8 << 20, 4096) == b"\xcd" * 4096
 
-    assert digest(image) == before
+    assert file_sha256(image) == before
 
 
 def test_qemu_reader_allows_our_readers_blocks_our_writers(image, vm):
-    vm.add_qcow2(image, "d0", read_only=True)
-    before = digest(image)
+    add_qcow2(vm, image, "d0", read_only=True)
+    before = file_sha256(image)
 
     for argv in (["info", "--output=json"], ["check"], ["map", "--output=json"]):
         q = qemu_img(*argv, image)
@@ -184,33 +190,33 @@ def test_qemu_reader_allows_our_readers_blocks_our_writers(image, vm):
     assert_one_line_error(rc, out, err, 1, WRITE)
     with pytest.raises(ImageInUseError, match=WRITE):
         qcow2engine.open_chain(image, writable=True)
-    assert digest(image) == before
+    assert file_sha256(image) == before
 
 
 # ---------------------------------------------------------------- we hold the image
 def test_our_writer_blocks_qemu(image, vm):
     with qcow2engine.open_chain(image, writable=True) as chain:
-        with pytest.raises(ExecuteError, match=WRITE):
-            vm.add_qcow2(image, "d0")
-        with pytest.raises(ExecuteError, match=SHARED_WRITE):
-            vm.add_qcow2(image, "d0", read_only=True)
-        assert vm.node_names() == []  # failed adds leave nothing behind
+        with pytest.raises(QMPImageInUseError, match=WRITE):
+            add_qcow2(vm, image, "d0")
+        with pytest.raises(QMPImageInUseError, match=SHARED_WRITE):
+            add_qcow2(vm, image, "d0", read_only=True)
+        assert node_names(vm) == []  # failed adds leave nothing behind
 
         rc, _, err = qemu_img("info", image)
         assert rc == 1 and SHARED_WRITE in err, err
         rc, out, err = qemu_img("info", "-U", "--output=json", image)
         assert rc == 0 and json.loads(out)["virtual-size"] == 16 << 20, err
-        rc, _, err = qemu_io("-c", "write 0 4k", image)
+        rc, _, err = qemu_io(image, "write 0 4k", fmt=None, check=False)
         assert rc == 1 and WRITE in err, err
 
         chain.write(4096, b"\x42" * 4096)  # our handle still works
 
     # after we close, QEMU gets the image read-write and can write to it
-    vm.add_qcow2(image, "d0")
-    assert vm.hmp('qemu-io d0 "read -P 0x42 4k 4k"') == ""
-    assert vm.hmp('qemu-io d0 "write -P 0x5a 1M 64k"') == ""
+    add_qcow2(vm, image, "d0")
+    assert vm.qmp.hmp('qemu-io d0 "read -P 0x42 4k 4k"') == ""
+    assert vm.qmp.hmp('qemu-io d0 "write -P 0x5a 1M 64k"') == ""
     assert "Pattern verification failed" not in vm.log()
-    vm.blockdev_del("d0")
+    N.delete_node(vm.qmp, "d0")
     with qcow2engine.open_chain(image, writable=True) as chain:  # and QEMU let go again
         assert chain.read(1 << 20, 65536) == b"\x5a" * 65536
     assert qemu_img("check", image)[0] == 0
@@ -223,23 +229,23 @@ def test_our_reader_allows_qemu_img_blocks_qemu_writer(image, vm):
         rc, _, err = qemu_img("check", image)
         assert rc == 0, err
 
-        with pytest.raises(ExecuteError, match=WRITE):
-            vm.add_qcow2(image, "d0")
-        vm.add_qcow2(image, "r0", read_only=True)  # readers coexist
-        vm.blockdev_del("r0")
+        with pytest.raises(QMPImageInUseError, match=WRITE):
+            add_qcow2(vm, image, "d0")
+        add_qcow2(vm, image, "r0", read_only=True)  # readers coexist
+        N.delete_node(vm.qmp, "r0")
         assert chain.read(0, 4096) == b"\xab" * 4096
 
-    vm.add_qcow2(image, "d0")
-    assert vm.hmp('qemu-io d0 "write -P 0x11 0 4k"') == ""
+    add_qcow2(vm, image, "d0")
+    assert vm.qmp.hmp('qemu-io d0 "write -P 0x11 0 4k"') == ""
 
 
 def test_lock_bytes_match_qemu(image, vm):
     """Our writer takes exactly QEMU's read-write bytes; our reader 100 and 201
     (QEMU's read-only node also unshares resize, byte 203)."""
     qemu_rw = [100, 101, 103, 201, 203]
-    vm.add_qcow2(image, "d0")
+    add_qcow2(vm, image, "d0")
     assert held_lock_bytes(image) == qemu_rw
-    vm.blockdev_del("d0")
+    N.delete_node(vm.qmp, "d0")
     assert held_lock_bytes(image) == []
     with qcow2engine.open_chain(image, writable=True):
         assert held_lock_bytes(image) == qemu_rw
@@ -252,8 +258,8 @@ def test_lock_bytes_match_qemu(image, vm):
 
 def test_killed_qemu_releases_its_locks(image):
     """OFD locks die with the process: after a QEMU crash we can write again."""
-    with QemuVM() as vm:
-        vm.add_qcow2(image, "d0")
+    with launch() as vm:
+        add_qcow2(vm, image, "d0")
         pid = vm.pid
         with pytest.raises(ImageInUseError):
             qcow2engine.open_chain(image, writable=True)
@@ -269,8 +275,8 @@ def test_vm_torn_down_when_test_body_fails(image):
     class Boom(Exception):
         pass
     with pytest.raises(Boom):
-        with QemuVM() as vm:
-            vm.add_qcow2(image, "d0")
+        with launch() as vm:
+            add_qcow2(vm, image, "d0")
             pid = vm.pid
             raise Boom
     with pytest.raises(ProcessLookupError):
@@ -304,46 +310,46 @@ def test_two_engine_writers_in_one_process_conflict(image):
 
 def test_force_share_never_writes(image, vm):
     """-U is for read-only use: a writer with it is refused, as qemu-io refuses it."""
-    vm.add_qcow2(image, "d0")
-    before = digest(image)
+    add_qcow2(vm, image, "d0")
+    before = file_sha256(image)
     rc, out, err = engine("io", "-U", "-c", "write -P 0x66 0 4k", image)
     assert rc == 1 and "force-share" in err and err.count("\n") == 1
     with pytest.raises(qcow2engine.Qcow2Error):
         qcow2engine.open_chain(image, writable=True, force_share=True)
-    assert digest(image) == before
+    assert file_sha256(image) == before
 
 
 def test_create_raw_over_image_in_use_refused(image, vm):
-    vm.add_qcow2(image, "d0")
-    before = digest(image)
+    add_qcow2(vm, image, "d0")
+    before = file_sha256(image)
     rc, out, err = engine("create", "-q", "-f", "raw", image, "16M")
     assert rc == 1 and "lock" in err
-    assert digest(image) == before
+    assert file_sha256(image) == before
 
 
 def test_create_does_not_truncate_a_data_file_in_use(tmp_path, vm):
     a = tmp_path / "a.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
-                    "data_file=%s,data_file_raw=on" % (tmp_path / "d.raw"), str(a), "16M"],
-                   check=True, cwd=tmp_path)
-    subprocess.run(["qemu-io", "-c", "write -P 0x42 0 1M", str(a)], check=True,
-                   capture_output=True, cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-o",
+             "data_file=%s,data_file_raw=on" % (tmp_path / "d.raw"), a, "16M", cwd=tmp_path,
+             check=True)
+    qemu_io(a, "write -P 0x42 0 1M", fmt=None, cwd=tmp_path)
     data = tmp_path / "d.raw"
-    before = digest(data)
-    vm.add_qcow2(str(a), "d0")
+    before = file_sha256(data)
+    add_qcow2(vm, str(a), "d0")
     rc, out, err = engine("create", "-q", "-f", "qcow2", "-o", "data_file=%s" % data,
                           tmp_path / "c.qcow2", "16M", cwd=tmp_path)
     assert rc == 1 and "lock" in err
-    assert digest(data) == before
+    assert file_sha256(data) == before
 
 
 def test_raw_image_in_use_is_locked(tmp_path):
     raw = tmp_path / "r.raw"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"], check=True)
-    before = digest(raw)
-    with QemuVM(machine="pc") as v:
-        v.add_raw(str(raw), "r0")
-        v.cmd("device_add", driver="virtio-blk-pci", drive="r0", id="vd0")
+    qemu_img("create", "-q", "-f", "raw", raw, "16M", check=True)
+    before = file_sha256(raw)
+    with launch("pc") as v:
+        v.qmp.execute("blockdev-add", {"driver": "file", "node-name": "r0",
+                                       "filename": str(raw), "read-only": False})
+        v.qmp.execute("device_add", {"driver": "virtio-blk-pci", "drive": "r0", "id": "vd0"})
         rc, out, err = engine("io", "-f", "raw", "-c", "write 0 4k", raw)
         assert rc == 1 and "lock" in err
-    assert digest(raw) == before
+    assert file_sha256(raw) == before

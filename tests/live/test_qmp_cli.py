@@ -10,8 +10,7 @@ import pytest
 
 from qcow2engine.cli.main import main as engine_main
 from qmp_bridge.graph import read_graph
-from tests.helpers.qmp import (MiB, Model, assert_clean, guest_write, setup_disk,  # noqa
-                                   vm)
+from tests.helpers.qmp import MiB, Model, assert_clean, guest_write, setup_disk
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32 * MiB

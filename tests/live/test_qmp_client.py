@@ -18,7 +18,7 @@ from qmp_bridge import nodes as N
 from qmp_bridge.client import QMPSession
 from qmp_bridge.errors import QMPCommandError, QMPConnectionError, QMPImageInUseError
 from qmp_bridge.launch import QemuProcess
-from tests.helpers.qmp import MiB, make_image, vm_none  # noqa: F401  (fixture)
+from tests.helpers.qmp import MiB, make_image
 
 ROOT = Path(__file__).resolve().parents[2]
 

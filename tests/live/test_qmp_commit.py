@@ -13,8 +13,8 @@ from qmp_bridge import nodes as N
 from qmp_bridge.blockjobs import commit, start_commit, start_stream, stream
 from qmp_bridge.errors import LiveGraphError, LiveJobError, QMPImageInUseError
 from qmp_bridge.graph import read_graph
-from tests.helpers.qmp import (MiB, Model, assert_clean, backing_name, guest_write,  # noqa
-                                   make_image, setup_disk, vm, vm_none, written_ok)
+from tests.helpers.qmp import (MiB, Model, assert_clean, backing_name, guest_write, make_image,
+                               setup_disk, written_ok)
 
 SIZE = 32 * MiB
 BASE = [(0, 8 * MiB, 0x11), (20 * MiB, 4 * MiB, 0x12)]

@@ -14,8 +14,7 @@ import pytest
 from qmp_bridge.blockjobs import ChainJob
 from qmp_bridge.cli import main as live_main
 from qmp_bridge.graph import read_graph
-from tests.helpers.qmp import (MiB, Model, assert_clean, guest_write, setup_disk,  # noqa
-                                   vm, written_ok)
+from tests.helpers.qmp import MiB, Model, assert_clean, guest_write, setup_disk, written_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32 * MiB

@@ -8,8 +8,8 @@ from qcow2engine.errors import JobError, SnapshotError
 from qmp_bridge.errors import LiveSnapshotError
 from qmp_bridge.graph import read_graph
 from qmp_bridge.internal import delete_vm, list_vm_snapshots, load_vm, save_vm
-from tests.helpers.qmp import (MiB, Model, assert_clean, guest_write, run,  # noqa: F401
-                                   setup_disk, vm, vm_none)
+from tests.helpers.qemu import run
+from tests.helpers.qmp import MiB, Model, assert_clean, guest_write, setup_disk
 
 SIZE = 32 * MiB
 A = [(0, 4 * MiB, 0x11)]

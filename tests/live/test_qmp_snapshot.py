@@ -10,8 +10,8 @@ from qmp_bridge.blockjobs import commit, start_commit
 from qmp_bridge.errors import LiveGraphError, QMPCommandError, QMPTimeoutError
 from qmp_bridge.graph import read_graph
 from qmp_bridge.snapshot import snapshot_disks
-from tests.helpers.qmp import (MiB, Model, assert_clean, backing_name, guest_write,  # noqa
-                                   setup_disk, vm, vm_none, written_ok)
+from tests.helpers.qmp import (MiB, Model, assert_clean, backing_name, guest_write, setup_disk,
+                               written_ok)
 
 SIZE = 32 * MiB
 A = [(0, 4 * MiB, 0x11)]

@@ -84,3 +84,19 @@ def upgrade_lock(old_fd: int, new_fd: int, path: str, *, locked: bool = True) ->
         except OSError:
             pass
         raise
+
+
+def reopen_for_write(path: str, old_fd: int, *, locked: bool) -> int:
+    """A new read-write file description of path that takes over a reader's locks from
+    old_fd (upgrade_lock); the caller closes old_fd.  Nothing changes on failure."""
+    from ..errors import InvalidImageError
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidImageError("Could not open '%s': %s" % (path, e.strerror)) from None
+    try:
+        upgrade_lock(old_fd, fd, path, locked=locked)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

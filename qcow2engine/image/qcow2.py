@@ -255,16 +255,8 @@ class Qcow2Image:
         with QEMU's write locks; the old one and its read locks go)."""
         if self.writable:
             return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise InvalidImageError("Could not open '%s': %s" % (self.path, e.strerror)) from None
-        try:
-            from ..host.locking import upgrade_lock
-            upgrade_lock(self.fd, fd, self.path, locked=self.locked)
-        except BaseException:
-            os.close(fd)
-            raise
+        from ..host.locking import reopen_for_write
+        fd = reopen_for_write(self.path, self.fd, locked=self.locked)
         old, self.fd = self.fd, fd
         if self._own_fd:
             os.close(old)

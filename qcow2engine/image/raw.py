@@ -39,16 +39,8 @@ class RawFile:
         """Turn a read-only open into a read-write one (same object, QEMU's write locks)."""
         if self.writable:
             return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise InvalidImageError("Could not open '%s': %s" % (self.path, e.strerror)) from None
-        from ..host.locking import upgrade_lock
-        try:
-            upgrade_lock(self.fd, fd, self.path, locked=self.locked)
-        except BaseException:
-            os.close(fd)
-            raise
+        from ..host.locking import reopen_for_write
+        fd = reopen_for_write(self.path, self.fd, locked=self.locked)
         os.close(self.fd)
         self.fd = fd
         self.writable = True

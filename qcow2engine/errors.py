@@ -56,3 +56,19 @@ class ResizeError(Qcow2Error):
 
 class AmendError(Qcow2Error):
     """An image option cannot be changed as asked."""
+
+
+class MachineError(Qcow2Error):
+    """A machine snapshot-tree request cannot be done (unknown machine, bad state, ...)."""
+
+
+class MachineBusyError(MachineError):
+    """Another operation holds the machine."""
+
+
+class MachineInconsistentError(MachineError):
+    """The files no longer match the tree (see `machine check`)."""
+
+
+class OperationPendingError(MachineError):
+    """An earlier operation on the machine did not finish; `machine recover` completes it."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import JobCancelled
 from ..format import entries as E
+from ..host import fileio
 from ..jobs import CANCELLED, COMPLETED, OpResult, check_cancel
 
 CHUNK = 8 << 20         # raw target: bytes per read task
@@ -22,13 +23,13 @@ def _write_nonzero(fd: int, buf: np.ndarray, offset: int, block: int) -> None:
     """Write buf at offset, leaving holes for block-aligned runs of zeros."""
     n = len(buf)
     if block <= 0:
-        os.pwrite(fd, buf, offset)
+        fileio.pwrite(fd, buf, offset)
         return
     head = (-offset) % block
     nblocks = (n - head) // block
     if nblocks <= 0:
         if buf.any():
-            os.pwrite(fd, buf, offset)
+            fileio.pwrite(fd, buf, offset)
         return
     body = buf[head:head + nblocks * block]
     if block % 8 == 0 and body.ctypes.data % 8 == 0:
@@ -36,18 +37,18 @@ def _write_nonzero(fd: int, buf: np.ndarray, offset: int, block: int) -> None:
     else:
         nz = body.reshape(nblocks, block).any(axis=1)
     if head and buf[:head].any():
-        os.pwrite(fd, buf[:head], offset)
+        fileio.pwrite(fd, buf[:head], offset)
     tail = head + nblocks * block
     if tail < n and buf[tail:].any():
-        os.pwrite(fd, buf[tail:], offset + tail)
+        fileio.pwrite(fd, buf[tail:], offset + tail)
     if not nz.any():
         return
     if nz.all():
-        os.pwrite(fd, body, offset + head)
+        fileio.pwrite(fd, body, offset + head)
         return
     edges = np.flatnonzero(np.diff(np.concatenate([[0], nz.astype(np.int8), [0]])))
     for a, b in zip(edges[0::2], edges[1::2]):
-        os.pwrite(fd, body[a * block:b * block], offset + head + int(a) * block)
+        fileio.pwrite(fd, body[a * block:b * block], offset + head + int(a) * block)
 
 
 def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
@@ -58,7 +59,7 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
     fd = os.open(dst, flags, 0o644)
     try:
         if create:
-            os.ftruncate(fd, size)
+            fileio.ftruncate(fd, size)
         for layer in chain.layers:
             img = getattr(layer, "image", None)
             if img is not None:
@@ -70,7 +71,7 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
             buf = np.zeros(length, np.uint8)
             chain.read_extents_into(buf, base, ex)
             if not create:
-                os.pwrite(fd, buf, base)
+                fileio.pwrite(fd, buf, base)
             else:
                 _write_nonzero(fd, buf, base, min_sparse)
             return length

@@ -37,6 +37,18 @@ def file_key(path: str) -> tuple:
     return st.st_dev, st.st_ino
 
 
+
+def close_all(closers) -> None:
+    """Call every closer, even after one fails; the first error is raised at the end."""
+    err = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as e:     # noqa: BLE001 - close the rest, then raise
+            err = err or e
+    if err is not None:
+        raise err
+
 class Session:
     """Open images, once per inode, under one lock policy.  Use as a context manager, or
     call close(); files are handed out with a use count (`release` gives one back)."""
@@ -102,15 +114,8 @@ class Session:
 
     def close(self) -> None:
         """Close every file still open (the first error is raised once all are closed)."""
-        err = None
         files, self._files = self._files, {}
-        for f, _ in files.values():
-            try:
-                f.close()
-            except BaseException as e:     # noqa: BLE001 - close the rest, then raise
-                err = err or e
-        if err is not None:
-            raise err
+        close_all(f.close for f, _ in files.values())
 
     def __enter__(self):
         return self

@@ -10,6 +10,7 @@ from ..errors import CorruptImageError, InvalidImageError, SnapshotError
 from ..format import entries as E
 
 from ..image.raw import RawFile
+from .session import close_all
 
 
 def _as_layer(f) -> Layer:
@@ -50,23 +51,13 @@ class Chain:
     def close(self) -> None:
         """Close every layer (a layer open for writing is flushed first); the first error
         is raised once all of them are closed."""
-        err = None
         layers, self.layers = self.layers, []
-        for layer in layers:
-            try:
-                if self.session is not None:
-                    self.session.release(layer.file)
-                else:
-                    layer.close()
-            except BaseException as e:     # noqa: BLE001 - close the rest, then raise
-                err = err or e
+        session = self.session
+        closers = [(lambda l=layer: session.release(l.file)) if session is not None else layer.close
+                   for layer in layers]
         if self.owns_session:
-            try:
-                self.session.close()
-            except BaseException as e:     # noqa: BLE001
-                err = err or e
-        if err is not None:
-            raise err
+            closers.append(session.close)
+        close_all(closers)
 
     def __enter__(self):
         return self

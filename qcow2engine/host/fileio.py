@@ -81,3 +81,16 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def db_commit(conn) -> None:
+    """Commit a database transaction (the state database's one durability point)."""
+    conn.commit()
+
+
+def unlink(path: str) -> None:
+    """Remove a file (a no-op when it is already gone: removal steps are redone after a crash)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -100,3 +100,14 @@ def reopen_for_write(path: str, old_fd: int, *, locked: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def held_by_other(path: str) -> bool:
+    """Does another open file description (a running QEMU, say) hold any of QEMU's lock
+    bytes on path?  Opens the file read-only and takes nothing."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return any(_held_by_other(fd, LOCK_BASE_PERM + p) or
+                   _held_by_other(fd, LOCK_BASE_SHARED + p) for p in PERM_NAMES)
+    finally:
+        os.close(fd)

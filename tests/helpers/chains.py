@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qcow2engine.units import parse_size
+
 from .qemu import qemu_img, qemu_io
 
 __all__ = ["KiB", "MiB", "Layer", "ChainSpec", "UNRELATED", "UNRELATED_BIG", "build_chain"]
@@ -39,13 +41,8 @@ class Layer:
     def cluster(self) -> int:
         for o in self.opts.split(","):
             if o.startswith("cluster_size="):
-                return _size(o.split("=", 1)[1])
+                return parse_size(o.split("=", 1)[1])
         return 64 * KiB
-
-
-def _size(t: str) -> int:
-    m = {"k": KiB, "K": KiB, "M": MiB, "G": 1024 * MiB}
-    return int(t[:-1]) * m[t[-1]] if t[-1] in m else int(t)
 
 
 @dataclass
@@ -77,7 +74,7 @@ UNRELATED_BIG = "other/big.raw"            # larger than every chain
 
 def _parse_range(cmd: str) -> tuple[int, int]:
     off, ln = cmd.split()[-2:]
-    return _size(off), _size(ln)
+    return parse_size(off), parse_size(ln)
 
 
 def _rand_cmds(rng: random.Random, L: Layer, rnd: Path, used: set[int]) -> list[str]:

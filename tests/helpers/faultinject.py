@@ -68,7 +68,8 @@ __all__ = [
 
 FILEIO_MODULE = "qcow2engine.host.fileio"
 # Patched when present (fdatasync in case the module grows one).
-FILEIO_FUNCS = ("pwrite", "copy_range", "fsync", "fdatasync", "ftruncate", "fallocate")
+FILEIO_FUNCS = ("pwrite", "copy_range", "fsync", "fdatasync", "ftruncate", "fallocate",
+                "unlink", "db_commit")
 KILL_EXIT_CODE = 137
 
 # os-level functions watched for calls that bypass the fileio module (the

@@ -188,6 +188,19 @@ def build_parser():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    state_dir = None
+    while argv and (argv[0] == "--state-dir" or argv[0].startswith("--state-dir=")):
+        if argv[0] == "--state-dir":
+            if len(argv) < 2:
+                _err("--state-dir needs a directory")
+                return 1
+            state_dir, argv = argv[1], argv[2:]
+        else:
+            state_dir, argv = argv[0].split("=", 1)[1], argv[1:]
+    from .tree import VERBS
+    if argv[:1] and argv[0] in VERBS:     # machines and their snapshot trees
+        from .tree import main as tree_main
+        return tree_main(argv, state_dir)
     if argv[:1] == ["live"]:  # a running QEMU: its own parser, imported only when used
         from qmp_bridge.cli import main as live_main
         return live_main(argv[1:])

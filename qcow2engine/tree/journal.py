@@ -1,0 +1,154 @@
+"""Running a plan so that a crash at any point loses nothing.
+
+Before the first file is touched the whole plan (its steps and the state afterwards) is in
+the database; each step is recorded as it completes.  A failure or a crash then leaves a
+pending operation that `recover` finishes:
+
+- before the plan's first irreversible step (plan.irreversible): roll back — undo the steps
+  done, the one in flight included (every undo checks before it acts: a file that is not
+  there is not removed twice, a tag that is not there is not deleted);
+- from it on: roll forward — do the steps again from the one in flight (each is idempotent),
+  then save the state afterwards.
+
+The state the database shows is therefore always a whole one: the old (the tree's rows are
+only rewritten by the last transaction, which also ends the operation) or the new.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+from ..errors import JobCancelled, OperationPendingError
+from ..jobs import Progress
+from .model import MachineState
+from .plan import WRITES, Plan
+from .store import Store, machine_from_dict, machine_to_dict
+
+LONG = {"internal_to_overlay", "commit", "stream"}
+
+
+def _undo(st: dict) -> list:
+    """The steps that undo st (reversible steps only)."""
+    op = st["op"]
+    if op == "create_overlay":
+        return [{"op": "remove_file", "path": st["path"]}]
+    if op == "internal_create":
+        return [{"op": "internal_delete", "path": st["path"], "tag": st["tag"]}]
+    if op in ("rebase", "stream"):
+        return [{"op": "rebase", "path": st["path"], "backing": st["prev"],
+                 "backing_fmt": st["prev_fmt"]}]
+    return []           # internal_to_overlay, resize, a merge's commit: nothing to put back
+
+
+def plan_to_dict(p: Plan) -> dict:
+    return {"kind": p.kind, "steps": p.steps, "after": machine_to_dict(p.after),
+            "irreversible": p.irreversible, "sets_current": p.sets_current,
+            "tip_clean": p.tip_clean, "messages": p.messages, "auto": p.auto,
+            "created": p.created, "removed": p.removed, "deleted": p.deleted,
+            "cancellable": p.cancellable}
+
+
+def plan_from_dict(d: dict) -> Plan:
+    return Plan(d["kind"], d["steps"], machine_from_dict(d["after"]), d["irreversible"],
+                d["sets_current"], d["tip_clean"], d["messages"], d["auto"], d["created"],
+                d["removed"], d["deleted"], d["cancellable"])
+
+
+class Journal:
+    def __init__(self, store: Store, backend, before: MachineState):
+        self.store = store
+        self.b = backend
+        self.before = before
+
+    # ------------------------------------------------------------ running
+    def call(self, st: dict, progress=None, cancel=None) -> None:
+        args = {k: v for k, v in st.items() if k not in ("op", "prev", "prev_fmt")}
+        if st["op"] in LONG:
+            args["progress"] = progress
+            args["cancel"] = cancel
+        getattr(self.b, st["op"])(**args)
+
+    def run(self, plan: Plan, *, progress: Optional[Progress] = None,
+            cancel: Optional[threading.Event] = None, start: int = 0,
+            begin: bool = True) -> None:
+        """Record the plan, do its steps, save the new state.  A cancel (cancellable plans
+        only) or an error before the irreversible step rolls back and re-raises; after it,
+        the operation stays pending and OperationPendingError says so."""
+        name = plan.after.name
+        if begin:
+            self.store.begin_op(name, plan.kind, plan_to_dict(plan))
+        total_long = [0]
+
+        def prog(done, total):
+            if progress:
+                progress(total_long[0] + done, total_long[0] + total)
+
+        i = start
+        try:
+            for i in range(start, len(plan.steps)):
+                st = plan.steps[i]
+                self.call(st, prog, cancel if plan.cancellable else None)
+                self.store.step_done(name, i + 1)
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                raise                   # a crash (or an interrupt): recover decides later
+            if i < plan.irreversible:
+                try:
+                    self.rollback(plan, i)
+                except Exception as e2:     # noqa: BLE001 - say what is left
+                    raise OperationPendingError(
+                        "%s; undoing it failed too (%s); the operation is pending: 'machine "
+                        "recover %s' finishes it" % (e, e2, name)) from e
+                raise
+            if isinstance(e, JobCancelled):
+                raise
+            raise OperationPendingError(
+                "%s (step %d of %d, %s); the operation is pending: 'machine recover %s' "
+                "completes it" % (e, i + 1, len(plan.steps), plan.steps[i]["op"], name)) from e
+        self.finish(plan)
+
+    def rollback(self, plan: Plan, upto: int) -> None:
+        """Undo steps upto..0 (upto may be half done), then end the operation."""
+        name = plan.after.name
+        for st in reversed(plan.steps[:upto + 1]):
+            for u in _undo(st):
+                self.call(u)
+        self.store.end_op(name)
+
+    def finish(self, plan: Plan) -> None:
+        """Stamp what the plan changed and save the state afterwards (ending the operation)."""
+        after = plan.after
+        touched = {st[WRITES[st["op"]]] for st in plan.steps if st["op"] in WRITES}
+        for rec in after.files.values():
+            if after.frozen_needed(rec.path):
+                if rec.frozen is None or rec.path in touched:
+                    rec.frozen = self.b.stamp(rec.path)
+            else:
+                rec.frozen = None
+        old = {d.name: d.active for d in self.before.disks}
+        for d in after.disks:
+            if plan.sets_current:
+                d.baseline = self.b.stamp(d.active)
+            elif d.active != old.get(d.name) or d.active in touched:
+                clean = plan.tip_clean.get(d.name, False)
+                d.baseline = self.b.stamp(d.active) if clean else None
+        self.store.save(after, finish_op=True)
+
+
+def pending(store: Store, name: str) -> Optional[dict]:
+    return store.op(name)
+
+
+def recover(store: Store, backend, before: MachineState) -> Optional[str]:
+    """Finish the pending operation of a machine: 'rolled back', 'rolled forward' or None."""
+    op = store.op(before.name)
+    if op is None:
+        return None
+    plan = plan_from_dict(op["plan"])
+    j = Journal(store, backend, before)
+    done = op["done"]
+    if done < plan.irreversible:
+        j.rollback(plan, min(done, len(plan.steps) - 1))
+        return "rolled back"
+    j.run(plan, start=done, begin=False)
+    return "rolled forward"

@@ -1,0 +1,163 @@
+"""The tree's steps on image files, for a machine that is shut off.
+
+Every image is opened through a Session with QEMU's locks (a writable open takes the write
+locks, so a running QEMU that holds the image makes the step fail before it writes, and QEMU
+cannot take an image we are writing).  Each step is idempotent; see backend.py.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import threading
+from typing import Optional
+
+from ..chain.session import Session
+from ..errors import JobCancelled
+from ..host import fileio
+from ..host.locking import held_by_other
+from ..jobs import Progress
+from .backend import ImageFacts
+from .model import Stamp
+
+
+def _rel(path: str, target: str) -> str:
+    """The backing name stored in path for target: relative when in the same folder tree."""
+    rel = os.path.relpath(target, os.path.dirname(path))
+    return rel if not rel.startswith("..") else target
+
+
+class OfflineBackend:
+    """Steps on image files.  Stateless: every call opens and closes what it needs."""
+
+    # ---------------------------------------------------------------- looking
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def probe(self, path: str) -> ImageFacts:
+        from ..host.paths import resolve_backing
+        with Session(force_share=True) as s:
+            f = s.open_file(path)
+            if f.format == "raw":
+                return ImageFacts(path, "raw", f.size, None, None, ())
+            backing = None
+            if f.backing_file:
+                backing = os.path.abspath(resolve_backing(path, f.backing_file))
+            return ImageFacts(path, "qcow2", f.size, backing, f.backing_format,
+                              tuple(sn.name for sn in f.snapshots))
+
+    def stamp(self, path: str) -> Stamp:
+        st = os.stat(path)
+        h = hashlib.sha256()
+        with Session(force_share=True) as s:
+            f = s.open_file(path)
+            vsize = f.size
+            if f.format == "qcow2":
+                h.update(b"%d|%s|" % (f.size, (f.backing_file or "").encode()))
+                h.update(f.l1_table.tobytes())
+        return Stamp(vsize, st.st_mtime_ns, st.st_size, h.hexdigest())
+
+    def allocated(self, path: str) -> int:
+        return os.stat(path).st_blocks * 512
+
+    def in_use(self, path: str) -> bool:
+        return held_by_other(path)
+
+    # ---------------------------------------------------------------- steps
+    def create_overlay(self, path: str, backing: str, backing_fmt: str, size: int) -> None:
+        from ..image.create import create_from_options, parse_options
+        if os.path.exists(path):
+            try:
+                facts = self.probe(path)
+                if facts.backing == os.path.abspath(backing) and facts.vsize == size:
+                    return                      # done before a crash
+            except Exception:                   # noqa: BLE001 - a half-made file of ours
+                pass
+            fileio.unlink(path)
+        o = parse_options(None)
+        o.size = size
+        o.backing_file = _rel(path, backing)
+        o.backing_fmt = backing_fmt
+        create_from_options(path, o)
+
+    def remove_file(self, path: str) -> None:
+        fileio.unlink(path)
+        folder = os.path.dirname(path)
+        for tmp in glob.glob(os.path.join(glob.escape(folder), ".%s.qcow2engine-*.tmp"
+                                          % glob.escape(os.path.basename(path)))):
+            fileio.unlink(tmp)
+
+    def internal_create(self, path: str, tag: str) -> None:
+        from ..image.snapshots import create_snapshot
+        with Session() as s:
+            img = s.open_file(path, "qcow2", writable=True)
+            if any(sn.name == tag for sn in img.snapshots):
+                return
+            create_snapshot(img, tag)
+
+    def internal_apply(self, path: str, tag: str) -> None:
+        from ..image.snapshots import apply_snapshot
+        with Session() as s:
+            apply_snapshot(s.open_file(path, "qcow2", writable=True), tag)
+
+    def internal_delete(self, path: str, tag: str) -> None:
+        from ..image.snapshots import delete_snapshot
+        with Session() as s:
+            img = s.open_file(path, "qcow2", writable=True)
+            if any(sn.name == tag for sn in img.snapshots):
+                delete_snapshot(img, tag)
+
+    def internal_to_overlay(self, overlay: str, path: str, tag: str,
+                            progress: Optional[Progress] = None,
+                            cancel: Optional[threading.Event] = None) -> None:
+        """Make overlay (empty, on path) show path's snapshot tag: copy into it every range
+        where the snapshot differs from path's current state.  path is not written."""
+        from ..chain.copy import rebase_copy
+        from ..chain.view import Chain
+        with Session() as s:
+            top = s.open_chain(overlay, "qcow2", writable=True)
+            snap = s.open_chain(path, "qcow2", snapshot=tag)
+            view = Chain([top.layers[0]] + snap.layers)        # overlay over the snapshot
+            now = Chain(top.layers[1:])                        # what it reads through today
+            rebase_copy(view, now, progress, cancel, shortcut=False)
+            top.flush()
+
+    def commit(self, top: str, base: str, progress: Optional[Progress] = None,
+               cancel: Optional[threading.Event] = None) -> None:
+        from ..chain.ops import plan_commit, run_commit
+        plan = plan_commit(top, base)
+        r = run_commit(plan, progress=progress, cancel=cancel)
+        if not r.completed:
+            raise JobCancelled("cancelled")
+
+    def stream(self, path: str, base: Optional[str], base_fmt: Optional[str],
+               progress: Optional[Progress] = None,
+               cancel: Optional[threading.Event] = None) -> None:
+        """Pull into path everything above base (None: the whole chain), then point it at
+        base.  Done again after it completed, it finds path already on base: nothing to do."""
+        from ..chain.ops import plan_rebase, run_rebase
+        facts = self.probe(path)
+        want = os.path.abspath(base) if base else None
+        if facts.backing == want:
+            return
+        plan = plan_rebase(path, _rel(path, base) if base else None, base_fmt, op="stream")
+        r = run_rebase(plan, progress=progress, cancel=cancel)
+        if not r.completed:
+            raise JobCancelled("cancelled")
+
+    def rebase(self, path: str, backing: Optional[str], backing_fmt: Optional[str]) -> None:
+        """Unsafe rebase: only the pointer changes (the new backing reads the same)."""
+        from ..chain.ops import plan_rebase, run_rebase
+        if self.probe(path).backing == (os.path.abspath(backing) if backing else None):
+            return
+        run_rebase(plan_rebase(path, _rel(path, backing) if backing else None, backing_fmt,
+                               unsafe=True))
+
+    def resize(self, path: str, size: int) -> None:
+        from ..image.resize import resize_qcow2, resize_raw
+        with Session() as s:
+            f = s.open_file(path, writable=True)
+            if f.size >= size:
+                return
+            (resize_raw if f.format == "raw" else resize_qcow2)(f, size)
+

@@ -118,6 +118,8 @@ class Tree:
             path = os.path.abspath(path)
             if not os.path.exists(path):
                 raise MachineError("disk %s: '%s' does not exist" % (dname, path))
+            if not os.path.isfile(path):
+                raise MachineError("disk %s: '%s' is not an image file" % (dname, path))
             try:
                 facts = self.backend.probe(path)
             except (InvalidImageError, Qcow2Error) as e:

@@ -1,0 +1,327 @@
+"""Machine snapshot trees offline: scenarios on 2- and 3-disk machines, every step checked
+against a model by QEMU's tools (tests/helpers/machine.py: every disk's tip and every
+snapshot's state, qemu-img check on every file, no file left that nothing needs)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from qcow2engine.errors import InvalidRequestError, MachineError, SnapshotError
+from qcow2engine.tree import Tree
+from tests.helpers.machine import MachineModel, verify
+from tests.helpers.qemu import qemu_img
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+@pytest.fixture
+def env(tmp_path):
+    def make(ndisks=2, kind="internal"):
+        disks = {}
+        for i in range(ndisks):
+            name = "vd" + "abc"[i]
+            folder = tmp_path / name
+            folder.mkdir()
+            p = folder / (name + ".qcow2")
+            qemu_img("create", "-q", "-f", "qcow2", str(p), SIZE, check=True)
+            disks[name] = str(p)
+        tree = Tree(str(tmp_path / "state"))
+        m = tree.define("m", disks)
+        model = MachineModel(disks, SIZE)
+        return Env(tree, m, model, [os.path.dirname(p) for p in disks.values()], kind)
+    yield make
+
+
+class Env:
+    def __init__(self, tree, m, model, folders, kind):
+        self.tree, self.m, self.model, self.folders, self.kind = tree, m, model, folders, kind
+
+    def write(self, disk, slot, pattern):
+        self.model.write(self.m, disk, slot, pattern)
+
+    def create(self, name, kind=None, **kw):
+        kind = kind or self.kind
+        if kind == "external":
+            kw.setdefault("disk_only", True)
+        self.m.create_snapshot(name, **kw)
+        kinds = {d: ds["snapshot"] for d, ds in
+                 next(s for s in self.m.snapshots() if s["name"] == name)["disks"].items()}
+        self.model.created(name, kinds)
+        self.verify()
+
+    def revert(self, name, mode="reset", *, expect_auto=None, **kw):
+        changed = self.model.changed
+        r = self.m.revert(name, mode=mode, **kw)
+        assert r.completed
+        if expect_auto is None:
+            stays = mode != "reset" and self.model.live == name      # follow onto the tip
+            expect_auto = changed and kw.get("auto_snapshot", True) and not stays and not (
+                mode == "reset" and name == self.model.current)
+        assert (r.auto_snapshot is not None) == expect_auto, r
+        if mode == "commit":
+            self.model.committed(name, kw.get("discard", False), r.auto_snapshot)
+        else:
+            self.model.reverted(name, mode, r.auto_snapshot)
+            if kw.get("discard"):
+                self.model.deleted([name])
+        self.verify()
+        return r
+
+    def delete(self, name, **kw):
+        st = self.m.state()
+        if kw.get("children_only"):
+            names = [s.name for s in st.descendants(name)]
+        elif kw.get("children"):
+            names = [name] + [s.name for s in st.descendants(name)]
+        else:
+            names = [name]
+        r = self.m.delete(name, **kw)
+        self.model.deleted(names)
+        self.verify()
+        return r
+
+    def verify(self):
+        verify(self.m, self.model, self.folders)
+
+
+def seed(e):
+    """The seed's tree: a, b, c, d (each after writes), revert to b, create e."""
+    e.write("vda", 0, 1); e.write("vdb", 0, 11); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    e.write("vda", 2, 3); e.write("vdb", 1, 12); e.create("c")
+    e.write("vda", 3, 4); e.create("d")
+    e.write("vda", 4, 5)
+    e.revert("b")
+    e.write("vdb", 5, 15)
+    e.create("e")
+
+
+TREE_AFTER_SEED = """\
+a
+  |
+  +- b
+      |
+      +- c
+      |   |
+      |   +- d
+      |       |
+      |       +- AUTO
+      |         
+      +- e
+        
+
+"""
+
+
+@pytest.mark.parametrize("kind", ["internal", "external"])
+def test_seed_tree(env, kind, capsys):
+    e = env(2, kind)
+    seed(e)
+    auto = [s["name"] for s in e.m.snapshots() if s["auto"]]
+    assert len(auto) == 1 and auto[0].startswith("auto-")
+    from qcow2engine.cli.main import main
+    assert main(["--state-dir", e.tree.store.dir, "snapshot-list", "m", "--tree"]) == 0
+    assert capsys.readouterr().out == TREE_AFTER_SEED.replace("AUTO", auto[0])
+    # the branch that was left stays valid: reset to d, then to c and back to e
+    e.revert("d")
+    e.revert("c")
+    e.write("vda", 9, 99)
+    e.revert("e", expect_auto=True)
+
+
+def test_three_disks_mixed_kinds(env):
+    e = env(3, "internal")
+    e.write("vda", 0, 1); e.write("vdb", 0, 2); e.write("vdc", 0, 3)
+    e.create("a", diskspecs={"vda": "internal", "vdb": "external", "vdc": "no"})
+    e.write("vda", 1, 4); e.write("vdb", 1, 5); e.write("vdc", 1, 6)
+    e.create("b", disk_only=True, diskspecs={"vdc": "no"}, kind="internal")
+    e.write("vda", 2, 7); e.write("vdb", 2, 8); e.write("vdc", 2, 9)
+    e.revert("a")            # vdc is not part of a: it keeps its state
+    e.revert("b")
+
+
+def test_follow_between_branches(env):
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    e.write("vda", 2, 3)                      # b's branch goes on
+    e.revert("a")                             # the tip of b's branch: an automatic snapshot
+    e.write("vdb", 3, 4); e.create("x")
+    e.write("vdb", 4, 5)
+    e.revert("b", "follow")                   # back where b's branch was left
+    e.write("vda", 5, 6)
+    e.revert("x", "follow")                   # and to x's branch
+    e.revert("b", "follow")
+
+
+def test_revert_to_non_leaf_then_branch(env):
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    e.write("vda", 2, 3); e.create("c")
+    e.revert("a")
+    e.write("vdb", 0, 7); e.create("b2")      # a second branch off a
+    e.revert("c")
+    e.revert("b2")
+
+
+def test_internal_under_overlay(env):
+    """Reset to an internal snapshot whose image is frozen under an external overlay: a new
+    overlay gets the differences; no byte of the frozen image changes."""
+    e = env(2, "internal")
+    e.write("vda", 0, 1); e.write("vda", 1, 2); e.create("a")
+    e.write("vda", 0, 3); e.write("vda", 5, 4); e.write("vdb", 2, 9)
+    e.create("b", kind="external")
+    base = e.m.state().snapshots["b"].disks["vda"].file
+    before = open(base, "rb").read()
+    e.write("vda", 6, 5)
+    e.revert("a")
+    assert open(base, "rb").read() == before
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_commit(env, discard):
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.write("vdb", 1, 3); e.create("b")
+    e.write("vda", 2, 4)
+    n_before = len(e.m.state().files)
+    e.revert("b", "commit", discard=discard)
+    # the chain is as short as before b
+    assert len(e.m.state().files) <= n_before
+    e.write("vda", 3, 5)
+    e.create("c")
+    e.revert("a")
+
+
+def test_commit_refused_on_shared_base_then_forced(env):
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    e.revert("a")
+    e.write("vdb", 1, 3); e.create("b2")      # a's base is shared by b and b2
+    before = e.m.state()
+    with pytest.raises(MachineError, match="shared with"):
+        e.m.revert("a", mode="commit")
+    assert e.m.state() == before
+    e.verify()
+    r = e.m.revert("a", mode="commit", force=True)
+    assert r.completed and any("--force" in x for x in r.messages)
+    gone = [n for n in e.model.snaps if n not in {s["name"] for s in e.m.snapshots()}]
+    assert gone
+    e.model.deleted([n for n in gone if n != "a"])
+    e.model.tip = e.model.snaps.get("a") and e.model.tip
+    e.model.snaps["a"] = {d: {} for d in e.model.disks}
+    e.model.snaps["a"] = _read_state(e, "a")
+    e.model.current = "a"
+    e.verify()
+
+
+def _read_state(e, name):
+    """(for a forced commit, whose merged state the model takes from the tip before)"""
+    from tests.helpers.qemu import guest_bytes
+    from tests.helpers.machine import SLOT
+    out = {}
+    for d, ds in next(s for s in e.m.snapshots() if s["name"] == name)["disks"].items():
+        data = guest_bytes(ds["file"])
+        out[d] = {i // SLOT: data[i] for i in range(0, len(data), SLOT)
+                  if data[i:i + SLOT] != bytes(SLOT)}
+    return out
+
+
+@pytest.mark.parametrize("mode", ["reset", "follow", "commit"])
+def test_discard_with_each_mode(env, mode):
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    e.write("vda", 2, 3); e.create("c")
+    e.write("vdb", 3, 4)
+    e.revert("b", mode, discard=True)
+    assert "b" not in {s["name"] for s in e.m.snapshots()}
+
+
+@pytest.mark.parametrize("kind", ["internal", "external"])
+def test_delete_leaf_middle_current_children(env, kind):
+    e = env(2, kind)
+    seed(e)
+    e.delete("d")                               # a leaf with an automatic child
+    e.delete("c")                               # a middle one
+    e.delete("b", children_only=True)
+    e.write("vda", 7, 8)
+    e.delete(e.model.current)                   # the current one: its parent is current
+    e.create("f")
+    e.delete("a", children=True)
+    assert e.m.snapshots() == []
+
+
+def test_delete_shared_base_and_flatten(env):
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    e.revert("a")
+    e.write("vda", 2, 3); e.create("b2")
+    e.delete("a")                               # its base stays: b and b2 share it
+    e.create("z")
+    e.delete("b", flatten=True)
+
+
+def test_libvirt_734_external_child_of_internal(env):
+    """Deleting an external snapshot whose parent is internal keeps the parent's image."""
+    e = env(2, "internal")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b", kind="external")
+    base = e.m.state().snapshots["b"].disks["vda"].file
+    e.write("vda", 2, 3)
+    e.delete("b")
+    assert os.path.exists(base)
+    e.revert("a")
+
+
+def test_bad_input_changes_nothing(env, tmp_path):
+    e = env(2, "internal")
+    e.write("vda", 0, 1); e.create("a")
+    st = e.m.state()
+    files = {p: open(p, "rb").read() for p in st.files}
+    db = e.m.state()
+    bad = [
+        (lambda: e.tree.machine("nope"), MachineError),
+        (lambda: e.m.revert("nope"), SnapshotError),
+        (lambda: e.m.create_snapshot("a"), SnapshotError),
+        (lambda: e.m.create_snapshot(""), InvalidRequestError),
+        (lambda: e.m.create_snapshot("x/y"), InvalidRequestError),
+        (lambda: e.m.create_snapshot("x" * 256), InvalidRequestError),
+        (lambda: e.m.revert("a", mode="follow"), InvalidRequestError),
+        (lambda: e.m.revert("a", mode="commit"), InvalidRequestError),
+        (lambda: e.m.delete("nope"), SnapshotError),
+        (lambda: e.m.create_snapshot("q", diskspecs={"vdz": "internal"}), InvalidRequestError),
+        (lambda: e.tree.define("m", {"vda": st.disks[0].active}), MachineError),
+        (lambda: e.tree.define("m2", {"vda": str(tmp_path / "missing")}), MachineError),
+        (lambda: e.tree.define("m2", {"vda": st.disks[0].active}), MachineError),
+    ]
+    other = tmp_path / "o.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(other), SIZE, check=True)
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"QFI\xfb" + b"\xff" * 200)          # qcow2 magic, garbage header
+    bad.append((lambda: e.tree.define("m3", {"vda": str(junk)}), MachineError))
+    bad.append((lambda: e.tree.define("m3", {"vda": str(tmp_path)}), MachineError))
+    bad.append((lambda: e.tree.define("m/3", {"vda": str(other)}), InvalidRequestError))
+    bad.append((lambda: e.tree.define("m4", {"vda": str(other), "vdb": str(other)}),
+                InvalidRequestError))
+    for fn, exc in bad:
+        with pytest.raises(exc):
+            fn()
+        assert e.m.state() == db
+        assert {p: open(p, "rb").read() for p in st.files} == files
+    assert e.tree.names() == ["m"]
+    e.verify()
+
+
+def test_revert_current_is_undo(env):
+    e = env(2, "internal")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2)
+    e.revert("a")                     # undo since a: no automatic snapshot
+    e.write("vda", 2, 3)
+    e.revert("a", auto_snapshot=False)

@@ -63,6 +63,7 @@ def repair_open_image(img: Qcow2Image, mode: str, filename: str) -> CheckResult:
         meta.commit()
         leaks_fixed += len(leak)
         corruptions_fixed += len(err)
+    leaks_fixed += _drop_refcounts_past_end(img)
     if fix_errors:
         corruptions_fixed += fix_copied_flags(img)
     if corruptions_fixed or leaks_fixed:
@@ -79,6 +80,26 @@ def repair_open_image(img: Qcow2Image, mode: str, filename: str) -> CheckResult:
     res.corruptions_fixed = corruptions_fixed
     res.leaks_fixed = leaks_fixed
     return res
+
+
+def _drop_refcounts_past_end(img: Qcow2Image) -> int:
+    """Refcounts of clusters past the end of the file (in the refcount blocks that cover
+    its last clusters): an allocation interrupted before its data reached the file.  Nothing
+    can reference them, but the next write that grows the file would turn them into leaks
+    (qemu-img check does not look past the end of the file): give them back."""
+    per_block = img.cluster_size * 8 // img.refcount_bits
+    fc = img.file_clusters
+    counts = img.refcounts_all(-(-fc // per_block) * per_block)
+    tail = counts[fc:].astype(np.int64)
+    stale = np.flatnonzero(tail)
+    if not len(stale):
+        return 0
+    meta = img.allocator
+    vals = tail[stale]
+    for v in np.unique(vals).tolist():
+        meta.change((stale[vals == v] + fc).astype(np.int64), -int(v))
+    meta.commit()
+    return len(stale)
 
 
 def _drop_wild_entries(img: Qcow2Image) -> int:

@@ -45,13 +45,15 @@ def plan_to_dict(p: Plan) -> dict:
             "irreversible": p.irreversible, "sets_current": p.sets_current,
             "tip_clean": p.tip_clean, "messages": p.messages, "auto": p.auto,
             "created": p.created, "removed": p.removed, "deleted": p.deleted,
-            "cancellable": p.cancellable}
+            "cancellable": p.cancellable,
+            "on_cancel": machine_to_dict(p.on_cancel) if p.on_cancel else None}
 
 
 def plan_from_dict(d: dict) -> Plan:
     return Plan(d["kind"], d["steps"], machine_from_dict(d["after"]), d["irreversible"],
                 d["sets_current"], d["tip_clean"], d["messages"], d["auto"], d["created"],
-                d["removed"], d["deleted"], d["cancellable"])
+                d["removed"], d["deleted"], d["cancellable"],
+                machine_from_dict(d["on_cancel"]) if d.get("on_cancel") else None)
 
 
 class Journal:
@@ -87,11 +89,17 @@ class Journal:
         try:
             for i in range(start, len(plan.steps)):
                 st = plan.steps[i]
-                self.call(st, prog, cancel if plan.cancellable else None)
+                # only a merge's commits stop at a cancel (into plan.on_cancel)
+                self.call(st, prog, cancel if plan.cancellable and st["op"] == "commit"
+                          else None)
                 self.store.step_done(name, i + 1)
         except BaseException as e:
             if not isinstance(e, Exception):
                 raise                   # a crash (or an interrupt): recover decides later
+            if isinstance(e, JobCancelled) and plan.on_cancel is not None:
+                self.repair(plan.steps[i:i + 1])
+                self.finish(plan, plan.on_cancel)   # the long step stopped cleanly
+                raise
             if i < plan.irreversible:
                 try:
                     self.rollback(plan, i)
@@ -99,8 +107,6 @@ class Journal:
                     raise OperationPendingError(
                         "%s; undoing it failed too (%s); the operation is pending: 'machine "
                         "recover %s' finishes it" % (e, e2, name)) from e
-                raise
-            if isinstance(e, JobCancelled):
                 raise
             raise OperationPendingError(
                 "%s (step %d of %d, %s); the operation is pending: 'machine recover %s' "
@@ -113,11 +119,28 @@ class Journal:
         for st in reversed(plan.steps[:upto + 1]):
             for u in _undo(st):
                 self.call(u)
-        self.store.end_op(name)
+        self.repair(plan.steps[:upto + 1])
+        # the undone steps kept every view the old state records, but they wrote files:
+        # take the stamps of those again, then end the operation
+        touched = {st[WRITES[st["op"]]] for st in plan.steps[:upto + 1] if st["op"] in WRITES}
+        old = self.store.load(name)
+        for path in touched & set(old.files):
+            rec = old.files[path]
+            if rec.frozen is not None and self.b.exists(path):
+                rec.frozen = self.b.stamp(path)
+        for d in old.disks:
+            if d.active in touched:
+                d.baseline = self.b.stamp(d.active) if plan.tip_clean.get(d.name) else None
+        self.store.save(old, finish_op=True)
 
-    def finish(self, plan: Plan) -> None:
+    def repair(self, steps) -> None:
+        """An interrupted step may have leaked clusters in the image it wrote: repair them."""
+        for path in sorted({st[WRITES[st["op"]]] for st in steps if st["op"] in WRITES}):
+            self.b.repair(path)
+
+    def finish(self, plan: Plan, after: Optional[MachineState] = None) -> None:
         """Stamp what the plan changed and save the state afterwards (ending the operation)."""
-        after = plan.after
+        after = plan.after if after is None else after
         touched = {st[WRITES[st["op"]]] for st in plan.steps if st["op"] in WRITES}
         for rec in after.files.values():
             if after.frozen_needed(rec.path):
@@ -150,5 +173,6 @@ def recover(store: Store, backend, before: MachineState) -> Optional[str]:
     if done < plan.irreversible:
         j.rollback(plan, min(done, len(plan.steps) - 1))
         return "rolled back"
+    j.repair(plan.steps[:done + 1])
     j.run(plan, start=done, begin=False)
     return "rolled forward"

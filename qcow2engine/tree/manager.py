@@ -268,11 +268,8 @@ class Machine:
             raise
 
     def _run(self, m: MachineState, planner: Planner, rec, op: str, snapshot: str, *,
-             progress=None, cancel=None, cancellable_prefix: Optional[int] = None) -> TreeResult:
+             progress=None, cancel=None) -> TreeResult:
         plan = planner.plan()
-        if cancellable_prefix is not None:
-            plan.cancellable = True
-            plan.irreversible = cancellable_prefix
         res = TreeResult(op, snapshot=snapshot, auto_snapshot=plan.auto, created=plan.created,
                          removed=plan.removed, deleted=plan.deleted, messages=plan.messages,
                          recovered=rec)
@@ -340,24 +337,14 @@ class Machine:
                 if discard:
                     p.delete(name)
                 return self._run(m, p, rec, "revert", name)
-            # --commit: phase 1 (follow, refuse or delete dependents, mark merging) ...
+            # --commit: the disks show S.overlay (follow), what else depends on S.base is
+            # refused or (--force) deleted, S is marked merging; a cancel while the overlays
+            # are merged leaves that state, and the same command resumes from it
             p = Planner(m, self.backend, "revert-commit")
             p.revert_commit_prepare(name, no_auto=not auto_snapshot, force=force)
-            res1 = self._run(m, p, rec, "revert", name)
-            # ... phase 2: the merge, cancellable while it copies
-            m = self.state()
-            p = Planner(m, self.backend, "merge")
+            p.mark()
             p.merge(name, discard=discard)
-            ncommits = sum(1 for st in p.steps if st["op"] == "commit")
-            res = self._run(m, p, None, "revert", name, progress=progress, cancel=cancel,
-                            cancellable_prefix=ncommits)
-            res.auto_snapshot = res1.auto_snapshot
-            res.recovered = rec
-            res.messages = res1.messages + res.messages
-            res.created = res1.created + res.created
-            res.removed = res1.removed + res.removed
-            res.deleted = res1.deleted + res.deleted
-            return res
+            return self._run(m, p, rec, "revert", name, progress=progress, cancel=cancel)
         finally:
             self.store.unlock(self.name)
 

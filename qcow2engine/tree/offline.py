@@ -153,6 +153,13 @@ class OfflineBackend:
         run_rebase(plan_rebase(path, _rel(path, backing) if backing else None, backing_fmt,
                                unsafe=True))
 
+    def repair(self, path: str) -> None:
+        """After an interrupted step: give back clusters it leaked and put the COPIED flags
+        right (what `qemu-img check -r all` does), so every image checks clean again."""
+        from ..api import check
+        if os.path.exists(path) and self.probe(path).fmt == "qcow2":
+            check(path, repair="all")
+
     def resize(self, path: str, size: int) -> None:
         from ..image.resize import resize_qcow2, resize_raw
         with Session() as s:

@@ -40,7 +40,8 @@ class Plan:
     created: list = field(default_factory=list)     # files created
     removed: list = field(default_factory=list)     # files removed
     deleted: list = field(default_factory=list)     # snapshots deleted
-    cancellable: bool = False       # a cancel during its steps ends it with nothing lost
+    cancellable: bool = False       # its long steps stop at a cancel ...
+    on_cancel: Optional[MachineState] = None    # ... leaving this state (all steps before done)
 
 
 class Planner:
@@ -61,6 +62,13 @@ class Planner:
         self.sets_current = False
         self._sizes: dict = {}
         self._tip_clean: Optional[dict] = None
+        self._mark: Optional[int] = None
+        self._mid: Optional[MachineState] = None
+
+    def mark(self) -> None:
+        """The state so far is where a cancel of the steps that follow leaves the machine."""
+        self._mark = len(self.steps)
+        self._mid = self.after.clone()
 
     # ------------------------------------------------------------ facts
     def vsize(self, path: str) -> int:
@@ -512,11 +520,12 @@ class Planner:
     # ------------------------------------------------------------ result
     def plan(self) -> Plan:
         self.tip_clean()
-        steps = _order(self.steps)
+        k = len(self.steps) if self._mark is None else self._mark
+        steps = _order(self.steps[:k]) + _order(self.steps[k:])
         irr = next((i for i, st in enumerate(steps) if st["op"] in IRREVERSIBLE), len(steps))
         return Plan(self.kind, steps, self.after, irr, self.sets_current,
                     dict(self._tip_clean or {}), self.messages, self.auto, self.created,
-                    self.removed, self.deleted)
+                    self.removed, self.deleted, self._mid is not None, self._mid)
 
 
 def _order(steps: list) -> list:

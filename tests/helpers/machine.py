@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 
-from .qemu import assert_clean, guest_bytes, par, qemu_io
+from .qemu import assert_clean, guest_bytes, par, qemu_img, qemu_io
 
 SLOT = 64 << 10
 
@@ -190,3 +190,76 @@ def _diff(got: bytes, exp: bytes) -> str:
         if got[i:i + SLOT] != exp[i:i + SLOT]:
             return "first at slot %d: %r vs model %r" % (i // SLOT, got[i:i + 4], exp[i:i + 4])
     return "?"
+
+
+def make_machine(tmp_path, ndisks: int = 2, kind: str = "internal", size: int = 4 << 20,
+                 name: str = "m") -> "Env":
+    """A machine on ndisks fresh qcow2 images (one folder per disk) in a state directory
+    under tmp_path, with its model."""
+    from qcow2engine.tree import Tree
+    disks = {}
+    for i in range(ndisks):
+        d = "vd" + "abcdefgh"[i]
+        folder = os.path.join(str(tmp_path), d)
+        os.makedirs(folder, exist_ok=True)
+        p = os.path.join(folder, d + ".qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", p, size, check=True)
+        disks[d] = p
+    tree = Tree(os.path.join(str(tmp_path), "state"))
+    m = tree.define(name, disks)
+    return Env(tree, m, MachineModel(disks, size), [os.path.dirname(p) for p in disks.values()],
+               kind)
+
+
+class Env:
+    def __init__(self, tree, m, model, folders, kind):
+        self.tree, self.m, self.model, self.folders, self.kind = tree, m, model, folders, kind
+
+    def write(self, disk, slot, pattern):
+        self.model.write(self.m, disk, slot, pattern)
+
+    def create(self, name, kind=None, **kw):
+        kind = kind or self.kind
+        if kind == "external":
+            kw.setdefault("disk_only", True)
+        self.m.create_snapshot(name, **kw)
+        kinds = {d: ds["snapshot"] for d, ds in
+                 next(s for s in self.m.snapshots() if s["name"] == name)["disks"].items()}
+        self.model.created(name, kinds)
+        self.verify()
+
+    def revert(self, name, mode="reset", *, expect_auto=None, **kw):
+        changed = self.model.changed
+        r = self.m.revert(name, mode=mode, **kw)
+        assert r.completed
+        if expect_auto is None:
+            stays = mode != "reset" and self.model.live == name      # follow onto the tip
+            expect_auto = changed and kw.get("auto_snapshot", True) and not stays and not (
+                mode == "reset" and name == self.model.current)
+        assert (r.auto_snapshot is not None) == expect_auto, r
+        if mode == "commit":
+            self.model.committed(name, kw.get("discard", False), r.auto_snapshot)
+        else:
+            self.model.reverted(name, mode, r.auto_snapshot)
+            if kw.get("discard"):
+                self.model.deleted([name])
+        self.verify()
+        return r
+
+    def delete(self, name, **kw):
+        st = self.m.state()
+        if kw.get("children_only"):
+            names = [s.name for s in st.descendants(name)]
+        elif kw.get("children"):
+            names = [name] + [s.name for s in st.descendants(name)]
+        else:
+            names = [name]
+        r = self.m.delete(name, **kw)
+        self.model.deleted(names)
+        self.verify()
+        return r
+
+    def verify(self):
+        verify(self.m, self.model, self.folders)
+
+

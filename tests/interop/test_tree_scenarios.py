@@ -8,8 +8,7 @@ import os
 import pytest
 
 from qcow2engine.errors import InvalidRequestError, MachineError, SnapshotError
-from qcow2engine.tree import Tree
-from tests.helpers.machine import MachineModel, verify
+from tests.helpers.machine import make_machine
 from tests.helpers.qemu import qemu_img
 
 MiB = 1 << 20
@@ -18,72 +17,7 @@ SIZE = 4 * MiB
 
 @pytest.fixture
 def env(tmp_path):
-    def make(ndisks=2, kind="internal"):
-        disks = {}
-        for i in range(ndisks):
-            name = "vd" + "abc"[i]
-            folder = tmp_path / name
-            folder.mkdir()
-            p = folder / (name + ".qcow2")
-            qemu_img("create", "-q", "-f", "qcow2", str(p), SIZE, check=True)
-            disks[name] = str(p)
-        tree = Tree(str(tmp_path / "state"))
-        m = tree.define("m", disks)
-        model = MachineModel(disks, SIZE)
-        return Env(tree, m, model, [os.path.dirname(p) for p in disks.values()], kind)
-    yield make
-
-
-class Env:
-    def __init__(self, tree, m, model, folders, kind):
-        self.tree, self.m, self.model, self.folders, self.kind = tree, m, model, folders, kind
-
-    def write(self, disk, slot, pattern):
-        self.model.write(self.m, disk, slot, pattern)
-
-    def create(self, name, kind=None, **kw):
-        kind = kind or self.kind
-        if kind == "external":
-            kw.setdefault("disk_only", True)
-        self.m.create_snapshot(name, **kw)
-        kinds = {d: ds["snapshot"] for d, ds in
-                 next(s for s in self.m.snapshots() if s["name"] == name)["disks"].items()}
-        self.model.created(name, kinds)
-        self.verify()
-
-    def revert(self, name, mode="reset", *, expect_auto=None, **kw):
-        changed = self.model.changed
-        r = self.m.revert(name, mode=mode, **kw)
-        assert r.completed
-        if expect_auto is None:
-            stays = mode != "reset" and self.model.live == name      # follow onto the tip
-            expect_auto = changed and kw.get("auto_snapshot", True) and not stays and not (
-                mode == "reset" and name == self.model.current)
-        assert (r.auto_snapshot is not None) == expect_auto, r
-        if mode == "commit":
-            self.model.committed(name, kw.get("discard", False), r.auto_snapshot)
-        else:
-            self.model.reverted(name, mode, r.auto_snapshot)
-            if kw.get("discard"):
-                self.model.deleted([name])
-        self.verify()
-        return r
-
-    def delete(self, name, **kw):
-        st = self.m.state()
-        if kw.get("children_only"):
-            names = [s.name for s in st.descendants(name)]
-        elif kw.get("children"):
-            names = [name] + [s.name for s in st.descendants(name)]
-        else:
-            names = [name]
-        r = self.m.delete(name, **kw)
-        self.model.deleted(names)
-        self.verify()
-        return r
-
-    def verify(self):
-        verify(self.m, self.model, self.folders)
+    yield lambda ndisks=2, kind="internal": make_machine(tmp_path, ndisks, kind)
 
 
 def seed(e):

@@ -259,3 +259,39 @@ def test_revert_current_is_undo(env):
     e.revert("a")                     # undo since a: no automatic snapshot
     e.write("vda", 2, 3)
     e.revert("a", auto_snapshot=False)
+
+
+def test_commit_cancel_then_resume(env, monkeypatch):
+    """A cancel while --commit merges: the disks still show the tip, S is marked merging
+    (reset to it refused), and the same command resumes and completes."""
+    import threading
+    import copy
+    import qcow2engine.chain.copy as chain_copy
+    monkeypatch.setattr(chain_copy, "WINDOW", 64 << 10)      # many windows to stop between
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    for slot in range(12):
+        e.write("vda", slot, 20 + slot)
+    e.write("vdb", 3, 9)
+    tip = copy.deepcopy(e.model.tip)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        if len(seen) == 2:
+            cancel.set()
+    r = e.m.revert("a", mode="commit", progress=progress, cancel=cancel)
+    assert r.outcome == "cancelled" and seen
+    assert e.m.info()["operation"] is None
+    assert [s["merging"] for s in e.m.snapshots()] == [True]
+    from tests.helpers.qemu import guest_bytes
+    for i, d in enumerate(e.model.disks):
+        assert guest_bytes(e.m.info()["disks"][i]["active"]) == e.model.expect(tip[d])
+    with pytest.raises(SnapshotError, match="half merged"):
+        e.m.revert("a")
+    assert e.m.check() == []
+    r = e.m.revert("a", mode="commit")
+    assert r.completed
+    e.model.committed("a", False, None)
+    e.verify()

@@ -4,7 +4,11 @@
 
 raw base  <-  qcow2 middle (relative backing name, in a subfolder)  <-  qcow2 top, with
 data, zero writes and discards in every layer; then `info --backing-chain`, `map`, `check`,
-`convert -O raw` and `compare`, exactly as a user would run them.  No QEMU needed.
+`convert -O raw` and `compare`, exactly as a user would run them.
+
+Then a machine with two disks and a snapshot tree: the seed's tree (a, b, c, d, revert to b,
+create e) with internal snapshots, an external branch on top followed, committed and
+deleted, `snapshot-list --tree`, `machine info`, `machine check`.  No QEMU needed.
 """
 from __future__ import annotations
 
@@ -60,7 +64,68 @@ def main(argv=None) -> int:
         if rc != 0:
             print("demo step failed with exit code %d" % rc)
             return rc
-    print("\nDemo chain left in %s" % d)
+    rc = machine_demo(d, cli)
+    if rc != 0:
+        return rc
+    print("\nDemo chain and machine left in %s" % d)
+    return 0
+
+
+def _guest_write(state_dir: str, disk: str, offset: int, data: bytes) -> None:
+    """What a guest would do between snapshots (through the engine: no QEMU here)."""
+    from . import api
+    from .tree import Tree
+    with Tree(state_dir) as t:
+        active = next(x for x in t.machine("demo").info()["disks"] if x["name"] == disk)["active"]
+    with api.open_chain(active, writable=True) as c:
+        c.write(offset, data)
+
+
+def machine_demo(d: str, cli) -> int:
+    from . import api
+    vm = os.path.join(d, "vm")
+    os.makedirs(vm, exist_ok=True)
+    for disk, size in (("vda", 64 * MiB), ("vdb", 32 * MiB)):
+        api.create(os.path.join(vm, disk + ".qcow2"), size)
+    state = os.path.join(d, "state")
+    S = ["--state-dir", state]
+    steps = [
+        ["machine", "define", "demo", "--disk", "vda=vm/vda.qcow2", "--disk", "vdb=vm/vdb.qcow2"],
+        ("write", "vda", 0, b"a" * 65536),
+        ["snapshot-create-as", "demo", "a", "--description", "first boot"],
+        ("write", "vda", 1 * MiB, b"b" * 65536),
+        ["snapshot-create-as", "demo", "b"],
+        ("write", "vdb", 2 * MiB, b"c" * 65536),
+        ["snapshot-create-as", "demo", "c"],
+        ("write", "vda", 3 * MiB, b"d" * 65536),
+        ["snapshot-create-as", "demo", "d"],
+        ("write", "vda", 4 * MiB, b"tip" * 1000),
+        ["snapshot-revert", "demo", "b"],
+        ("write", "vdb", 5 * MiB, b"e" * 65536),
+        ["snapshot-create-as", "demo", "e"],
+        ["snapshot-list", "demo", "--tree"],
+        ["snapshot-create-as", "demo", "x", "--disk-only"],
+        ("write", "vda", 6 * MiB, b"x" * 65536),
+        ["snapshot-revert", "demo", "d"],
+        ["snapshot-revert", "demo", "x", "--follow"],
+        ["snapshot-revert", "demo", "x", "--commit", "--discard"],
+        ["snapshot-list", "demo", "--parent"],
+        ["snapshot-delete", "demo", "c"],
+        ["snapshot-list", "demo", "--tree"],
+        ["machine", "info", "demo"],
+        ["machine", "check", "demo"],
+    ]
+    for st in steps:
+        if isinstance(st, tuple):
+            _guest_write(state, st[1], st[2], st[3])
+            print("\n# the guest writes %d bytes to %s at %d" % (len(st[3]), st[1], st[2]))
+            continue
+        print("\n$ qcow2engine --state-dir state " + " ".join(st), flush=True)
+        rc = cli(S + st)
+        sys.stdout.flush()
+        if rc != 0:
+            print("demo step failed with exit code %d" % rc)
+            return rc
     return 0
 
 

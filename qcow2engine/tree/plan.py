@@ -266,8 +266,10 @@ class Planner:
             if ds.kind != EXTERNAL:
                 continue
             base = ds.file
-            for name, _ in m.state_users(base):
-                if name != s.name:
+            for name, disk in m.state_users(base):
+                # internal tags inside the base keep their own tables: only the states that
+                # are the base's active state (external snapshots of it) change
+                if name != s.name and m.snapshots[name].disks[disk].kind == EXTERNAL:
                     snaps.add(name)
             for child in m.file_children(base):
                 if child == ds.overlay:

@@ -295,3 +295,17 @@ def test_commit_cancel_then_resume(env, monkeypatch):
     assert r.completed
     e.model.committed("a", False, None)
     e.verify()
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_commit_into_base_with_internal_tags(env, discard):
+    """The base of an external snapshot holds internal snapshots: --commit writes the base's
+    active state only; every internal snapshot in it stays as it was."""
+    e = env(2, "internal")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    e.write("vdb", 2, 3); e.create("x", kind="external")
+    e.write("vda", 3, 4); e.write("vda", 0, 5)
+    e.revert("x", "commit", discard=discard)
+    e.revert("a")
+    e.revert("b")

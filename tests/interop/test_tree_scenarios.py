@@ -309,3 +309,51 @@ def test_commit_into_base_with_internal_tags(env, discard):
     e.revert("x", "commit", discard=discard)
     e.revert("a")
     e.revert("b")
+
+
+def test_raw_disk_external_only(tmp_path):
+    """A raw disk takes external snapshots only; reset, follow and commit into the raw base."""
+    from tests.helpers.machine import Env, MachineModel
+    from qcow2engine.tree import Tree
+    d = tmp_path / "vm"
+    d.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "vda.qcow2"), SIZE, check=True)
+    qemu_img("create", "-q", "-f", "raw", str(d / "vdb.raw"), SIZE, check=True)
+    disks = {"vda": str(d / "vda.qcow2"), "vdb": str(d / "vdb.raw")}
+    tree = Tree(str(tmp_path / "state"))
+    m = tree.define("m", disks)
+    e = Env(tree, m, MachineModel(disks, SIZE), [str(d)], "external")
+    with pytest.raises(InvalidRequestError, match="raw"):
+        m.create_snapshot("i")                       # internal by default: not on raw
+    e.write("vdb", 0, 1); e.create("a")
+    e.write("vdb", 1, 2); e.write("vda", 1, 3)
+    e.revert("a")
+    e.write("vdb", 2, 4)
+    e.revert("a", "commit")                          # merged into the raw image itself
+    e.revert(e.model.current)
+
+
+@pytest.mark.parametrize("kind", ["internal", "external"])
+def test_virtual_size_is_part_of_the_state(env, kind):
+    from tests.helpers.qemu import qemu_img_info
+    e = env(2, kind)
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    active = e.m.info()["disks"][0]["active"]
+    qemu_img("resize", "-q", active, 2 * SIZE, check=True)
+    e.model.changed = True
+    assert qemu_img_info(active)["virtual-size"] == 2 * SIZE
+    r = e.m.revert("a")                                  # a reset restores the size at a
+    assert r.auto_snapshot is not None
+    active = e.m.info()["disks"][0]["active"]
+    assert qemu_img_info(active)["virtual-size"] == SIZE
+    auto = e.m.state().snapshots[r.auto_snapshot].disks["vda"]
+    assert auto.size == 2 * SIZE
+    if kind == "external":
+        # follow the grown branch, then commit it: the base grows first
+        e.m.revert(r.auto_snapshot, mode="follow")
+        e.m.create_snapshot("g", disk_only=True)
+        base = e.m.state().snapshots["g"].disks["vda"].file
+        e.m.revert("g", mode="commit")
+        assert qemu_img_info(base)["virtual-size"] == 2 * SIZE
+    assert e.m.check() == []

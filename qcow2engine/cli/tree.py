@@ -279,8 +279,9 @@ def cmd_snapshot_list(tree, args) -> int:
 
 
 def _location(doc) -> str:
-    kinds = {d["snapshot"] for d in doc["disks"].values()} - {"no"}
-    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
+    """virsh's Location row: external when any disk's snapshot is external."""
+    kinds = {d["snapshot"] for d in doc["disks"].values()}
+    return "external" if "external" in kinds else "internal"
 
 
 def cmd_snapshot_info(tree, args) -> int:
@@ -380,8 +381,6 @@ def cmd_snapshot_delete(tree, args) -> int:
     prog.end()
     if args.children_only:
         print("Domain snapshot %s children deleted" % name)
-    elif args.children:
-        print("Domain snapshot %s and its children deleted" % name)
     else:
         print("Domain snapshot %s deleted" % name)
     return 0

@@ -106,11 +106,15 @@ class Tree:
             raise MachineError("machine '%s' already exists" % name)
         m = MachineState(name, time.time())
         keys = {}
-        others = {}
+        # every file another machine knows: none may be a disk here, and none of those it
+        # may write (all but the ones below its defined images) may be below a disk here
+        others, written = {}, {}
         for other in self.store.names():
             om = self.store.load(other)
-            for d in om.disks:
-                others[_key(d.active)] = (other, d.name)
+            for f in om.files.values():
+                others[_key(f.path)] = (other, f.disk, f.path)
+                if not f.below:
+                    written[_key(f.path)] = (other, f.disk, f.path)
         for dname, path in items:
             check_disk_name(dname)
             if any(d.name == dname for d in m.disks):
@@ -130,8 +134,8 @@ class Tree:
                 raise InvalidRequestError("disks %s and %s are the same image '%s'"
                                           % (keys[k], dname, path))
             if k in others:
-                raise MachineError("disk %s: '%s' is the active image of disk %s of machine "
-                                   "'%s'" % (dname, path, others[k][1], others[k][0]))
+                raise MachineError("disk %s: '%s' belongs to disk %s of machine '%s'"
+                                   % (dname, path, others[k][1], others[k][0]))
             keys[k] = dname
             m.disks.append(Disk(dname, path, facts.fmt, os.path.dirname(path),
                                 self.backend.stamp(path)))
@@ -145,6 +149,11 @@ class Tree:
                 except (OSError, Qcow2Error) as e:
                     raise MachineError("disk %s: backing file '%s': %s" % (dname, below, e)) \
                         from None
+                if _key(below) in written:
+                    o = written[_key(below)]
+                    raise MachineError("disk %s: its backing file '%s' belongs to disk %s of "
+                                       "machine '%s', which may change it" % (dname, below,
+                                                                               o[1], o[0]))
                 m.files.setdefault(below, FileRec(below, dname, bf.fmt, bf.backing, owned=False,
                                                   foreign_tags=tuple(bf.tags), below=True))
                 below = bf.backing

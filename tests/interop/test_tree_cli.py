@@ -1049,3 +1049,34 @@ def test_image_in_use_by_qemu(env):
         qio.wait()
     env.quiet_ok("snapshot-create-as", "m", "b")
     assert env.names() == ["a", "b"]
+
+
+# ---- found by these tests and fixed: define on another machine's files; --children's message
+def test_snapshot_delete_children_message_is_virsh(env):
+    """virsh snapshot-delete --children prints "Domain snapshot NAME deleted" (only
+    --children-only has its own message)."""
+    define(env)
+    env.quiet_ok("snapshot-create-as", "m", "a")
+    env.quiet_ok("snapshot-create-as", "m", "b")
+    out = env.quiet_ok("snapshot-delete", "m", "a", "--children")
+    assert out.splitlines()[0] == "Domain snapshot a deleted"
+
+
+def test_define_refuses_a_frozen_image_of_another_machine(env):
+    disks = define(env)
+    env.put("vda", 0, 1)
+    env.quiet_ok("snapshot-create-as", "m", "a", "--disk-only")     # vda's image: a's base
+    before = env.world()
+    env.fail("machine", "define", "m2", "--disk", "vda=" + disks["vda"], match="m")
+    assert env.world() == before
+
+
+def test_define_refuses_the_backing_file_of_another_machine(env):
+    base = env.image("t/base.qcow2")
+    top = str(env.root / "t" / "top.qcow2")
+    from tests.helpers.qemu import qemu_img
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, check=True)
+    env.quiet_ok("machine", "define", "m", "--disk", "vda=" + top)
+    before = env.world()
+    env.fail("machine", "define", "m2", "--disk", "vda=" + base, match="m")
+    assert env.world() == before

@@ -176,3 +176,42 @@ def test_kill_9_during_commit_then_recover(tmp_path):
 
 def _merging(m):
     return any(s["merging"] for s in m.snapshots())
+
+
+def test_verb_after_a_crash_finishes_the_pending_operation_first(tmp_path, capsys):
+    """A crash leaves the operation pending: `machine info` shows it, the listing verbs work,
+    and the next mutating verb finishes it (saying so on stderr) before doing its own."""
+    import json
+    from qcow2engine.cli.main import main
+    from tests.helpers.faultinject import count_calls
+    work = tmp_path / "w"
+    work.mkdir()
+    e = make_machine(work, 2, "external")
+    _ext_chain(e)
+    e.tree.close()
+    orig = tmp_path / "orig"
+    shutil.copytree(work, orig, symlinks=True)
+    sd = str(work / "state")
+    with Tree(sd) as t:
+        n = count_calls(lambda: t.machine("m").revert("a"), paths=e.folders)
+    _restore(orig, work)
+    t = Tree(sd)
+    with inject(n - 2, "crash", paths=e.folders) as inj:   # its steps done, not yet saved
+        try:
+            t.machine("m").revert("a")
+        except SimulatedCrash:
+            pass
+    assert inj.crashed
+    t.close()
+    assert main(["--state-dir", sd, "machine", "info", "m", "--output=json"]) == 0
+    assert json.loads(capsys.readouterr().out)["operation"]["kind"] == "revert"
+    assert main(["--state-dir", sd, "snapshot-list", "m", "--tree"]) == 0
+    capsys.readouterr()
+    assert main(["--state-dir", sd, "snapshot-create-as", "m", "z", "--disk-only"]) == 0
+    err = capsys.readouterr().err
+    assert "unfinished operation was rolled" in err, err
+    with Tree(sd) as t2:
+        m2 = t2.machine("m")
+        assert m2.info()["operation"] is None
+        assert {"a", "b", "z"} <= {s["name"] for s in m2.snapshots()}
+        assert m2.check() == []

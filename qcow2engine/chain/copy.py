@@ -12,7 +12,7 @@ from ..blockdev.sources import ViewSource
 from ..format import entries as E
 from ..jobs import check_cancel
 from .session import file_key
-from .view import Chain
+from .view import Chain, Extents
 
 
 WINDOW = 1 << 30        # guest bytes per write request (one metadata round)
@@ -196,3 +196,36 @@ def rebase_compare(top: Chain, new, w: int, we: int, sel, g: int, bufs, view=Non
     return differ & nonzero, differ & ~nonzero
 
 
+
+
+def view_differences(a: Chain, b: Chain):
+    """Window by window over a: (data_ranges, zero_ranges) where a's view may differ from
+    b's, from block status alone (no data read): a range reads the same in both when both
+    read zeros, or both take it from the same layer, of the same kind, at the same host
+    offset.  The two chains must share their layer objects below the top (one Session), as
+    an internal snapshot's view and its image's active view do.  data_ranges: a reads data
+    there; zero_ranges: a reads zeros there (and b may not)."""
+    zero_kinds = E.ZERO_KINDS | ~E.ALLOCATED_KINDS
+    for ex in a.iter_extents(0, a.size):
+        w0, w1 = int(ex.starts[0]), int(ex.ends[-1])
+        hi = min(w1, b.size)
+        eb = b.extents(w0, hi) if hi > w0 else None
+        if eb is None or not len(eb):
+            eb = Extents(np.array([w0]), np.array([w1]), np.zeros(1, np.int32),
+                         np.array([E.ZERO_PLAIN], np.uint8), np.zeros(1, np.int64))
+        elif hi < w1:          # b is shorter: it reads zeros past its end
+            eb = Extents(np.append(eb.starts, hi), np.append(eb.ends, w1),
+                         np.append(eb.depth, 0), np.append(eb.kinds, E.ZERO_PLAIN),
+                         np.append(eb.hosts, 0))
+        bounds = np.union1d(np.concatenate([ex.starts, ex.ends]),
+                            np.concatenate([eb.starts, eb.ends]))
+        s, e = bounds[:-1], bounds[1:]
+        ia = np.searchsorted(ex.starts, s, side="right") - 1
+        ib = np.searchsorted(eb.starts, s, side="right") - 1
+        ka, kb = ex.kinds[ia], eb.kinds[ib]
+        za, zb = zero_kinds[ka], zero_kinds[kb]
+        ha = ex.hosts[ia] + np.where(E.OFFSET_KINDS[ka], s - ex.starts[ia], 0)
+        hb = eb.hosts[ib] + np.where(E.OFFSET_KINDS[kb], s - eb.starts[ib], 0)
+        same = (za & zb) | (~za & ~zb & (ka == kb) & (ex.depth[ia] == eb.depth[ib]) &
+                            (ha == hb) & (ka != E.INVALID))
+        yield runs_of(~same & ~za, s, e), runs_of(~same & za, s, e)

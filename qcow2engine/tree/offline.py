@@ -112,14 +112,15 @@ class OfflineBackend:
                             cancel: Optional[threading.Event] = None) -> None:
         """Make overlay (empty, on path) show path's snapshot tag: copy into it every range
         where the snapshot differs from path's current state.  path is not written."""
-        from ..chain.copy import rebase_copy
+        from ..chain.copy import copy_into, view_differences
         from ..chain.view import Chain
         with Session() as s:
             top = s.open_chain(overlay, "qcow2", writable=True)
             snap = s.open_chain(path, "qcow2", snapshot=tag)
-            view = Chain([top.layers[0]] + snap.layers)        # overlay over the snapshot
             now = Chain(top.layers[1:])                        # what it reads through today
-            rebase_copy(view, now, progress, cancel, shortcut=False)
+            done = 0
+            for data, zero in view_differences(snap, now):    # block status only: no reads
+                done = copy_into(top, snap, data, zero, progress, snap.size, done, cancel)
             top.flush()
 
     def commit(self, top: str, base: str, progress: Optional[Progress] = None,

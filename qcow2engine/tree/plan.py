@@ -271,6 +271,10 @@ class Planner:
                 # are the base's active state (external snapshots of it) change
                 if name != s.name and m.snapshots[name].disks[disk].kind == EXTERNAL:
                     snaps.add(name)
+            # internal snapshots inside the overlay would go with it
+            for name, disk in m.state_users(ds.overlay) if ds.overlay else ():
+                if m.snapshots[name].disks[disk].kind == INTERNAL:
+                    snaps.add(name)
             for child in m.file_children(base):
                 if child == ds.overlay:
                     continue
@@ -307,6 +311,11 @@ class Planner:
                 if ds.overlay is None:
                     raise MachineError("snapshot '%s' has no overlay on disk %s to merge"
                                        % (target, d))
+                foreign = m.files[ds.overlay].foreign_tags
+                if foreign:
+                    raise MachineError("cannot commit '%s': its overlay '%s' holds internal "
+                                       "snapshots the tree does not know (%s)"
+                                       % (target, ds.overlay, ", ".join(foreign)))
             snaps, files = self.commit_dependents(s)
             if snaps or files:
                 what = ", ".join(["snapshot '%s'" % n for n in snaps] +

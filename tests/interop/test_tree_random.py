@@ -52,7 +52,7 @@ def _step(e, rnd, i, log):
     e.delete(target, **how)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
 def test_random_sequences(tmp_path, seed):
     rnd = random.Random(seed)
     e = make_machine(tmp_path, 2, "internal", size=1 << 20)
@@ -75,7 +75,7 @@ def test_sequences_reach_every_verb():
     """The generator above makes every kind of step (a guard against a sequence that only
     writes)."""
     seen = set()
-    for seed in (1, 2, 3):
+    for seed in (1, 2, 3, 4, 5, 6):
         rnd = random.Random(seed)
         for i in range(30):
             r = rnd.random()

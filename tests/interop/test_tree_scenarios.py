@@ -357,3 +357,20 @@ def test_virtual_size_is_part_of_the_state(env, kind):
         e.m.revert("g", mode="commit")
         assert qemu_img_info(base)["virtual-size"] == 2 * SIZE
     assert e.m.check() == []
+
+
+def test_commit_refused_when_the_overlay_holds_internal_snapshots(env):
+    """Merging S.overlay away would lose internal snapshots taken inside it: refused, naming
+    them; --force deletes them first."""
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("i", kind="internal")       # a tag inside a's overlay
+    e.write("vda", 2, 3)
+    before = e.m.state()
+    with pytest.raises(MachineError, match="snapshot 'i'"):
+        e.m.revert("a", mode="commit")
+    assert e.m.state() == before
+    e.verify()
+    r = e.m.revert("a", mode="commit", force=True)
+    assert r.completed and "i" not in {s["name"] for s in e.m.snapshots()}
+    assert e.m.check() == []

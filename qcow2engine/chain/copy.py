@@ -107,16 +107,13 @@ def runs_of(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray):
     return out
 
 
-def rebase_copy(top: Chain, new: Chain | None, progress=None, cancel=None, *,
-                shortcut: bool = True) -> int:
+def rebase_copy(top: Chain, new: Chain | None, progress=None, cancel=None) -> int:
     """Make top's own layer hold every range where its view differs from new's (None: all
-    zeros), window by window; returns the guest bytes handled.  shortcut: when new's top
-    file is in top's chain, the ranges read from it or below are taken as equal (turn it off
-    when top's chain shows another state of that file, an internal snapshot of it)."""
+    zeros), window by window; returns the guest bytes handled."""
     size = top.size
     # position of the new backing file in the current chain, if it is there
     k = None
-    if new is not None and shortcut:
+    if new is not None:
         key = file_key(new.layers[0].path)
         for d, layer in enumerate(top.layers[1:], start=1):
             if file_key(layer.path) == key:

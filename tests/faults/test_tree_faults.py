@@ -63,6 +63,17 @@ SCENARIOS = {
     "delete_external_middle": ("external", lambda e: (_ext_chain(e), e.create("c")),
                                lambda e: e.delete("b")),
     "delete_internal": ("internal", _int_chain, lambda e: e.delete("a")),
+    # b's base (a's overlay) is shared by b's branch and b2's: flattened into both
+    "delete_flatten": ("external", lambda e: (_ext_chain(e), e.revert("b"), e.write("vdb", 3, 6),
+                                              e.create("b2")),
+                       lambda e: e.delete("b", flatten=True)),
+    "delete_children": ("external", lambda e: (_ext_chain(e), e.create("c")),
+                        lambda e: e.delete("a", children=True)),
+    "reset_discard_internal": ("internal", _int_chain,
+                               lambda e: e.revert("a", discard=True)),
+    "internal_under_overlay": ("internal", lambda e: (_int_chain(e), e.create("x", "external"),
+                                                      e.write("vda", 4, 9)),
+                               lambda e: e.revert("a")),
 }
 
 

@@ -80,7 +80,7 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
             futures = []
             try:
                 for ex in chain.iter_extents(0, size):
-                    for task in _chunk_tasks(ex, create):
+                    for task in _chunk_tasks(ex, not create):
                         check_cancel(cancel)
                         futures.append(pool.submit(work, task))
                         if len(futures) >= 8:

@@ -172,7 +172,7 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
             return buf
 
         pending = []
-        starts = list(range(0, size, span))
+        starts = _spans_to_copy(chain, span, top_only)    # follows the data, not the size
         for s in starts:
             if cancel is not None and cancel.is_set():
                 outcome = CANCELLED
@@ -193,11 +193,34 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
             if progress:
                 progress(done, size)
         pool.shutdown()
+        if progress and outcome == COMPLETED:
+            progress(size, size)
         from ..host import fileio
         fileio.fsync(img.fd)
     finally:
         target.close()
     return OpResult("convert", outcome, (dst,), bytes_copied=done, target=dst)
+
+
+def _spans_to_copy(chain, span: int, top_only: bool) -> list:
+    """Start offsets of the spans that hold something to copy: data anywhere in the chain
+    (or, with top_only, anything the top layer itself answers); the others read as zeros
+    in the new image without a write."""
+    parts = []
+    for ex in chain.iter_extents(0, chain.size):
+        k = ex.kinds
+        if top_only:
+            sel = ex.depth == 0
+        else:
+            sel = (E.DATA_KINDS[k] & (k != E.DATA_ZERO)) | (k == E.INVALID)
+        if sel.any():
+            first = ex.starts[sel] // span
+            last = (ex.ends[sel] - 1) // span
+            parts.append(np.concatenate([np.arange(a, b + 1) for a, b in
+                                         zip(first.tolist(), last.tolist())]))
+    if not parts:
+        return []
+    return (np.unique(np.concatenate(parts)) * span).tolist()
 
 
 def _store(writer, img, chain, base: int, buf: np.ndarray, compress: bool, min_sparse: int,

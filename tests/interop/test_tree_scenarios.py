@@ -374,3 +374,28 @@ def test_commit_refused_when_the_overlay_holds_internal_snapshots(env):
     r = e.m.revert("a", mode="commit", force=True)
     assert r.completed and "i" not in {s["name"] for s in e.m.snapshots()}
     assert e.m.check() == []
+
+
+def test_automatic_snapshot_names_in_one_second(env, monkeypatch):
+    """auto-YYYYmmdd-HHMMSS (local time), then -2, -3 within the same second."""
+    import time as _time
+    import qcow2engine.tree.plan as plan
+
+    class Clock:
+        def time(self):
+            return 1796230000.0
+
+        def __getattr__(self, name):
+            return getattr(_time, name)
+    monkeypatch.setattr(plan, "time", Clock())
+    stamp = _time.strftime("auto-%Y%m%d-%H%M%S", _time.localtime(1796230000.0))
+    e = env(2, "external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vda", 1, 2); e.create("b")
+    names = []
+    for i in range(3):
+        e.write("vda", 2 + i, 3 + i)
+        r = e.revert("a" if i % 2 == 0 else "b")
+        names.append(r.auto_snapshot)
+    assert names == [stamp, stamp + "-2", stamp + "-3"]
+    assert all(s["auto"] for s in e.m.snapshots() if s["name"] in names)

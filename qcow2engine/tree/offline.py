@@ -157,9 +157,9 @@ class OfflineBackend:
     def repair(self, path: str) -> None:
         """After an interrupted step: give back clusters it leaked and put the COPIED flags
         right (what `qemu-img check -r all` does), so every image checks clean again."""
-        from ..api import check
+        from ..refcounts.repair import repair_image
         if os.path.exists(path) and self.probe(path).fmt == "qcow2":
-            check(path, repair="all")
+            repair_image(path, "all")
 
     def resize(self, path: str, size: int) -> None:
         from ..image.resize import resize_qcow2, resize_raw

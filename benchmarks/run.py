@@ -25,7 +25,11 @@ For every workload the harness
 
 A failing or timed-out command never aborts the run: it is reported in the
 table as ``error: ...`` / ``timeout``.  The harness does not import anything
-from qcow2engine; it only runs its command line.
+from qcow2engine; it only runs its command line.  The exception are the
+``tree-*`` workloads (``benchmarks/tree_bench.py``): machine snapshot-tree verbs
+through the Python API in this process against the ``qemu-img`` commands a
+script would run; they are timed there (``--engine-cmd`` does not apply), and
+a second table shows the tree's own overhead per verb.
 
 This file is the command line; the workloads and their input images are in
 ``benchmarks/workloads.py`` (``WORKLOADS``, ``ARTIFACTS``: add new ones there),
@@ -37,6 +41,7 @@ and verdict; ``verify``: output checks; ``report``: the table).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -52,6 +57,7 @@ from benchmarks.harness.artifacts import ensure_artifact
 from benchmarks.harness.compare import TOOLS, WorkloadResult, run_workload
 from benchmarks.harness.report import format_results, machine_info, results_json
 from benchmarks.harness.runner import GNU_TIME, GiB, Runner, Samples, log
+from benchmarks.tree_bench import TreeWorkload, format_overhead, overhead_json, run_tree_workload
 from benchmarks.workloads import ARTIFACTS, WORKLOADS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -176,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             art = ARTIFACTS[w.artifact]
             params = {**art.params[profile], **w.params.get(profile, {})}
-            res = run_workload(w, files, runner, run_dir, qemu_img, engine_cmd,
-                               repeat, timeout, budget, params)
+            if isinstance(w, TreeWorkload):     # the engine's API in this process
+                res = run_tree_workload(w, files, run_dir, qemu_img, repeat, timeout,
+                                        budget, profile)
+            else:
+                res = run_workload(w, files, runner, run_dir, qemu_img, engine_cmd,
+                                   repeat, timeout, budget, params)
             res.build_seconds = dt
         log(f"    -> {res.verdict()}; outputs: {res.verify}")
         results.append(res)
@@ -185,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_results(results, info, profile, repeat, runner.rss_method,
                          markdown=args.markdown))
+    tree = format_overhead(results, args.markdown)
+    if tree:
+        print("\n" + tree)
     if args.json:
-        Path(args.json).write_text(results_json(results, info, profile, repeat,
-                                                runner.rss_method))
+        doc = json.loads(results_json(results, info, profile, repeat, runner.rss_method))
+        doc["tree_overhead"] = overhead_json(results)
+        Path(args.json).write_text(json.dumps(doc, indent=2))
 
     if args.strict and any(r.verdict() != "PASS" for r in results):
         return 1

@@ -24,6 +24,7 @@ from .harness.artifacts import Artifact, qemu_io_for, run_checked, sparse_copy
 from .harness.compare import IO_COMMANDS, Target, Workload
 from .harness.runner import GiB, KiB, MiB, TiB, log
 from .harness.verify import chain_equal, files_equal, images_equal, json_equal
+from .tree_bench import TREE_ARTIFACT, TREE_WORKLOADS
 
 
 # --------------------------------------------------------------------------
@@ -225,6 +226,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
         "full": {"size": 1 * GiB, "overlay_data": 768 * MiB},
         "quick": {"size": 256 * MiB, "overlay_data": 192 * MiB},
     }, files={"base": "base.qcow2", "overlay": "overlay.qcow2"}),
+    # the 4 disks of the machine snapshot-tree workloads (tree-*, see tree_bench.py)
+    TREE_ARTIFACT,
 ]}
 
 
@@ -390,3 +393,6 @@ WORKLOADS: list[Workload] = [
              Target("ratio", 1.0), chain_equal("out"), outputs=("out",)),
 ]
 
+# Machine snapshot-tree verbs through the Python API against the qemu-img commands a script
+# would run (benchmarks/tree_bench.py: they run in-process and are timed there).
+WORKLOADS += TREE_WORKLOADS

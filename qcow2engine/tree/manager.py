@@ -255,6 +255,7 @@ class Machine:
     # ------------------------------------------------------------ changing
     def _begin(self, *, need_consistent: bool = True) -> tuple:
         self.store.lock(self.name)
+        getattr(self.backend, "begin_verb", lambda: None)()
         try:
             rec = None
             if self.store.op(self.name):
@@ -273,8 +274,12 @@ class Machine:
                                               "running QEMU?)" % (p, self.name))
             return m, rec
         except BaseException:
-            self.store.unlock(self.name)
+            self._end()
             raise
+
+    def _end(self) -> None:
+        getattr(self.backend, "end_verb", lambda: None)()
+        self.store.unlock(self.name)
 
     def _run(self, m: MachineState, planner: Planner, rec, op: str, snapshot: str, *,
              progress=None, cancel=None) -> TreeResult:
@@ -314,7 +319,7 @@ class Machine:
             p.create(name, description, specs, disk_only)
             return self._run(m, p, rec, "create", name)
         finally:
-            self.store.unlock(self.name)
+            self._end()
 
     def set_current(self, name: str) -> None:
         m, rec = self._begin(need_consistent=False)
@@ -325,7 +330,7 @@ class Machine:
                 d.baseline = None
             self.store.save(m)
         finally:
-            self.store.unlock(self.name)
+            self._end()
 
     def revert(self, name: Optional[str] = None, *, mode: str = "reset", discard: bool = False,
                force: bool = False, auto_snapshot: bool = True,
@@ -355,7 +360,7 @@ class Machine:
             p.merge(name, discard=discard)
             return self._run(m, p, rec, "revert", name, progress=progress, cancel=cancel)
         finally:
-            self.store.unlock(self.name)
+            self._end()
 
     def delete(self, name: str, *, children: bool = False, children_only: bool = False,
                metadata: bool = False, flatten: bool = False,
@@ -367,7 +372,7 @@ class Machine:
                      flatten=flatten)
             return self._run(m, p, rec, "delete", name, progress=progress)
         finally:
-            self.store.unlock(self.name)
+            self._end()
 
 
 # ---------------------------------------------------------------- machine check

@@ -28,34 +28,58 @@ def _rel(path: str, target: str) -> str:
 
 
 class OfflineBackend:
-    """Steps on image files.  Stateless: every call opens and closes what it needs."""
+    """Steps on image files; every call opens and closes what it needs.
+
+    Within one verb (between begin_verb() and end_verb()) what an image looks like is
+    remembered: the consistency check, the planner and the journal ask about the same files
+    many times.  Every step forgets all of it (it writes files), before and after it runs."""
+
+    def __init__(self):
+        self._memo = None
+
+    def begin_verb(self) -> None:
+        self._memo = {}
+
+    def end_verb(self) -> None:
+        self._memo = None
+
+    def _forget(self) -> None:
+        if self._memo is not None:
+            self._memo.clear()
 
     # ---------------------------------------------------------------- looking
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
-    def probe(self, path: str) -> ImageFacts:
+    def _look(self, path: str):
+        """(ImageFacts, Stamp) of the image at path, from one open."""
+        if self._memo is not None and path in self._memo:
+            return self._memo[path]
         from ..host.paths import resolve_backing
-        with Session(force_share=True) as s:
-            f = s.open_file(path)
-            if f.format == "raw":
-                return ImageFacts(path, "raw", f.size, None, None, ())
-            backing = None
-            if f.backing_file:
-                backing = os.path.abspath(resolve_backing(path, f.backing_file))
-            return ImageFacts(path, "qcow2", f.size, backing, f.backing_format,
-                              tuple(sn.name for sn in f.snapshots))
-
-    def stamp(self, path: str) -> Stamp:
         st = os.stat(path)
         h = hashlib.sha256()
         with Session(force_share=True) as s:
             f = s.open_file(path)
-            vsize = f.size
-            if f.format == "qcow2":
+            if f.format == "raw":
+                facts = ImageFacts(path, "raw", f.size, None, None, ())
+            else:
+                backing = None
+                if f.backing_file:
+                    backing = os.path.abspath(resolve_backing(path, f.backing_file))
+                facts = ImageFacts(path, "qcow2", f.size, backing, f.backing_format,
+                                   tuple(sn.name for sn in f.snapshots))
                 h.update(b"%d|%s|" % (f.size, (f.backing_file or "").encode()))
                 h.update(f.l1_table.tobytes())
-        return Stamp(vsize, st.st_mtime_ns, st.st_size, h.hexdigest())
+        out = (facts, Stamp(facts.vsize, st.st_mtime_ns, st.st_size, h.hexdigest()))
+        if self._memo is not None:
+            self._memo[path] = out
+        return out
+
+    def probe(self, path: str) -> ImageFacts:
+        return self._look(path)[0]
+
+    def stamp(self, path: str) -> Stamp:
+        return self._look(path)[1]
 
     def allocated(self, path: str) -> int:
         return os.stat(path).st_blocks * 512
@@ -169,3 +193,22 @@ class OfflineBackend:
                 return
             (resize_raw if f.format == "raw" else resize_qcow2)(f, size)
 
+
+
+def _forgetting(fn):
+    """A step: what was remembered about the images is forgotten before and after it."""
+    def step(self, *args, **kwargs):
+        self._forget()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self._forget()
+    step.__name__ = fn.__name__
+    step.__doc__ = fn.__doc__
+    return step
+
+
+for _name in ("create_overlay", "remove_file", "internal_create", "internal_apply",
+              "internal_delete", "internal_to_overlay", "commit", "stream", "rebase", "repair",
+              "resize"):
+    setattr(OfflineBackend, _name, _forgetting(getattr(OfflineBackend, _name)))

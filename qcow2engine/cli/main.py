@@ -14,6 +14,11 @@ import sys
 PROG = "qcow2engine"
 
 
+# the machine verbs (cli/tree.py, imported only when one is used)
+TREE_VERBS = ("machine", "snapshot-create-as", "snapshot-list", "snapshot-info",
+              "snapshot-current", "snapshot-parent", "snapshot-revert", "snapshot-delete")
+
+
 class UsageError(Exception):
     pass
 
@@ -197,8 +202,7 @@ def main(argv=None) -> int:
             state_dir, argv = argv[1], argv[2:]
         else:
             state_dir, argv = argv[0].split("=", 1)[1], argv[1:]
-    from .tree import VERBS
-    if argv[:1] and argv[0] in VERBS:     # machines and their snapshot trees
+    if argv[:1] and argv[0] in TREE_VERBS:     # machines and their snapshot trees
         from .tree import main as tree_main
         return tree_main(argv, state_dir)
     if argv[:1] == ["live"]:  # a running QEMU: its own parser, imported only when used

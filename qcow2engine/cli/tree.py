@@ -14,8 +14,7 @@ import signal
 import sys
 import threading
 
-VERBS = ("machine", "snapshot-create-as", "snapshot-list", "snapshot-info", "snapshot-current",
-         "snapshot-parent", "snapshot-revert", "snapshot-delete")
+from .main import TREE_VERBS as VERBS  # noqa: F401 - the verbs this module serves
 PROG = "qcow2engine"
 
 

@@ -215,9 +215,9 @@ def _spans_to_copy(chain, span: int, top_only: bool) -> list:
             sel = (E.DATA_KINDS[k] & (k != E.DATA_ZERO)) | (k == E.INVALID)
         if sel.any():
             first = ex.starts[sel] // span
-            last = (ex.ends[sel] - 1) // span
-            parts.append(np.concatenate([np.arange(a, b + 1) for a, b in
-                                         zip(first.tolist(), last.tolist())]))
+            n = (ex.ends[sel] - 1) // span - first + 1          # spans each extent touches
+            k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            parts.append(np.unique(np.repeat(first, n) + k))
     if not parts:
         return []
     return (np.unique(np.concatenate(parts)) * span).tolist()

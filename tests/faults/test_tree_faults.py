@@ -226,3 +226,91 @@ def test_verb_after_a_crash_finishes_the_pending_operation_first(tmp_path, capsy
         assert m2.info()["operation"] is None
         assert {"a", "b", "z"} <= {s["name"] for s in m2.snapshots()}
         assert m2.check() == []
+
+
+@pytest.mark.parametrize("kind", ["error", "crash"])
+def test_database_only_verbs(tmp_path, kind):
+    """define, snapshot-current NAME, delete --metadata and undefine are one database
+    transaction each: a fault at it leaves the old state or the new one, nothing between."""
+    e = make_machine(tmp_path, 2, "external")
+    _ext_chain(e)
+    sd = str(tmp_path / "state")
+    e.tree.close()
+    other = tmp_path / "o"
+    other.mkdir()
+    from tests.helpers.qemu import qemu_img
+    qemu_img("create", "-q", "-f", "qcow2", str(other / "x.qcow2"), 1 << 20, check=True)
+    verbs = {
+        "define": (lambda t: t.define("m2", {"vda": str(other / "x.qcow2")}),
+                   lambda t: "m2" in t.names()),
+        "set_current": (lambda t: t.machine("m").set_current("a"),
+                        lambda t: t.machine("m").current() == "a"),
+        "delete_metadata": (lambda t: t.machine("m").delete("b", metadata=True),
+                            lambda t: "b" not in {s["name"] for s in t.machine("m").snapshots()}),
+        "undefine": (lambda t: t.undefine("m"), lambda t: "m" not in t.names()),
+    }
+    for name, (verb, done) in verbs.items():
+        with Tree(sd) as t:
+            before = {n: t.machine(n).state() for n in t.names()}
+        t = Tree(sd)
+        with inject(0, kind, paths=[str(tmp_path)]) as inj:
+            try:
+                verb(t)
+            except (SimulatedCrash, Exception):       # noqa: BLE001 - judged below
+                pass
+        assert inj.triggered is not None and inj.triggered.name == "db_commit", (name, inj.calls)
+        t.store.conn.close()
+        with Tree(sd) as t2:
+            after = {n: t2.machine(n).state() for n in t2.names()}
+            assert after == before, name           # the commit never happened: the old state
+            verb(t2)                               # and done again, it is the new state
+            assert done(t2), name
+            for n in t2.names():
+                assert t2.machine(n).check() == []
+
+
+def test_sigint_cancels_commit_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C (SIGINT) during `snapshot-revert --commit -p`: exit 1 with one line, the tip
+    intact, the snapshot marked merging; the same command then completes."""
+    e = make_machine(tmp_path, 2, "external", size=128 << 20)
+    e.write("vda", 0, 1); e.create("a")
+    from tests.helpers.machine import SLOT
+    from tests.helpers.qemu import qemu_io, guest_bytes
+    active = e.m.info()["disks"][0]["active"]
+    qemu_io(active, "write -P 7 0 96M", fmt=None)
+    for slot in range((96 << 20) // SLOT):
+        e.model.tip["vda"][slot] = 7
+    e.model.changed = True
+    e.model.branch["a"] = copy.deepcopy(e.model.tip)
+    tip = {d: e.model.expect(e.model.tip[d]) for d in e.model.disks}
+    state = e.tree.store.dir
+    e.tree.close()
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    argv = [sys.executable, "-m", "qcow2engine", "--state-dir", state, "snapshot-revert", "m",
+            "a", "--commit", "-p"]
+    p = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    buf = b""
+    while b"/100%" not in buf and p.poll() is None:
+        buf += os.read(p.stderr.fileno(), 64)
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    p.wait()
+    err = (buf + rest).decode()
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("qcow2engine:")]
+    with Tree(state) as t:
+        m = t.machine("m")
+        if p.returncode == 0:           # it finished before the signal came: nothing to see
+            pytest.fail("the merge finished before SIGINT; make it longer: " + err)
+        assert p.returncode == 1 and len(lines) == 1 and "cancelled" in lines[0], err
+        assert "Traceback" not in err
+        assert m.info()["operation"] is None
+        assert [s["merging"] for s in m.snapshots()] == [True]
+        for i, d in enumerate(e.model.disks):
+            assert guest_bytes(m.info()["disks"][i]["active"]) == tip[d]
+    r = subprocess.run(argv[:-1], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    with Tree(state) as t:
+        m = t.machine("m")
+        new = copy.deepcopy(e.model)
+        new.committed("a", False, None)
+        verify(m, new, e.folders)

@@ -385,9 +385,9 @@ class Planner:
         self.gc()
 
     # ------------------------------------------------------------ delete
-    def drop_label(self, name: str) -> None:
-        """Forget snapshot name: its children move to its parent; internal tags it holds are
-        deleted from their images."""
+    def _unlink(self, name: str) -> Snapshot:
+        """Take snapshot name out of the tree: its children move to its parent, and so does
+        the current position."""
         m = self.after
         s = m.snapshots.pop(name)
         for c in m.snapshots.values():
@@ -395,10 +395,14 @@ class Planner:
                 c.parent = s.parent
         if m.current == name:
             m.current = s.parent
-        for d, ds in s.disks.items():
+        self.deleted.append(name)
+        return s
+
+    def drop_label(self, name: str) -> None:
+        """Forget snapshot name; the internal tags it holds are deleted from their images."""
+        for ds in self._unlink(name).disks.values():
             if ds.kind == INTERNAL:
                 self.step("internal_delete", path=ds.file, tag=ds.tag)
-        self.deleted.append(name)
 
     def delete(self, name: str, *, children: bool = False, children_only: bool = False,
                metadata: bool = False, flatten: bool = False) -> None:
@@ -409,19 +413,12 @@ class Planner:
             targets = [c.name for c in reversed(m.descendants(s.name))] + targets
         if not targets:
             raise SnapshotError("snapshot '%s' has no children to delete" % name)
-        if metadata:
+        if metadata:            # forget only: the tags stay in their images, untracked
             for t in targets:
-                snap = m.snapshots.pop(t)
-                for c in m.snapshots.values():
-                    if c.parent == t:
-                        c.parent = snap.parent
-                if m.current == t:
-                    m.current = snap.parent
-                for ds in snap.disks.values():
+                for ds in self._unlink(t).disks.values():
                     if ds.kind == INTERNAL:
                         rec = m.files[ds.file]
                         rec.foreign_tags = tuple(sorted(set(rec.foreign_tags) | {ds.tag}))
-                self.deleted.append(t)
             return
         for t in targets:
             self.drop_label(t)

@@ -5,41 +5,41 @@ import contextlib
 import io
 import os
 
+import pytest
+
 from tests.helpers.qemu import qemu_img
 
 
-def test_demo_chain(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run the demo once (it builds a chain and a machine): (its folder, its output)."""
     from qcow2engine.demo import main
+    d = tmp_path_factory.mktemp("demo")
     out = io.StringIO()
     cwd = os.getcwd()
     try:
         with contextlib.redirect_stdout(out):
-            rc = main([str(tmp_path)])
+            rc = main([str(d)])
     finally:
         os.chdir(cwd)
     assert rc == 0, out.getvalue()
-    text = out.getvalue()
+    return d, out.getvalue()
+
+
+def test_demo_chain(demo):
+    tmp_path, text = demo
     assert "Images are identical." in text and "No errors were found" in text
     for name in ("top.qcow2", "mid.qcow2"):
         assert qemu_img("check", tmp_path / name)[0] == 0
     assert qemu_img("compare", tmp_path / "top.qcow2", tmp_path / "flat.raw")[0] == 0
 
 
-def test_demo_machine(tmp_path):
+def test_demo_machine(demo):
     """The demo's machine: its tree, clean images, and the tip it ends on, read by qemu-img."""
-    import json
     import glob
-    from qcow2engine.demo import main
+    import json
     from tests.helpers.qemu import guest_bytes
-    out = io.StringIO()
-    cwd = os.getcwd()
-    try:
-        with contextlib.redirect_stdout(out):
-            rc = main([str(tmp_path)])
-    finally:
-        os.chdir(cwd)
-    text = out.getvalue()
-    assert rc == 0, text
+    tmp_path, text = demo
     assert "Machine demo is consistent" in text and "  +- e\n" in text
     for f in glob.glob(str(tmp_path / "vm" / "*.qcow2")):
         assert qemu_img("check", f)[0] == 0, f

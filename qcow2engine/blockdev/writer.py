@@ -214,6 +214,9 @@ class GuestWriter:
                 table = img.read_l2(l2off).copy()
                 state = "own" if ent & C.QCOW_OFLAG_COPIED else "cow"
             out.append([i, table, state, a, b, l2off])
+        own = [t[5] >> self.bits for t in out if t[2] == "own"]
+        if own:          # tables rewritten in place must not be other metadata
+            self.meta.refuse_overlap(own, ignore={"active_l2"})
         return out
 
     def _corrupt(self, msg: str):
@@ -261,6 +264,10 @@ class GuestWriter:
         inplace = has_host & copied
         zero_flag = ((ent & ZERO) != 0) if not self.ext else np.zeros(len(ent), bool)
         newc = ~inplace
+        if not self.img.has_data_file:
+            over = inplace if sel is None else inplace & sel
+            if over.any():   # data rewritten in place must not land on metadata
+                self.meta.refuse_overlap(host[over] >> self.bits)
         # units that need copy-on-write filling from the current guest view
         if self.ext:
             touched = self._touched_bits(lo, hi)

@@ -11,6 +11,13 @@ from them, and commits them in the order the design requires (docs/interop/qcow2
 Callers raise refcounts before they write any reference to a cluster, and lower them only
 after every reference to it is gone from disk, so a crash at any point leaks at worst.
 Header switches live beside it in metadata.py.
+
+Before any cluster is handed out or written, it is checked against the image's metadata as
+QEMU's default `overlap-check=cached` does (`overlap`): the header, the active L1 table, the
+refcount table and blocks, the snapshot table and the snapshots' L1 tables, and the active
+L2 tables.  A cluster the refcounts call free but metadata uses (a truncated copy, a stale
+pointer), or a write aimed at metadata, is refused and the image marked corrupt, before a
+byte is written.
 """
 from __future__ import annotations
 
@@ -51,6 +58,91 @@ class Allocator:
     @property
     def fd(self) -> int:
         return self.img.fd
+
+    # ------------------------------------------------------------ overlap checks
+    def _metadata_ranges(self, ignore: frozenset):
+        """(name, first cluster array, cluster count array) of the metadata in use."""
+        img, bits, cs = self.img, self.bits, self.cs
+        h = img.header
+
+        def span(off, nbytes):
+            return off >> bits, max(1, -(-(off % cs + nbytes) // cs))
+
+        out = []
+        if "header" not in ignore:
+            out.append(("qcow2_header", [0], [1]))
+        if "active_l1" not in ignore and h.l1_size:
+            a, n = span(h.l1_table_offset, h.l1_size * 8)
+            out.append(("active L1 table", [a], [n]))
+        if "refcount_table" not in ignore:
+            a, n = span(h.refcount_table_offset, h.refcount_table_clusters * cs)
+            out.append(("refcount table", [a], [n]))
+        if "refcount_block" not in ignore:
+            rb = np.minimum(self.reftable & np.uint64(C.REFT_OFFSET_MASK), np.uint64(1 << 62)).astype(np.int64)
+            rb = rb[rb != 0] >> bits
+            out.append(("refcount block", rb, np.ones(len(rb), np.int64)))
+        if h.nb_snapshots and img._snapshots is not None:
+            if "snapshot_table" not in ignore:
+                a, n = span(h.snapshots_offset, getattr(img, "snapshot_table_size", 0) or 1)
+                out.append(("snapshot table", [a], [n]))
+            if "inactive_l1" not in ignore:
+                firsts, counts = [], []
+                for sn in img._snapshots:
+                    if sn.l1_size and sn.l1_table_offset:
+                        a, n = span(sn.l1_table_offset, sn.l1_size * 8)
+                        firsts.append(a)
+                        counts.append(n)
+                out.append(("inactive L1 table", firsts, counts))
+        if "active_l2" not in ignore and h.l1_size:
+            l2 = (img.l1_table & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
+            l2 = l2[l2 != 0] >> bits
+            out.append(("active L2 table", l2, np.ones(len(l2), np.int64)))
+        return out
+
+    def overlap(self, first: int, count: int = 1, ignore=()) -> str | None:
+        """The name of the metadata that clusters [first, first+count) overlap, or None."""
+        return self.overlap_any(np.array([first], np.int64), np.array([count], np.int64),
+                                ignore)
+
+    def overlap_any(self, firsts, counts=None, ignore=()) -> str | None:
+        """The name of the metadata any of the cluster ranges [firsts[i], +counts[i])
+        overlaps (counts None: single clusters), or None."""
+        firsts = np.asarray(firsts, np.int64)
+        if not len(firsts):
+            return None
+        counts = np.ones(len(firsts), np.int64) if counts is None else np.asarray(counts, np.int64)
+        order = np.argsort(firsts, kind="stable")
+        f, e = firsts[order], (firsts + counts)[order]
+        end_max = np.maximum.accumulate(e)
+        for name, ms, mc in self._metadata_ranges(frozenset(ignore)):
+            ms = np.asarray(ms, np.int64)
+            if not len(ms):
+                continue
+            me = ms + np.asarray(mc, np.int64)
+            # any candidate range [f, e) with f < me and e > ms
+            k = np.searchsorted(f, me, side="left")      # candidates starting before me
+            hit = (k > 0) & (end_max[np.maximum(k - 1, 0)] > ms)
+            if hit.any():
+                return name
+        return None
+
+    def refuse_overlap(self, firsts, counts=None, ignore=(), what: str = "write") -> None:
+        """Mark the image corrupt and raise if the clusters overlap metadata (QEMU's
+        "Preventing invalid write on metadata")."""
+        name = self.overlap_any(firsts, counts, ignore)
+        if name is None:
+            return
+        first = int(np.asarray(firsts, np.int64).min()) << self.bits
+        try:
+            self.mark_corrupt()
+        except OSError:
+            pass
+        if what == "write":
+            msg = "Preventing invalid write on metadata (overlaps with %s)" % name
+        else:
+            msg = ("Preventing invalid allocation of %s at offset %#x (overlaps with %s)"
+                   % (what, first, name))
+        raise CorruptImageError("Marking image as corrupt: " + msg)
 
     # ------------------------------------------------------------ basics
     def flush(self) -> None:
@@ -285,6 +377,7 @@ class Allocator:
             if need == 0:
                 break
         out = np.concatenate(got)
+        self.refuse_overlap(out, what="a cluster")
         if not contiguous and len(out) and out[0] == self.free_hint:
             self.free_hint = int(out[-1]) + 1
         self.change(out, +1)
@@ -310,6 +403,7 @@ class Allocator:
                 free = np.flatnonzero(arr == 0)
                 if len(free):
                     c = rb * self.per_block + int(free[0])
+                    self.refuse_overlap([c], what="refcount block")
                     arr[int(free[0])] += 1
                     self.end = max(self.end, c + 1)
                 else:
@@ -350,6 +444,8 @@ class Allocator:
                 self.free(np.arange(first, first + need))
             new_rt = (first << self.bits, need)
         # 1. refcount blocks
+        homes = [int(self.reftable[rb]) & C.REFT_OFFSET_MASK for rb in self.dirty]
+        self.refuse_overlap(np.array(homes, np.int64) >> self.bits, ignore={"refcount_block"})
         for rb in sorted(self.dirty):
             off = int(self.reftable[rb]) & C.REFT_OFFSET_MASK
             fileio.pwrite(self.fd, encode_refblock(self._block(rb), self.img.refcount_order), off)
@@ -382,6 +478,7 @@ class Allocator:
     # ------------------------------------------------------------ tables
     def write_l2(self, offset: int, table: np.ndarray) -> None:
         """Write one L2 table (no flush); the image's cache holds it from now on."""
+        self.refuse_overlap([offset >> self.bits], ignore={"active_l2"})
         fileio.pwrite(self.fd, to_be64(table), offset)
         self.img._cache_l2(offset, table)
 
@@ -390,11 +487,15 @@ class Allocator:
         image's L1), contiguous runs in one write each (no flush)."""
         l1 = self.img.l1_table
         idx = np.unique(np.asarray(indices, np.int64))
-        if values is not None:
-            l1[np.asarray(indices, np.int64)] = values
         if not len(idx):
             return
         base = self.img.header.l1_table_offset
+        self.refuse_overlap([(base + 8 * int(idx[0])) >> self.bits],
+                            [((base + 8 * int(idx[-1])) >> self.bits)
+                             - ((base + 8 * int(idx[0])) >> self.bits) + 1],
+                            ignore={"active_l1"})
+        if values is not None:
+            l1[np.asarray(indices, np.int64)] = values
         brk = np.flatnonzero(np.diff(idx) != 1) + 1
         for run in np.split(idx, brk):
             a, b = int(run[0]), int(run[-1]) + 1

@@ -77,10 +77,25 @@ def add_tree(alloc, tree: ReachableTree, delta: int) -> None:
     """delta on every L2 table and data cluster under tree (one reference per path).
 
     The L2 tables (spread over the file) and each batch of data clusters (usually a dense
-    range) are added separately, which keeps the temporaries small."""
-    alloc.add_many(tree.l2_offsets >> tree.img.cluster_bits, delta)
+    range) are added separately, which keeps the temporaries small.
+
+    A reference past the end of the file is a corruption, never a size: it is refused
+    (CorruptImageError) before the refcount array would grow to it; the allocator's
+    in-memory refcounts are then dropped (nothing was committed)."""
+    import os
+    img = tree.img
+    limit = -(-os.fstat(img.fd).st_size // img.cluster_size)
+
+    def bounded(idx, what):
+        if len(idx) and int(idx.max()) >= limit:
+            img.forget_tables()
+            raise CorruptImageError("%s at offset %#x is past the end of the file"
+                                    % (what, int(idx.max()) << img.cluster_bits))
+        return idx
+
+    alloc.add_many(bounded(tree.l2_offsets >> img.cluster_bits, "L2 table"), delta)
     for _, _, tabs in tree.batches():
-        alloc.add_many(tree.data_clusters(tabs), delta)
+        alloc.add_many(bounded(tree.data_clusters(tabs), "A data cluster"), delta)
 
 
 def fix_copied_flags(img) -> int:

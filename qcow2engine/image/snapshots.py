@@ -99,6 +99,8 @@ def create_snapshot(img: Qcow2Image, name: str, *, date: float | None = None,
     meta = img.allocator
     l1 = img.l1_table
     tree = ReachableTree(img, l1)
+    # the active tables are rewritten below: none may be other metadata
+    meta.refuse_overlap(tree.l2_offsets >> img.cluster_bits, ignore={"active_l2"})
     add_tree(meta, tree, +1)                  # raises RefcountOverflow before any write
     sn_l1_off = meta.allocate_bytes(max(h.l1_size * 8, 1)) if h.l1_size else 0
     now = time.time() if date is None else date

@@ -22,6 +22,8 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
     """Read exactly length bytes; the part past the end of the file reads as zeros."""
     if length <= 0:
         return b""
+    if offset < 0 or offset > INT64_MAX - length:
+        raise CorruptImageError("Offset %#x is outside any file (corrupt metadata)" % offset)
     parts = []
     got = 0
     while got < length:
@@ -229,7 +231,8 @@ class Qcow2Image:
         if hdr.nb_snapshots > C.MAX_SNAPSHOTS:
             raise InvalidImageError("Too many snapshots")
         if hdr.nb_snapshots:
-            if hdr.snapshots_offset % cs:
+            if hdr.snapshots_offset % cs or \
+                    hdr.snapshots_offset > INT64_MAX - C.MAX_SNAPSHOT_TABLE_BYTES:
                 raise InvalidImageError("Snapshot table offset invalid")
 
         # Backing file name (stored after the extensions inside cluster 0).
@@ -475,7 +478,7 @@ class Qcow2Image:
         rt = self.refcount_table
         per_block = self.cluster_size * 8 // self.refcount_bits
         rt = rt[:-(-limit // per_block)]
-        offs = (rt & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
+        offs = np.minimum(rt & np.uint64(C.REFT_OFFSET_MASK), np.uint64(1 << 62)).astype(np.int64)
         used = np.nonzero(offs)[0]
         n = int(used[-1]) + 1 if len(used) else 0
         dt = np.uint8 if self.refcount_bits <= 8 else np.dtype("u%d" % (self.refcount_bits // 8))

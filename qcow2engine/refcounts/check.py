@@ -410,7 +410,11 @@ def check_image(img: Qcow2Image, filename: str | None = None, keep: bool = False
         calc.inc(img.crypto_ext.offset, img.crypto_ext.length)
     # refcount blocks
     rt = img.refcount_table
-    rb = (rt & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64)
+    rb = np.minimum(rt & np.uint64(C.REFT_OFFSET_MASK), np.uint64(1 << 62)).astype(np.int64)
+    for i in np.flatnonzero(rt & np.uint64(C.REFT_RESERVED_MASK)).tolist():
+        res.note("ERROR refcount table entry %d has reserved bits set" % i)
+        res.corruptions += 1
+        res.rebuild = True
     for i in np.flatnonzero(rb):
         o = int(rb[i])
         if o % cs:

@@ -36,7 +36,8 @@ def repair_image(path: str, mode: str, filename: str | None = None) -> CheckResu
 
 def repair_open_image(img: Qcow2Image, mode: str, filename: str) -> CheckResult:
     fix_errors = mode == "all"
-    dropped = _drop_wild_entries(img) if fix_errors else 0
+    dropped = _fix_snapshot_table(img) if fix_errors else 0
+    dropped += _drop_wild_entries(img) if fix_errors else 0
     first = check_image(img, filename, keep=True)
     corruptions_fixed = dropped
     leaks_fixed = 0
@@ -102,6 +103,41 @@ def _drop_refcounts_past_end(img: Qcow2Image) -> int:
     return len(stale)
 
 
+def _fix_snapshot_table(img: Qcow2Image) -> int:
+    """Snapshot table entries that are incomplete (v3: less than 16 bytes of extra data) get
+    QEMU's defaults (the VM state size, the current disk size), and a table that lies past
+    the end of the file is written anew, as `qemu-img check -r all` does: a new table in new
+    clusters, one header switch.  The refcounts are recomputed by the repair afterwards (the
+    old table's clusters are not freed here).  Returns the entries fixed."""
+    snaps = img.snapshots
+    if not snaps:
+        return 0
+    cs = img.cluster_size
+    h = img.header
+    fixed = 0
+    for sn in snaps:
+        if img.version >= 3 and len(sn.extra_data) < 16:
+            sn.vm_state_size_large = sn.vm_state_size if sn.vm_state_size_large is None \
+                else sn.vm_state_size_large
+            sn.disk_size = img.size
+            sn.extra_data = bytes(sn.extra_data) + bytes(16 - len(sn.extra_data))
+            fixed += 1
+    past_end = h.snapshots_offset + img.snapshot_table_size > img.file_size
+    if not fixed and not past_end:
+        return 0
+    from ..format.snapshot import build_snapshot_entry
+    from ..host import fileio
+    data = b"".join(build_snapshot_entry(s) for s in snaps)
+    alloc = img.allocator
+    off = alloc.allocate_bytes(len(data))
+    alloc.commit()
+    fileio.pwrite(img.fd, data, off)
+    alloc.flush()
+    metadata.switch_snapshot_table(img, snaps, off, len(data))
+    img.forget_tables()
+    return max(fixed, 1)
+
+
 def _drop_wild_entries(img: Qcow2Image) -> int:
     """Replace L2 entries whose host cluster lies past the end of the file (by a cluster or
     more) or is unaligned, in every L2 table reachable from any L1 table."""
@@ -163,9 +199,10 @@ def _rebuild(img: Qcow2Image, calc) -> None:
     counts = calc.counts.astype(np.uint64)
     # the old refcount structures are not kept: drop their references
     rt_first = h.refcount_table_offset >> bits
-    counts[rt_first:rt_first + h.refcount_table_clusters] = 0
+    part = counts[rt_first:rt_first + h.refcount_table_clusters]
+    part[part > 0] -= np.uint64(1)      # other references to those clusters stay counted
     rt = img.refcount_table
-    for o in (rt & np.uint64(C.REFT_OFFSET_MASK)).astype(np.int64).tolist():
+    for o in np.minimum(rt & np.uint64(C.REFT_OFFSET_MASK), np.uint64(1 << 62)).astype(np.int64).tolist():
         if o and o % cs == 0 and (o >> bits) < len(counts):
             if counts[o >> bits]:
                 counts[o >> bits] -= np.uint64(1)

@@ -73,6 +73,43 @@ class ReachableTree:
         return referenced_clusters(e, img.cluster_bits)
 
 
+def refuse_damaged_tree(alloc, tree: ReachableTree) -> None:
+    """Before a snapshot shares every table and cluster of an active tree: refuse one whose
+    L1 or L2 entries carry reserved bits, or whose data clusters are other metadata (a new
+    reference to those would turn damage `check -r all` can repair into corruption)."""
+    img = tree.img
+    l1 = tree.l1
+    flags_only = (l1 != 0) & ((l1 & np.uint64(C.L1E_OFFSET_MASK)) == 0)
+    bad = ((l1 & np.uint64(C.L1E_RESERVED_MASK)) != 0) | flags_only
+    if bad.any():
+        raise CorruptImageError("L1 entry %d is damaged (reserved bits, or flags without a "
+                                "table); run check -r all first" % int(np.flatnonzero(bad)[0]))
+    for idx, offs, tabs in tree.batches():
+        e = tabs[..., 0::2] if img.extended_l2 else tabs
+        comp = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
+        resv = ~comp & ((e & np.uint64(C.L2E_RESERVED_MASK)) != 0)
+        if img.extended_l2:
+            # a subcluster both allocated and zero, or allocated without a host cluster, or
+            # any bitmap bit on a compressed cluster
+            bm = tabs[..., 1::2]
+            alloc_bits = bm & np.uint64(0xFFFFFFFF)
+            zero_bits = bm >> np.uint64(32)
+            # (with an external data file, offset 0 is the data file's first cluster)
+            nohost = ((e & np.uint64(C.L2E_OFFSET_MASK)) == 0) & (not img.has_data_file)
+            resv |= ((alloc_bits & zero_bits) != 0) | (comp & (bm != 0)) | \
+                (~comp & nohost & (alloc_bits != 0))
+        if resv.any():
+            i = np.argwhere(resv)[0]
+            raise CorruptImageError("L2 table at %#x has a damaged entry (reserved bits or an "
+                                    "impossible subcluster bitmap); run check -r all first"
+                                    % offs[int(i[0])])
+        name = None if img.has_data_file else alloc.overlap_any(tree.data_clusters(tabs))
+        if name is not None:
+            alloc.mark_corrupt()
+            raise CorruptImageError("Marking image as corrupt: a data cluster of the active "
+                                    "L2 tables overlaps the %s" % name)
+
+
 def add_tree(alloc, tree: ReachableTree, delta: int) -> None:
     """delta on every L2 table and data cluster under tree (one reference per path).
 

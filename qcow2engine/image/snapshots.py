@@ -25,7 +25,7 @@ from ..format.entries import to_be64
 from ..format.snapshot import SnapshotEntry, build_snapshot_entry
 from . import metadata
 from .qcow2 import Qcow2Image
-from .references import ReachableTree, add_tree, fix_copied_flags
+from .references import ReachableTree, add_tree, fix_copied_flags, refuse_damaged_tree
 
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
 MAX_NAME = 255
@@ -101,6 +101,7 @@ def create_snapshot(img: Qcow2Image, name: str, *, date: float | None = None,
     tree = ReachableTree(img, l1)
     # the active tables are rewritten below: none may be other metadata
     meta.refuse_overlap(tree.l2_offsets >> img.cluster_bits, ignore={"active_l2"})
+    refuse_damaged_tree(meta, tree)
     add_tree(meta, tree, +1)                  # raises RefcountOverflow before any write
     sn_l1_off = meta.allocate_bytes(max(h.l1_size * 8, 1)) if h.l1_size else 0
     now = time.time() if date is None else date

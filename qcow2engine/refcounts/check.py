@@ -395,6 +395,10 @@ def check_image(img: Qcow2Image, filename: str | None = None, keep: bool = False
     if h.nb_snapshots:
         calc.inc(h.snapshots_offset, img.snapshot_table_size)
     calc.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
+    if h.refcount_table_offset + h.refcount_table_clusters * cs > img.file_size:
+        # a refcount table past the end of the file reads as zeros: repair builds a new one
+        # inside the file rather than writing at the wild offset
+        res.rebuild = True
     # bitmaps
     if img.bitmaps:
         ext = img.bitmaps_ext

@@ -354,6 +354,11 @@ def run_mutant(path: Path, workdir: Path, commands=None) -> list:
         bad = _bad_output(rc, se)
         if bad:
             fails.append((bad[0], "%s: %s" % (" ".join(argv), bad[1])))
+        if cp.stat().st_size > 1 << 30:         # wrote at a wild offset: never read it whole
+            fails.append(("grew", "%s: the image grew to %d bytes" % (" ".join(argv),
+                                                                     cp.stat().st_size)))
+            cp.unlink()
+            continue
         after = cp.read_bytes()
         if rc is not None and after != before:
             qafter = _corruptions(cp)

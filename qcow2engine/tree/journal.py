@@ -158,10 +158,6 @@ class Journal:
         self.store.save(after, finish_op=True)
 
 
-def pending(store: Store, name: str) -> Optional[dict]:
-    return store.op(name)
-
-
 def recover(store: Store, backend, before: MachineState) -> Optional[str]:
     """Finish the pending operation of a machine: 'rolled back', 'rolled forward' or None."""
     op = store.op(before.name)

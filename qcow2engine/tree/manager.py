@@ -347,7 +347,7 @@ class Machine:
             m.snapshot(name)
             if mode != "commit":
                 p = Planner(m, self.backend, "revert")
-                p.revert(name, mode, no_auto=not auto_snapshot, force=force)
+                p.revert(name, mode, no_auto=not auto_snapshot)
                 if discard:
                     p.delete(name)
                 return self._run(m, p, rec, "revert", name)

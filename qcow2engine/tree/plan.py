@@ -194,8 +194,7 @@ class Planner:
         return snap
 
     # ------------------------------------------------------------ revert
-    def revert(self, target: str, mode: str = "reset", *, no_auto: bool = False,
-               force: bool = False) -> None:
+    def revert(self, target: str, mode: str = "reset", *, no_auto: bool = False) -> None:
         m = self.after
         s = m.snapshot(target)
         if s.merging and mode != "commit":

@@ -1,4 +1,5 @@
-"""The machine verbs: `machine define|undefine|list|info|check|recover` and virsh's
+"""The machine verbs: `machine define|undefine|list|info|check|recover|start|stop|attach` and
+virsh's
 `snapshot-create-as`, `snapshot-list`, `snapshot-info`, `snapshot-current`,
 `snapshot-parent`, `snapshot-revert`, `snapshot-delete`.
 
@@ -43,6 +44,24 @@ def build_parser():
     s = ms.add_parser("define")
     s.add_argument("name")
     s.add_argument("--disk", action="append", default=[], metavar="DISK=PATH")
+    s.add_argument("--memory", metavar="SIZE")
+    s.add_argument("--cpus", type=int)
+    s.add_argument("--machine-type")
+    s.add_argument("--kernel")
+    s.add_argument("--initrd")
+    s.add_argument("--append")
+    s.add_argument("--accel", choices=["auto", "kvm", "tcg"])
+    s.add_argument("--qemu-arg", action="append", default=[], metavar="ARG")
+    s = ms.add_parser("start")
+    s.add_argument("name")
+    s.add_argument("--paused", action="store_true")
+    s = ms.add_parser("stop")
+    s.add_argument("name")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s = ms.add_parser("attach")
+    s.add_argument("name")
+    s.add_argument("--qmp", required=True, metavar="SOCKET")
     s = ms.add_parser("undefine")
     s.add_argument("name")
     s = ms.add_parser("list")
@@ -61,6 +80,9 @@ def build_parser():
     s.add_argument("--description", default=None)
     s.add_argument("--disk-only", action="store_true")
     s.add_argument("--diskspec", action="append", default=[])
+    s.add_argument("--memspec", metavar="[file=]PATH")
+    s.add_argument("--live", action="store_true")
+    s.add_argument("--halt", action="store_true")
 
     s = sub.add_parser("snapshot-list")
     s.add_argument("machine")
@@ -97,6 +119,9 @@ def build_parser():
     s.add_argument("--force", action="store_true")
     s.add_argument("--no-auto-snapshot", action="store_true")
     s.add_argument("-p", "--progress", action="store_true")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--running", action="store_true")
+    g.add_argument("--paused", action="store_true")
 
     s = sub.add_parser("snapshot-delete")
     s.add_argument("machine")
@@ -118,7 +143,8 @@ def main(argv, state_dir=None) -> int:
         _err(e)
         return 1
     if args.verb == "machine" and not args.mverb:
-        _err("machine: a verb is needed (define, undefine, list, info, check, recover)")
+        _err("machine: a verb is needed (define, undefine, list, info, check, recover, start, "
+             "stop, attach)")
         return 1
     from ..errors import Qcow2Error
     from ..tree import Tree
@@ -168,8 +194,32 @@ def cmd_machine_define(tree, args) -> int:
         if not eq or not name or not path:
             raise _usage("--disk %s: use DISK=PATH" % d)
         disks.append((name, path))
-    tree.define(args.name, disks)
+    launch = {"memory": args.memory, "cpus": args.cpus, "machine_type": args.machine_type,
+              "kernel": args.kernel, "initrd": args.initrd, "append": args.append,
+              "accel": args.accel, "qemu_args": args.qemu_arg}
+    given = any(v for v in launch.values())
+    tree.define(args.name, disks, launch if given else None)
     print("Machine %s defined" % args.name)
+    return 0
+
+
+def cmd_machine_start(tree, args) -> int:
+    _machine(tree, args.name).start(paused=args.paused)
+    print("Machine %s started%s" % (args.name, " (paused)" if args.paused else ""))
+    return 0
+
+
+def cmd_machine_stop(tree, args) -> int:
+    how = _machine(tree, args.name).stop(force=args.force, timeout=args.timeout)
+    print("Machine %s %s" % (args.name, "is shut off" if how == "powered down"
+                             else "destroyed" if args.force else "is shut off (quit after "
+                             "%.0f s without an ACPI power-down)" % args.timeout))
+    return 0
+
+
+def cmd_machine_attach(tree, args) -> int:
+    _machine(tree, args.name).attach(args.qmp)
+    print("Machine %s attached" % args.name)
     return 0
 
 
@@ -180,12 +230,12 @@ def cmd_machine_undefine(tree, args) -> int:
 
 
 def cmd_machine_list(tree, args) -> int:
-    names = tree.names()
+    rows = [{"name": n, "state": _machine(tree, n).run_state()} for n in tree.names()]
     if args.output == "json":
-        _json([{"name": n, "state": "shut off"} for n in names])
+        _json(rows)
         return 0
     from .tree_render import machine_table
-    sys.stdout.write(machine_table([{"name": n, "state": "shut off"} for n in names]))
+    sys.stdout.write(machine_table(rows))
     return 0
 
 
@@ -196,6 +246,8 @@ def cmd_machine_info(tree, args) -> int:
         return 0
     lines = ["%-15s %s" % ("Name:", info["name"]), "%-15s %s" % ("State:", info["state"]),
              "%-15s %s" % ("Current:", info["current"] or "-")]
+    if info["qmp"]:
+        lines.append("%-15s %s" % ("QMP:", info["qmp"]))
     op = info["operation"]
     lines.append("%-15s %s" % ("Operation:", "-" if op is None else
                                "%s (step %d of %d, pending: run 'machine recover %s')"
@@ -247,8 +299,19 @@ def cmd_snapshot_create_as(tree, args) -> int:
         if kind is None:
             kind = "external" if (args.disk_only or file) else "internal"
         specs[disk] = (kind, file)
-    _machine(tree, args.machine).create_snapshot(name, description=desc, diskspecs=specs,
-                                                 disk_only=args.disk_only)
+    mem = args.memspec
+    if mem is not None:
+        parts = dict(kv.partition("=")[::2] if "=" in kv else ("file", kv)
+                     for kv in mem.split(","))
+        if set(parts) - {"file", "snapshot"} or parts.get("snapshot", "external") != "external" \
+                or not parts.get("file"):
+            raise _usage("--memspec %s: use file=PATH (snapshot=external)" % mem)
+        mem = parts["file"]
+    r = _machine(tree, args.machine).create_snapshot(name, description=desc, diskspecs=specs,
+                                                     disk_only=args.disk_only, memspec=mem,
+                                                     live=args.live, halt=args.halt)
+    if r.paused_seconds is not None:
+        sys.stderr.write("%s: the guest was paused %.3f s\n" % (PROG, r.paused_seconds))
     print("Domain snapshot %s created" % name)
     return 0
 
@@ -355,7 +418,8 @@ def cmd_snapshot_revert(tree, args) -> int:
     cancel, old = _cancel_on_signals()
     try:
         r = m.revert(name, mode=mode, discard=args.discard, force=args.force,
-                     auto_snapshot=not args.no_auto_snapshot, progress=prog, cancel=cancel)
+                     auto_snapshot=not args.no_auto_snapshot, progress=prog, cancel=cancel,
+                     running=True if args.running else False if args.paused else None)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -21,7 +21,7 @@ from typing import Optional
 from ..errors import JobCancelled, OperationPendingError
 from ..jobs import Progress
 from .model import MachineState
-from .plan import WRITES, Plan
+from .plan import Plan, written
 from .store import Store, machine_from_dict, machine_to_dict
 
 LONG = {"internal_to_overlay", "commit", "stream"}
@@ -100,7 +100,10 @@ class Journal:
                 self.repair(plan.steps[i:i + 1])
                 self.finish(plan, plan.on_cancel)   # the long step stopped cleanly
                 raise
-            if i < plan.irreversible:
+            # a step that refused before changing anything (QEMU rejected a transaction)
+            # is undone as well
+            if i < plan.irreversible or (i == plan.irreversible and
+                                         getattr(e, "nothing_changed", False)):
                 try:
                     self.rollback(plan, i)
                 except Exception as e2:     # noqa: BLE001 - say what is left
@@ -122,7 +125,7 @@ class Journal:
         self.repair(plan.steps[:upto + 1])
         # the undone steps kept every view the old state records, but they wrote files:
         # take the stamps of those again, then end the operation
-        touched = {st[WRITES[st["op"]]] for st in plan.steps[:upto + 1] if st["op"] in WRITES}
+        touched = set().union(*(written(st) for st in plan.steps[:upto + 1]))
         old = self.store.load(name)
         for path in touched & set(old.files):
             rec = old.files[path]
@@ -135,13 +138,13 @@ class Journal:
 
     def repair(self, steps) -> None:
         """An interrupted step may have leaked clusters in the image it wrote: repair them."""
-        for path in sorted({st[WRITES[st["op"]]] for st in steps if st["op"] in WRITES}):
+        for path in sorted(set().union(*(written(st) for st in steps))):
             self.b.repair(path)
 
     def finish(self, plan: Plan, after: Optional[MachineState] = None) -> None:
         """Stamp what the plan changed and save the state afterwards (ending the operation)."""
         after = plan.after if after is None else after
-        touched = {st[WRITES[st["op"]]] for st in plan.steps if st["op"] in WRITES}
+        touched = set().union(*(written(st) for st in plan.steps))
         for rec in after.files.values():
             if after.frozen_needed(rec.path):
                 if rec.frozen is None or rec.path in touched:

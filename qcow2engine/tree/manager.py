@@ -51,6 +51,8 @@ class TreeResult:
     deleted: list = field(default_factory=list)     # snapshots deleted
     messages: list = field(default_factory=list)
     recovered: Optional[str] = None         # a pending operation finished first
+    paused_seconds: Optional[float] = None  # a running guest was stopped this long
+    run_state: Optional[str] = None         # the machine's run state afterwards
 
     @property
     def completed(self) -> bool:
@@ -62,7 +64,8 @@ def snapshot_doc(m: MachineState, name: str, *, with_counts: bool = False) -> di
     s = m.snapshots[name]
     doc = {"name": s.name, "parent": s.parent, "created": int(s.created), "state": s.state,
            "current": m.current == s.name, "auto": s.auto, "merging": s.merging,
-           "description": s.description, "memory": "no",
+           "description": s.description, "memory": s.memory,
+           "memory_file": s.memfile if s.memory == EXTERNAL else None,
            "disks": {d: {"snapshot": ds.kind, "file": ds.file if ds.kind != NO else None}
                      for d, ds in s.disks.items()}}
     if with_counts:
@@ -75,9 +78,21 @@ def snapshot_doc(m: MachineState, name: str, *, with_counts: bool = False) -> di
 class Tree:
     """The machines of one state directory."""
 
-    def __init__(self, state_dir: Optional[str] = None, *, backend=None):
+    def __init__(self, state_dir: Optional[str] = None, *, backend=None, live=None):
+        """backend: the offline steps (default OfflineBackend); live: what runs machines
+        (default qmp_bridge.tree_backend, imported the first time a machine runs)."""
         self.store = Store(state_dir)
         self.backend = backend or OfflineBackend()
+        self._live = live
+
+    @property
+    def live(self):
+        if self._live is None:
+            # the live layer sits beside this package (it imports us, never the reverse at
+            # import time): loaded only when a machine is started, attached or running
+            import qmp_bridge.tree_backend as live
+            self._live = live
+        return self._live
 
     def close(self) -> None:
         self.store.close()
@@ -96,15 +111,20 @@ class Tree:
             raise MachineError("machine '%s' not found" % name)
         return Machine(self, name)
 
-    def define(self, name: str, disks) -> "Machine":
-        """A machine on existing images: disks is {disk name: image path} (or pairs)."""
+    def define(self, name: str, disks, launch: Optional[dict] = None) -> "Machine":
+        """A machine on existing images: disks is {disk name: image path} (or pairs);
+        launch: how to start it (tree.launch: memory, cpus, machine_type, kernel, initrd,
+        append, qemu_args, accel), None: it is only ever shut off (or attached)."""
         check_name(name, "machine")
+        if launch is not None:
+            from .launch import check_launch
+            launch = check_launch(launch)
         items = list(disks.items()) if isinstance(disks, dict) else list(disks)
         if not items:
             raise InvalidRequestError("a machine needs at least one disk (--disk vda=PATH)")
         if self.store.exists(name):
             raise MachineError("machine '%s' already exists" % name)
-        m = MachineState(name, time.time())
+        m = MachineState(name, time.time(), launch=launch)
         keys = {}
         # every file another machine knows: none may be a disk here, and none of those it
         # may write (all but the ones below its defined images) may be below a disk here
@@ -168,6 +188,9 @@ class Tree:
             if self.store.op(name):
                 raise MachineError("machine '%s' has a pending operation: run 'machine recover "
                                    "%s' first" % (name, name))
+            if mach.runtime() is not None:
+                raise MachineError("machine '%s' is running: stop it first (machine stop %s)"
+                                   % (name, name))
             self.store.delete(name)
         finally:
             self.store.unlock(name)
@@ -188,6 +211,9 @@ class Machine:
         self.tree = tree
         self.name = name
         self.notice: Callable[[str], None] = lambda msg: None
+        self._live_backend = None           # while a verb runs on a running machine
+        self._session = None
+        self._rt: Optional[dict] = None
 
     @property
     def store(self) -> Store:
@@ -195,7 +221,29 @@ class Machine:
 
     @property
     def backend(self):
-        return self.tree.backend
+        return self._live_backend or self.tree.backend
+
+    # ------------------------------------------------------------ running or not
+    def runtime(self) -> Optional[dict]:
+        """How to reach the machine's QEMU, or None when it is shut off.  A QEMU that died is
+        noticed here (and forgotten)."""
+        rt = self.store.runtime(self.name)
+        if rt is None:
+            return None
+        if not self.tree.live.alive(rt):
+            self.store.set_runtime(self.name, None)
+            self.notice("machine '%s': its QEMU (pid %s) has gone away; the machine is shut off"
+                        % (self.name, rt.get("pid")))
+            return None
+        return rt
+
+    def run_state(self) -> str:
+        """"running", "paused" or "shut off"."""
+        rt = self.runtime()
+        if rt is None:
+            return "shut off"
+        with self.tree.live.connect(rt) as s:
+            return self.tree.live.run_state(s)
 
     def state(self) -> MachineState:
         return self.store.load(self.name)
@@ -204,7 +252,12 @@ class Machine:
     def info(self) -> dict:
         m = self.state()
         op = self.store.op(self.name)
-        return {"name": m.name, "state": "shut off", "current": m.current,
+        state = self.run_state()
+        rt = self.store.runtime(self.name) if state != "shut off" else None
+        return {"name": m.name, "state": state, "current": m.current,
+                "qmp": rt["qmp"] if rt else None, "pid": rt.get("pid") if rt else None,
+                "serial": rt.get("serial") if rt else None,
+                "launch": m.launch,
                 "disks": [{"name": d.name, "format": d.fmt, "active": d.active,
                            "chain": m.chain(d.active)} for d in m.disks],
                 "operation": None if op is None else {
@@ -253,17 +306,33 @@ class Machine:
         return check_machine(self.state(), self.backend)
 
     # ------------------------------------------------------------ changing
-    def _begin(self, *, need_consistent: bool = True) -> tuple:
+    def _begin(self, *, need_consistent: bool = True, offline: bool = False,
+               say: bool = True) -> tuple:
+        """Lock, connect to the QEMU if the machine runs (its steps then go live), finish a
+        pending operation, check the tree against the files (and against what QEMU runs on).
+        offline: refuse a running machine."""
         self.store.lock(self.name)
-        getattr(self.backend, "begin_verb", lambda: None)()
         try:
+            self._rt = self.runtime()
+            if self._rt is not None:
+                if offline:
+                    raise MachineError("machine '%s' is running: stop it first (machine stop "
+                                       "%s)" % (self.name, self.name))
+                self._session = self.tree.live.connect(self._rt)
+                self._live_backend = self.tree.live.LiveBackend(self.tree.backend,
+                                                                self._session)
+            getattr(self.backend, "begin_verb", lambda: None)()
             rec = None
             if self.store.op(self.name):
                 rec = journal.recover(self.store, self.backend, self.state())
-                self.notice("machine '%s': an unfinished operation was %s" % (self.name, rec))
+                if say:
+                    self.notice("machine '%s': an unfinished operation was %s"
+                                % (self.name, rec))
             m = self.state()
             if need_consistent:
                 bad = check_machine(m, self.backend)
+                if self._rt is not None:
+                    bad += self._check_live(m)
                 if bad:
                     raise MachineInconsistentError(
                         "machine '%s' is inconsistent: %s (see 'machine check %s')"
@@ -277,8 +346,26 @@ class Machine:
             self._end()
             raise
 
+    def _check_live(self, m: MachineState) -> list:
+        """What QEMU runs on against the tree."""
+        chains = self._live_backend.disk_chains()
+        out = []
+        for d in m.disks:
+            want = m.chain(d.active)
+            have = chains.get(d.name)
+            if have is None:
+                out.append(Finding(d.name, d.active, "the running QEMU has no disk '%s'"
+                                   % d.name))
+            elif have != want:
+                out.append(Finding(d.name, d.active, "the running QEMU runs on %s"
+                                   % " -> ".join(have)))
+        return out
+
     def _end(self) -> None:
         getattr(self.backend, "end_verb", lambda: None)()
+        if self._session is not None:
+            self._session.close()
+        self._session = self._live_backend = self._rt = None
         self.store.unlock(self.name)
 
     def _run(self, m: MachineState, planner: Planner, rec, op: str, snapshot: str, *,
@@ -295,17 +382,96 @@ class Machine:
             res.created, res.removed, res.deleted = [], [], []
         return res
 
-    def recover(self) -> Optional[str]:
-        """Finish a pending operation: "rolled back", "rolled forward", or None (none)."""
+    # ------------------------------------------------------------ starting and stopping
+    def start(self, *, paused: bool = False) -> dict:
+        """Start the machine's QEMU on its disks as the tree has them; its runtime doc."""
+        m, rec = self._begin()
+        try:
+            if self._rt is not None:
+                raise MachineError("machine '%s' is already running" % self.name)
+            rt = self.tree.live.launch_machine(m, self.store.dir, paused=paused)
+            self.store.set_runtime(self.name, rt)
+            return rt
+        finally:
+            self._end()
+
+    def stop(self, *, force: bool = False, timeout: float = 60.0) -> str:
+        """ACPI power-down (quit after timeout seconds; at once with force)."""
         self.store.lock(self.name)
         try:
-            return journal.recover(self.store, self.backend, self.state())
+            rt = self.runtime()
+            if rt is None:
+                raise MachineError("machine '%s' is not running" % self.name)
+            how = self.tree.live.stop_machine(rt, force=force, timeout=timeout)
+            self.store.set_runtime(self.name, None)
+            return how
         finally:
             self.store.unlock(self.name)
 
+    def attach(self, qmp: str) -> dict:
+        """Adopt a QEMU started elsewhere (its QMP socket), which must run on the disks as
+        the tree has them (device ids = disk names)."""
+        live = self.tree.live
+        m, rec = self._begin(need_consistent=False)
+        try:
+            if self._rt is not None:
+                raise MachineError("machine '%s' is already running" % self.name)
+            qmp = os.path.abspath(qmp)
+            rt = {"pid": live.peer_pid(qmp), "qmp": qmp, "serial": None, "launched": False,
+                  "started": time.time()}
+            self._rt = rt
+            self._session = live.connect(rt)
+            self._live_backend = live.LiveBackend(self.tree.backend, self._session)
+            bad = check_machine(m, self.backend) + self._check_live(m)
+            if bad:
+                raise MachineInconsistentError("cannot attach machine '%s': %s"
+                                               % (self.name, bad[0]))
+            self.store.set_runtime(self.name, rt)
+            return rt
+        finally:
+            self._end()
+
+    def _need_launch(self, m: MachineState, what: str) -> None:
+        if not m.launch:
+            raise MachineError("machine '%s' has no launch definition (it was attached): %s "
+                               "needs to restart its QEMU; define the machine with --memory/"
+                               "--kernel... to allow it" % (self.name, what))
+
+    def _relaunch(self, m: MachineState, s, *, running: Optional[bool]) -> None:
+        """Start the QEMU on the tree's disks with snapshot s's memory (None: boot fresh);
+        running: the run state afterwards (None: as it was at s)."""
+        live = self.tree.live
+        if s is not None and s.memory == EXTERNAL:
+            rt = live.launch_machine(m, self.store.dir, incoming=s.memfile)
+        else:
+            rt = live.launch_machine(m, self.store.dir, paused=True)
+        self.store.set_runtime(self.name, rt)
+        with live.connect(rt) as sess:
+            if s is not None and s.memory == INTERNAL:
+                from qmp_bridge.internal import load_vm
+                devs = [live.node_name(m.disk(d).active) for d, ds in s.disks.items()
+                        if ds.kind == INTERNAL]
+                load_vm(sess, s.name, devices=devs,
+                        vmstate=live.node_name(m.disk(s.memfile).active))
+            want = running if running is not None else \
+                (s is None or s.memory == NO or s.vm_state == "running")
+            if want:
+                sess.execute("cont")
+
+    def recover(self) -> Optional[str]:
+        """Finish a pending operation: "rolled back", "rolled forward", or None (none)."""
+        m, rec = self._begin(need_consistent=False, say=False)
+        self._end()
+        return rec
+
     def create_snapshot(self, name: str, *, description: str = "", diskspecs=None,
-                        disk_only: bool = False) -> TreeResult:
-        """diskspecs: {disk: kind} or {disk: (kind, file)} (kind internal|external|no)."""
+                        disk_only: bool = False, memspec: Optional[str] = None,
+                        live: bool = False, halt: bool = False) -> TreeResult:
+        """diskspecs: {disk: kind} or {disk: (kind, file)} (kind internal|external|no).
+        A running machine: internal with its memory by default (snapshot-save), external
+        disk-only with disk_only (one transaction), external with the memory in the file
+        memspec (paused while it is saved; live: saved while the guest runs, paused only for
+        the switch); halt stops the machine afterwards."""
         specs = {}
         for d, v in (diskspecs or {}).items():
             kind, file = (v, None) if isinstance(v, str) else v
@@ -313,11 +479,29 @@ class Machine:
                 raise InvalidRequestError("--diskspec %s: snapshot=%s: use internal, external "
                                           "or no" % (d, kind))
             specs[d] = (kind, file)
+        if memspec and disk_only:
+            raise InvalidRequestError("--memspec and --disk-only exclude each other")
+        if live and not memspec:
+            raise InvalidRequestError("--live needs --memspec (the memory saved while the guest "
+                                      "runs)")
         m, rec = self._begin()
         try:
             p = Planner(m, self.backend, "create")
+            if self._rt is not None:
+                with_state = self.tree.live.run_state(self._session)
+                p.live = {"state": with_state, "memfile": memspec, "live": live}
+            elif memspec or halt:
+                raise InvalidRequestError("machine '%s' is shut off: --memspec and --halt apply "
+                                          "to a running machine" % self.name)
             p.create(name, description, specs, disk_only)
-            return self._run(m, p, rec, "create", name)
+            res = self._run(m, p, rec, "create", name)
+            pause = getattr(self._live_backend, "pause_seconds", None)
+            if pause is not None:
+                res.paused_seconds = pause
+            if halt and res.completed:
+                self.tree.live.stop_machine(self._rt, force=True)
+                self.store.set_runtime(self.name, None)
+            return res
         finally:
             self._end()
 
@@ -334,10 +518,54 @@ class Machine:
 
     def revert(self, name: Optional[str] = None, *, mode: str = "reset", discard: bool = False,
                force: bool = False, auto_snapshot: bool = True,
+               running: Optional[bool] = None,
                progress: Optional[Progress] = None,
                cancel: Optional[threading.Event] = None) -> TreeResult:
+        """running: True/False the machine runs/is paused afterwards (default: as it was at
+        the snapshot if it has memory; a disk-only target leaves the machine shut off unless
+        running=True boots it)."""
         if mode not in MODES:
             raise InvalidRequestError("unknown revert mode '%s'" % mode)
+        if self.runtime() is not None:
+            return self._revert_running(name, mode, discard, force, auto_snapshot, running,
+                                        progress, cancel)
+        m = self.state()
+        target = name or m.current
+        s = m.snapshots.get(target) if target else None
+        start = running is not None or (s is not None and s.memory != NO)
+        if start:
+            self._need_launch(m, "restoring the machine's state" if running is None
+                              else "starting it")
+        later = discard and start and s is not None and s.memory != NO
+        res = self._revert(name, mode, discard and not later, force, auto_snapshot, None,
+                           progress, cancel)
+        if res.completed and start:
+            res.run_state = self._start_after_revert(res, running)
+            if later:
+                self._discard_after(res)
+        return res
+
+    def _discard_after(self, res: TreeResult) -> None:
+        """--discard of a snapshot whose memory was just loaded: deleted once it is."""
+        d = self.delete(res.snapshot)
+        res.deleted += d.deleted
+        res.removed += d.removed
+
+    def _start_after_revert(self, res: TreeResult, running: Optional[bool]) -> str:
+        m = self.state()
+        s = m.snapshots.get(res.snapshot)
+        mem = s if s is not None and s.memory != NO else None
+        if mem is None and running is None:
+            return "shut off"
+        self.store.lock(self.name)
+        try:
+            self._relaunch(m, mem, running=running)
+        finally:
+            self.store.unlock(self.name)
+        return self.run_state()
+
+    def _revert(self, name, mode, discard, force, auto_snapshot, auto_memory, progress,
+                cancel) -> TreeResult:
         m, rec = self._begin()
         try:
             if name is None:
@@ -347,6 +575,7 @@ class Machine:
             m.snapshot(name)
             if mode != "commit":
                 p = Planner(m, self.backend, "revert")
+                p.auto_memory = auto_memory
                 p.revert(name, mode, no_auto=not auto_snapshot)
                 if discard:
                     p.delete(name)
@@ -355,12 +584,79 @@ class Machine:
             # refused or (--force) deleted, S is marked merging; a cancel while the overlays
             # are merged leaves that state, and the same command resumes from it
             p = Planner(m, self.backend, "revert-commit")
+            p.auto_memory = auto_memory
             p.revert_commit_prepare(name, no_auto=not auto_snapshot, force=force)
             p.mark()
             p.merge(name, discard=discard)
             return self._run(m, p, rec, "revert", name, progress=progress, cancel=cancel)
         finally:
             self._end()
+
+    def _revert_running(self, name, mode, discard, force, auto_snapshot, running, progress,
+                        cancel) -> TreeResult:
+        m = self.state()
+        if name is None:
+            if m.current is None:
+                raise MachineError("machine '%s' has no current snapshot" % self.name)
+            name = m.current
+        s = m.snapshot(name)
+        # --commit of the snapshot the running disks are on: live commit jobs, no restart
+        if mode == "commit" and all(ds.kind != EXTERNAL or ds.overlay == m.disk(d).active
+                                    for d, ds in s.disks.items()) and INTERNAL not in s.kinds:
+            res = self._revert(name, mode, discard, force, auto_snapshot, None, progress,
+                               cancel)
+            res.run_state = self.run_state()
+            return res
+        if s.memory == NO and not force:
+            raise MachineError("machine '%s' is running and snapshot '%s' has no memory "
+                               "state: reverting loses the running guest (use --force)"
+                               % (self.name, name))
+        self._need_launch(m, "reverting a running machine")
+        if s.memory == INTERNAL:
+            for d, ds in s.disks.items():
+                if ds.kind == INTERNAL and (ds.file != m.disk(d).active or
+                                            m.frozen_needed(ds.file)):
+                    raise MachineError(
+                        "snapshot '%s' keeps its memory inside '%s', which an external "
+                        "snapshot has frozen since: its memory cannot be restored (shut the "
+                        "machine off and revert to its disks, or revert to a snapshot taken "
+                        "after)" % (name, ds.file))
+        live = self.tree.live
+        auto_memory = None
+        self.store.lock(self.name)
+        try:
+            rt = self.runtime()
+            with live.connect(rt) as sess:
+                state = live.run_state(sess)
+                if auto_snapshot:
+                    # the tip keeps its memory: saved (the guest stopped) before QEMU goes
+                    mf = os.path.join(m.disks[0].folder, "%s.tip-%d.mem"
+                                      % (self.name, time.time_ns()))
+                    if state == "running":
+                        sess.execute("stop")
+                    live.migrate_out(sess, mf)
+                    auto_memory = {"memory": EXTERNAL, "memfile": mf, "vm_state": state}
+            live.stop_machine(rt, force=True)
+            self.store.set_runtime(self.name, None)
+        finally:
+            self.store.unlock(self.name)
+        later = discard and s.memory != NO
+        try:
+            res = self._revert(name, mode, discard and not later, force, auto_snapshot,
+                               auto_memory, progress, cancel)
+        finally:
+            if auto_memory is not None:
+                after = self.state()
+                if not any(x.memfile == auto_memory["memfile"] for x in after.snapshots.values()):
+                    try:
+                        os.unlink(auto_memory["memfile"])
+                    except FileNotFoundError:
+                        pass
+        if res.completed:
+            res.run_state = self._start_after_revert(res, running)
+            if later:
+                self._discard_after(res)
+        return res
 
     def delete(self, name: str, *, children: bool = False, children_only: bool = False,
                metadata: bool = False, flatten: bool = False,

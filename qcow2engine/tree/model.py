@@ -104,6 +104,9 @@ class Snapshot:
     auto: bool = False
     merging: bool = False           # a --commit revert was cancelled: its base is half merged
     disks: dict = field(default_factory=dict)   # disk name -> DiskState
+    memory: str = NO                # the machine's memory at S: NO, INTERNAL or EXTERNAL
+    memfile: Optional[str] = None   # EXTERNAL: the file; INTERNAL: the disk holding the vmstate
+    vm_state: Optional[str] = None  # the run state at S ("running", "paused"), None: shut off
 
     @property
     def kinds(self) -> set:
@@ -111,9 +114,12 @@ class Snapshot:
 
     @property
     def state(self) -> str:
-        """virsh's state column: a disk-only (external) snapshot of a shut-off machine is
-        'disk-snapshot', an internal one 'shutoff'."""
-        return "disk-snapshot" if self.kinds == {EXTERNAL} else "shutoff"
+        """virsh's state column: the run state at S for a snapshot of a running machine; for a
+        shut-off one a disk-only (external) snapshot is 'disk-snapshot', else 'shutoff'.  A
+        disk-only snapshot of a running machine is 'disk-snapshot' too."""
+        if self.memory != NO and self.vm_state:
+            return self.vm_state
+        return "disk-snapshot" if self.kinds == {EXTERNAL} or self.vm_state else "shutoff"
 
     @property
     def location(self) -> str:
@@ -139,6 +145,7 @@ class MachineState:
     snapshots: dict = field(default_factory=dict)      # name -> Snapshot
     files: dict = field(default_factory=dict)          # path -> FileRec
     current: Optional[str] = None
+    launch: Optional[dict] = None                      # how to start it (see tree.launch)
 
     def clone(self) -> "MachineState":
         return copy.deepcopy(self)

@@ -20,11 +20,27 @@ from ..errors import InvalidRequestError, MachineError, SnapshotError
 from .model import EXTERNAL, INTERNAL, NO, DiskState, FileRec, MachineState, Snapshot, check_name
 
 # steps that destroy old state (the point of no return)
-IRREVERSIBLE = {"internal_apply", "internal_delete", "remove_file", "commit"}
+# (a running machine's switch onto new overlays and its snapshot-save are points of no
+# return too: the guest writes the new state from then on)
+IRREVERSIBLE = {"internal_apply", "internal_delete", "remove_file", "commit", "live_switch",
+                "live_save"}
 # the file each step writes (its stamp is taken again afterwards)
 WRITES = {"create_overlay": "path", "internal_create": "path", "internal_apply": "path",
           "internal_delete": "path", "internal_to_overlay": "overlay", "commit": "base",
           "stream": "path", "rebase": "path", "resize": "path"}
+
+
+def written(st: dict) -> set:
+    """The files step st writes."""
+    op = st["op"]
+    if op in WRITES:
+        return {st[WRITES[op]]}
+    if op == "live_switch":
+        return {p for p, _ in (st.get("internal") or {}).values()} | \
+            {ov for _, ov in (st.get("overlays") or {}).values()}
+    if op == "live_save":
+        return set(st["paths"].values())
+    return set()
 
 
 @dataclass
@@ -64,6 +80,10 @@ class Planner:
         self._tip_clean: Optional[dict] = None
         self._mark: Optional[int] = None
         self._mid: Optional[MachineState] = None
+        # a running machine: {"state": run state, "memory": kind, "memfile": path, "live": bool}
+        self.live: Optional[dict] = None
+        # what the automatic snapshot of a running tip keeps of the memory
+        self.auto_memory: Optional[dict] = None
 
     def mark(self) -> None:
         """The state so far is where a cancel of the steps that follow leaves the machine."""
@@ -89,7 +109,8 @@ class Planner:
         return self._tip_clean
 
     def tip_changed(self) -> bool:
-        return not all(self.tip_clean().values())
+        # a running machine's tip always changed: its memory did
+        return bool(self.auto_memory) or not all(self.tip_clean().values())
 
     # ------------------------------------------------------------ building blocks
     def step(self, op: str, **args) -> None:
@@ -147,6 +168,12 @@ class Planner:
         for d in specs:
             m.disk(d)
         snap = Snapshot(name, m.current, self.now, description, auto)
+        live = None if auto else self.live
+        memory = NO
+        if live is not None:
+            memory = EXTERNAL if live.get("memfile") else NO if disk_only else INTERNAL
+            snap.vm_state = live["state"]
+        switch: dict = {"overlays": {}, "internal": {}}
         for d in m.disks:
             kind, file = specs.get(d.name, (None, None))
             if auto and d.name not in covered:
@@ -154,10 +181,14 @@ class Planner:
             if kind is None:
                 if auto:
                     kind = INTERNAL if internal_in and d.name in internal_in else EXTERNAL
-                elif disk_only:
+                elif disk_only or memory == EXTERNAL:
                     kind = EXTERNAL
                 else:
                     kind = INTERNAL
+            if memory == INTERNAL and kind == EXTERNAL:
+                raise InvalidRequestError("disk %s: an external disk snapshot of a running "
+                                          "machine needs --disk-only or --memspec (the memory "
+                                          "goes to a file then)" % d.name)
             if disk_only and kind == INTERNAL:
                 raise InvalidRequestError("--disk-only snapshots are external: disk %s asks for "
                                           "an internal one" % d.name)
@@ -176,7 +207,10 @@ class Planner:
                 if name in tags:
                     raise SnapshotError("image '%s' of disk %s already has an internal snapshot "
                                         "named '%s'" % (d.active, d.name, name))
-                self.step("internal_create", path=d.active, tag=name)
+                if live is None:
+                    self.step("internal_create", path=d.active, tag=name)
+                else:
+                    switch["internal"][d.name] = [d.active, name]
                 snap.disks[d.name] = DiskState(INTERNAL, d.active, None, size, name)
             else:
                 base = d.active
@@ -184,9 +218,29 @@ class Planner:
                 if not auto:            # an automatic snapshot is a label on the tip
                     ov = self.add_overlay(d.name, base, size, name, file)
                     d.active = ov
+                    switch["overlays"][d.name] = [base, ov]
                 snap.disks[d.name] = DiskState(EXTERNAL, base, ov, size)
         if all(ds.kind == NO for ds in snap.disks.values()):
             raise InvalidRequestError("snapshot '%s' would cover no disk" % name)
+        if live is not None:
+            if memory == INTERNAL:
+                paths = {d: p for d, (p, _) in switch["internal"].items()}
+                vm = next(iter(paths))
+                self.step("live_save", tag=name, paths=paths, vmstate=vm)
+                snap.memory, snap.memfile = INTERNAL, vm
+            else:
+                if memory == EXTERNAL:
+                    mf = os.path.abspath(live["memfile"])
+                    if self.b.exists(mf) or any(x.memfile == mf for x in m.snapshots.values()):
+                        raise MachineError("memory file '%s' already exists" % mf)
+                    snap.memory, snap.memfile = EXTERNAL, mf
+                self.step("live_switch", overlays=switch["overlays"],
+                          internal=switch["internal"], memfile=snap.memfile,
+                          live=bool(live.get("live")))
+        if auto and self.auto_memory:
+            snap.memory = self.auto_memory["memory"]
+            snap.memfile = self.auto_memory.get("memfile")
+            snap.vm_state = self.auto_memory.get("vm_state")
         m.snapshots[name] = snap
         if not auto:
             m.current = name
@@ -389,6 +443,8 @@ class Planner:
         the current position."""
         m = self.after
         s = m.snapshots.pop(name)
+        if s.memory == EXTERNAL and s.memfile:
+            self.step("remove_file", path=s.memfile)
         for c in m.snapshots.values():
             if c.parent == name:
                 c.parent = s.parent

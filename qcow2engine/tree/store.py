@@ -21,12 +21,12 @@ from ..errors import MachineBusyError, MachineError
 from ..host import fileio
 from .model import Disk, DiskState, FileRec, MachineState, Snapshot, Stamp
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS machines(
-    name TEXT PRIMARY KEY, created REAL NOT NULL, current TEXT);
+    name TEXT PRIMARY KEY, created REAL NOT NULL, current TEXT, launch TEXT);
 CREATE TABLE IF NOT EXISTS disks(
     machine TEXT NOT NULL REFERENCES machines(name) ON DELETE CASCADE,
     name TEXT NOT NULL, ord INTEGER NOT NULL, active TEXT NOT NULL, fmt TEXT NOT NULL,
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS files(
 CREATE TABLE IF NOT EXISTS snapshots(
     machine TEXT NOT NULL REFERENCES machines(name) ON DELETE CASCADE,
     name TEXT NOT NULL, parent TEXT, created REAL NOT NULL, description TEXT NOT NULL,
-    auto INTEGER NOT NULL, merging INTEGER NOT NULL, PRIMARY KEY(machine, name));
+    auto INTEGER NOT NULL, merging INTEGER NOT NULL, memory TEXT NOT NULL DEFAULT 'no',
+    memfile TEXT, vm_state TEXT, PRIMARY KEY(machine, name));
 CREATE TABLE IF NOT EXISTS snapshot_disks(
     machine TEXT NOT NULL, snapshot TEXT NOT NULL, disk TEXT NOT NULL, kind TEXT NOT NULL,
     file TEXT, overlay TEXT, size INTEGER NOT NULL, tag TEXT,
@@ -49,7 +50,20 @@ CREATE TABLE IF NOT EXISTS operations(
     machine TEXT PRIMARY KEY REFERENCES machines(name) ON DELETE CASCADE,
     kind TEXT NOT NULL, plan TEXT NOT NULL, done INTEGER NOT NULL, started REAL NOT NULL,
     status TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runtime(
+    machine TEXT PRIMARY KEY REFERENCES machines(name) ON DELETE CASCADE,
+    doc TEXT NOT NULL);
 """
+
+# what a database of an older schema needs to become this one
+MIGRATIONS = {
+    1: ["ALTER TABLE machines ADD COLUMN launch TEXT",
+        "ALTER TABLE snapshots ADD COLUMN memory TEXT NOT NULL DEFAULT 'no'",
+        "ALTER TABLE snapshots ADD COLUMN memfile TEXT",
+        "ALTER TABLE snapshots ADD COLUMN vm_state TEXT",
+        "CREATE TABLE IF NOT EXISTS runtime(machine TEXT PRIMARY KEY REFERENCES "
+        "machines(name) ON DELETE CASCADE, doc TEXT NOT NULL)"],
+}
 
 
 def default_state_dir() -> str:
@@ -89,6 +103,14 @@ class Store:
                     c.execute("INSERT OR REPLACE INTO meta VALUES('schema', ?)",
                               (str(SCHEMA_VERSION),))
             v = c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if v is not None and v[0].isdigit() and int(v[0]) in MIGRATIONS:
+                with self.transaction():
+                    for n in range(int(v[0]), SCHEMA_VERSION):
+                        for stmt in MIGRATIONS[n]:
+                            c.execute(stmt)
+                    c.execute("UPDATE meta SET value=? WHERE key='schema'",
+                              (str(SCHEMA_VERSION),))
+                v = (str(SCHEMA_VERSION),)
             if v is None or int(v[0]) != SCHEMA_VERSION:
                 raise MachineError("state database '%s' has schema %s; this version reads %d"
                                    % (self.dir, v and v[0], SCHEMA_VERSION))
@@ -157,10 +179,12 @@ class Store:
 
     def load(self, name: str) -> MachineState:
         c = self.conn
-        row = c.execute("SELECT created, current FROM machines WHERE name=?", (name,)).fetchone()
+        row = c.execute("SELECT created, current, launch FROM machines WHERE name=?",
+                        (name,)).fetchone()
         if row is None:
             raise MachineError("machine '%s' not found" % name)
-        m = MachineState(name, row[0], current=row[1])
+        m = MachineState(name, row[0], current=row[1],
+                         launch=json.loads(row[2]) if row[2] else None)
         for n, active, fmt, folder, base in c.execute(
                 "SELECT name, active, fmt, folder, baseline FROM disks WHERE machine=? "
                 "ORDER BY ord", (name,)):
@@ -170,10 +194,11 @@ class Store:
                 "WHERE machine=?", (name,)):
             m.files[path] = FileRec(path, disk, fmt, backing, bool(owned), _stamp(frozen),
                                     tuple(json.loads(tags)), bool(below))
-        for sn, parent, created, desc, auto, merging in c.execute(
-                "SELECT name, parent, created, description, auto, merging FROM snapshots "
-                "WHERE machine=?", (name,)):
-            m.snapshots[sn] = Snapshot(sn, parent, created, desc, bool(auto), bool(merging))
+        for sn, parent, created, desc, auto, merging, mem, memfile, vm_state in c.execute(
+                "SELECT name, parent, created, description, auto, merging, memory, memfile, "
+                "vm_state FROM snapshots WHERE machine=?", (name,)):
+            m.snapshots[sn] = Snapshot(sn, parent, created, desc, bool(auto), bool(merging),
+                                       memory=mem, memfile=memfile, vm_state=vm_state)
         for sn, disk, kind, f, ov, size, tag in c.execute(
                 "SELECT snapshot, disk, kind, file, overlay, size, tag FROM snapshot_disks "
                 "WHERE machine=?", (name,)):
@@ -188,9 +213,11 @@ class Store:
         c.execute("DELETE FROM snapshots WHERE machine=?", (m.name,))
         c.execute("DELETE FROM files WHERE machine=?", (m.name,))
         c.execute("DELETE FROM disks WHERE machine=?", (m.name,))
-        c.execute("INSERT INTO machines(name, created, current) VALUES(?,?,?) "
-                  "ON CONFLICT(name) DO UPDATE SET current=excluded.current",
-                  (m.name, m.created, m.current))
+        c.execute("INSERT INTO machines(name, created, current, launch) VALUES(?,?,?,?) "
+                  "ON CONFLICT(name) DO UPDATE SET current=excluded.current, "
+                  "launch=excluded.launch",
+                  (m.name, m.created, m.current,
+                   json.dumps(m.launch) if m.launch is not None else None))
         c.executemany("INSERT INTO disks VALUES(?,?,?,?,?,?,?)",
                       [(m.name, d.name, i, d.active, d.fmt, d.folder, _json(d.baseline))
                        for i, d in enumerate(m.disks)])
@@ -198,9 +225,11 @@ class Store:
                       [(m.name, f.path, f.disk, f.fmt, f.backing, int(f.owned), _json(f.frozen),
                         json.dumps(list(f.foreign_tags)), int(f.below))
                        for f in m.files.values()])
-        c.executemany("INSERT INTO snapshots VALUES(?,?,?,?,?,?,?)",
+        c.executemany("INSERT INTO snapshots(machine, name, parent, created, description, "
+                      "auto, merging, memory, memfile, vm_state) VALUES(?,?,?,?,?,?,?,?,?,?)",
                       [(m.name, s.name, s.parent, s.created, s.description, int(s.auto),
-                        int(s.merging)) for s in m.snapshots.values()])
+                        int(s.merging), s.memory, s.memfile, s.vm_state)
+                       for s in m.snapshots.values()])
         c.executemany("INSERT INTO snapshot_disks VALUES(?,?,?,?,?,?,?,?)",
                       [(m.name, s.name, d, ds.kind, ds.file, ds.overlay, ds.size, ds.tag)
                        for s in m.snapshots.values() for d, ds in s.disks.items()])
@@ -235,6 +264,18 @@ class Store:
         with self.transaction() as c:
             c.execute("DELETE FROM operations WHERE machine=?", (name,))
 
+    # ------------------------------------------------------------ a running machine
+    def runtime(self, name: str) -> Optional[dict]:
+        """How to reach the machine's QEMU (pid, QMP socket...), or None: shut off."""
+        row = self.conn.execute("SELECT doc FROM runtime WHERE machine=?", (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_runtime(self, name: str, doc: Optional[dict]) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM runtime WHERE machine=?", (name,))
+            if doc is not None:
+                c.execute("INSERT INTO runtime VALUES(?,?)", (name, json.dumps(doc)))
+
     def op(self, name: str) -> Optional[dict]:
         row = self.conn.execute("SELECT kind, plan, done, started, status FROM operations "
                                 "WHERE machine=?", (name,)).fetchone()
@@ -255,7 +296,7 @@ def _stamp(text: Optional[str]) -> Optional[Stamp]:
 # ---------------------------------------------------------------- machine <-> JSON (the journal)
 def machine_to_dict(m: MachineState) -> dict:
     return {
-        "name": m.name, "created": m.created, "current": m.current,
+        "name": m.name, "created": m.created, "current": m.current, "launch": m.launch,
         "disks": [{"name": d.name, "active": d.active, "fmt": d.fmt, "folder": d.folder,
                    "baseline": d.baseline.as_dict() if d.baseline else None} for d in m.disks],
         "files": [{"path": f.path, "disk": f.disk, "fmt": f.fmt, "backing": f.backing,
@@ -264,6 +305,7 @@ def machine_to_dict(m: MachineState) -> dict:
                   for f in m.files.values()],
         "snapshots": [{"name": s.name, "parent": s.parent, "created": s.created,
                        "description": s.description, "auto": s.auto, "merging": s.merging,
+                       "memory": s.memory, "memfile": s.memfile, "vm_state": s.vm_state,
                        "disks": {d: {"kind": ds.kind, "file": ds.file, "overlay": ds.overlay,
                                      "size": ds.size, "tag": ds.tag}
                                  for d, ds in s.disks.items()}}
@@ -272,7 +314,7 @@ def machine_to_dict(m: MachineState) -> dict:
 
 
 def machine_from_dict(d: dict) -> MachineState:
-    m = MachineState(d["name"], d["created"], current=d["current"])
+    m = MachineState(d["name"], d["created"], current=d["current"], launch=d.get("launch"))
     m.disks = [Disk(x["name"], x["active"], x["fmt"], x["folder"], Stamp.from_dict(x["baseline"]))
                for x in d["disks"]]
     m.files = {x["path"]: FileRec(x["path"], x["disk"], x["fmt"], x["backing"], x["owned"],
@@ -282,5 +324,6 @@ def machine_from_dict(d: dict) -> MachineState:
         m.snapshots[x["name"]] = Snapshot(
             x["name"], x["parent"], x["created"], x["description"], x["auto"], x["merging"],
             {k: DiskState(v["kind"], v["file"], v["overlay"], v["size"], v["tag"])
-             for k, v in x["disks"].items()})
+             for k, v in x["disks"].items()},
+            memory=x.get("memory", "no"), memfile=x.get("memfile"), vm_state=x.get("vm_state"))
     return m

@@ -242,7 +242,8 @@ def test_machine_define_list_info_undefine(env, monkeypatch):
     assert env.json("machine", "list") == [{"name": "Alpha", "state": "shut off"},
                                            {"name": "m", "state": "shut off"}]
     assert env.info() == {
-        "name": "m", "state": "shut off", "current": None,
+        "name": "m", "state": "shut off", "current": None, "qmp": None, "pid": None,
+        "serial": None, "launch": None,
         "disks": [{"name": "vda", "format": "qcow2", "active": vda, "chain": [vda]},
                   {"name": "vdb", "format": "qcow2", "active": vdb, "chain": [vdb]}],
         "operation": None}

@@ -67,11 +67,14 @@ def _kvm_usable() -> bool:
 def run_paths(state_dir: str, name: str) -> dict:
     d = os.path.join(state_dir, "run")
     os.makedirs(d, exist_ok=True)
-    paths = {"qmp": os.path.join(d, name + ".qmp"), "serial": os.path.join(d, name + ".serial"),
+    paths = {"qmp": os.path.join(d, name + ".qmp"), "ctl": os.path.join(d, name + ".ctl"),
+             "mon": os.path.join(d, name + ".mon"),
+             "serial": os.path.join(d, name + ".serial"),
              "pidfile": os.path.join(d, name + ".pid"), "log": os.path.join(d, name + ".log")}
-    if len(paths["qmp"].encode()) > 107:
-        raise MachineError("the QMP socket path '%s' is longer than a unix socket allows "
-                           "(107 bytes): use a shorter --state-dir" % paths["qmp"])
+    for k in ("qmp", "ctl", "mon"):
+        if len(paths[k].encode()) > 107:
+            raise MachineError("the QMP socket path '%s' is longer than a unix socket allows "
+                               "(107 bytes): use a shorter --state-dir" % paths[k])
     return paths
 
 
@@ -83,8 +86,14 @@ def qemu_command(m, launch: dict, paths: dict, *, paused: bool, incoming: bool) 
     cmd = [QEMU_SYSTEM, "-name", m.name, "-machine", launch["machine_type"], "-accel", accel,
            "-m", "%dM" % (launch["memory"] >> 20), "-smp", str(launch["cpus"]),
            "-nodefaults", "-no-user-config", "-display", "none",
+           # three monitors (QEMU serves one client on each): the public one for other
+           # tools, ours for the verbs (under the machine's lock), ours for quick queries
            "-chardev", "socket,id=qmp,path=%s,server=on,wait=off" % paths["qmp"],
            "-mon", "chardev=qmp,mode=control",
+           "-chardev", "socket,id=ctl,path=%s,server=on,wait=off" % paths["ctl"],
+           "-mon", "chardev=ctl,mode=control",
+           "-chardev", "socket,id=mon,path=%s,server=on,wait=off" % paths["mon"],
+           "-mon", "chardev=mon,mode=control",
            "-chardev", "file,id=serial0,path=%s,append=on" % paths["serial"],
            "-serial", "chardev:serial0",
            "-daemonize", "-pidfile", paths["pidfile"], "-D", paths["log"]]
@@ -134,7 +143,7 @@ def launch_machine(m, state_dir: str, *, paused: bool = False,
             raise MachineError("disk name '%s' cannot be a QEMU device id (a letter first, then "
                                "letters, digits, '-', '.', '_')" % d.name)
     paths = run_paths(state_dir, m.name)
-    for k in ("qmp", "pidfile"):
+    for k in ("qmp", "ctl", "mon", "pidfile"):
         if os.path.lexists(paths[k]):
             os.unlink(paths[k])
     cmd = qemu_command(m, launch, paths, paused=paused, incoming=incoming is not None)
@@ -157,19 +166,23 @@ def launch_machine(m, state_dir: str, *, paused: bool = False,
     except (OSError, ValueError):
         raise MachineError("machine '%s': QEMU started but wrote no pid file" % m.name) \
             from None
-    rt = {"pid": pid, "qmp": paths["qmp"], "serial": paths["serial"], "launched": True,
-          "started": time.time(), "accel": launch["accel"]}
+    rt = {"pid": pid, "qmp": paths["qmp"], "ctl": paths["ctl"], "mon": paths["mon"],
+          "serial": paths["serial"], "launched": True, "started": time.time(),
+          "accel": launch["accel"]}
     if incoming is not None:
         with connect(rt) as s:
             migrate_in(s, incoming)
     return rt
 
 
-def connect(rt: dict, timeout: float = 30.0) -> QMPSession:
+def connect(rt: dict, timeout: float = 30.0, *, which: str = "ctl") -> QMPSession:
+    """A session on one of the machine's monitors: "ctl" (the verbs), "mon" (quick
+    queries), "qmp" (the public one); an attached machine has only the one it was given."""
+    path = rt.get(which) or rt["qmp"]
     try:
-        return QMPSession.attach(rt["qmp"], timeout=timeout, connect_timeout=10.0)
+        return QMPSession.attach(path, timeout=timeout, connect_timeout=10.0)
     except QMPError as e:
-        raise MachineError("cannot reach the machine's QEMU at %s: %s" % (rt["qmp"], e)) \
+        raise MachineError("cannot reach the machine's QEMU at %s: %s" % (path, e)) \
             from None
 
 
@@ -323,6 +336,7 @@ class LiveBackend:
         self.off = offline
         self.s = session
         self.pause_seconds: Optional[float] = None     # how long the last switch paused
+        self.speed: Optional[int] = None                # bytes/s of merge jobs (None: no limit)
 
     # ------------------------------------------------------------ the graph
     def _nodes(self) -> dict:
@@ -356,8 +370,7 @@ class LiveBackend:
         return self.off.probe(path)
 
     def stamp(self, path):
-        ent = self._nodes().get(os.path.abspath(path))
-        if ent is not None and not ent[1]:
+        if os.path.abspath(path) in {c[0] for c in self.disk_chains().values() if c}:
             # the guest writes it: a stamp that never matches (the tip always changed)
             return Stamp(self.off.probe(path).vsize, time.time_ns(), 0, "live")
         return self.off.stamp(path)
@@ -511,7 +524,7 @@ class LiveBackend:
             raise MachineError("'%s' is not below '%s' in disk %s" % (base, top, disk.name))
         active = disk.root == t[0] or disk.node_names[0] == t[0]
         self._run_job(lambda: start_commit(self.s, disk.name, top=t[0], base=b[0],
-                                           job_id=job_id, graph=g),
+                                           job_id=job_id, graph=g, speed=self.speed),
                       job_id, progress, cancel, pivot=True if active else None)
 
     def stream(self, path, base, base_fmt, progress=None, cancel=None):
@@ -532,6 +545,8 @@ class LiveBackend:
         disk = g.disk(p[0])
         args = {"job-id": job_id, "device": p[0], "auto-finalize": False,
                 "auto-dismiss": False}
+        if self.speed:
+            args["speed"] = int(self.speed)
         if base:
             bn = nodes.get(want)
             if bn is None:

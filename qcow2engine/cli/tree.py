@@ -122,6 +122,7 @@ def build_parser():
     g = s.add_mutually_exclusive_group()
     g.add_argument("--running", action="store_true")
     g.add_argument("--paused", action="store_true")
+    s.add_argument("--bandwidth", metavar="BYTES/S")
 
     s = sub.add_parser("snapshot-delete")
     s.add_argument("machine")
@@ -133,6 +134,7 @@ def build_parser():
     s.add_argument("--metadata", action="store_true")
     s.add_argument("--flatten", action="store_true")
     s.add_argument("-p", "--progress", action="store_true")
+    s.add_argument("--bandwidth", metavar="BYTES/S")
     return p
 
 
@@ -410,6 +412,17 @@ def _cancel_on_signals():
     return ev, old
 
 
+def _bandwidth(args):
+    """--bandwidth: bytes per second of a running machine's merge jobs (k/M/G suffixes)."""
+    if args.bandwidth is None:
+        return None
+    from ..units import parse_size
+    v = parse_size(args.bandwidth, what="--bandwidth")
+    if v <= 0:
+        raise _usage("--bandwidth must be positive")
+    return v
+
+
 def cmd_snapshot_revert(tree, args) -> int:
     m = _machine(tree, args.machine)
     name = _snapshot_arg(m, args, "snapshot-revert")
@@ -419,7 +432,8 @@ def cmd_snapshot_revert(tree, args) -> int:
     try:
         r = m.revert(name, mode=mode, discard=args.discard, force=args.force,
                      auto_snapshot=not args.no_auto_snapshot, progress=prog, cancel=cancel,
-                     running=True if args.running else False if args.paused else None)
+                     running=True if args.running else False if args.paused else None,
+                     speed=_bandwidth(args))
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -440,7 +454,8 @@ def cmd_snapshot_delete(tree, args) -> int:
     name = _snapshot_arg(m, args, "snapshot-delete")
     prog = _Progress(args.progress)
     m.delete(name, children=args.children, children_only=args.children_only,
-             metadata=args.metadata, flatten=args.flatten, progress=prog)
+             metadata=args.metadata, flatten=args.flatten, progress=prog,
+             speed=_bandwidth(args))
     prog.end()
     if args.children_only:
         print("Domain snapshot %s children deleted" % name)

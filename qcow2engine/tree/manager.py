@@ -214,6 +214,7 @@ class Machine:
         self._live_backend = None           # while a verb runs on a running machine
         self._session = None
         self._rt: Optional[dict] = None
+        self._speed: Optional[int] = None     # bytes/s of live merge jobs (this verb)
 
     @property
     def store(self) -> Store:
@@ -242,7 +243,7 @@ class Machine:
         rt = self.runtime()
         if rt is None:
             return "shut off"
-        with self.tree.live.connect(rt) as s:
+        with self.tree.live.connect(rt, which="mon") as s:
             return self.tree.live.run_state(s)
 
     def state(self) -> MachineState:
@@ -321,6 +322,7 @@ class Machine:
                 self._session = self.tree.live.connect(self._rt)
                 self._live_backend = self.tree.live.LiveBackend(self.tree.backend,
                                                                 self._session)
+                self._live_backend.speed = self._speed
             getattr(self.backend, "begin_verb", lambda: None)()
             rec = None
             if self.store.op(self.name):
@@ -370,6 +372,7 @@ class Machine:
 
     def _run(self, m: MachineState, planner: Planner, rec, op: str, snapshot: str, *,
              progress=None, cancel=None) -> TreeResult:
+        planner.running = self._rt is not None
         plan = planner.plan()
         res = TreeResult(op, snapshot=snapshot, auto_snapshot=plan.auto, created=plan.created,
                          removed=plan.removed, deleted=plan.deleted, messages=plan.messages,
@@ -518,21 +521,24 @@ class Machine:
 
     def revert(self, name: Optional[str] = None, *, mode: str = "reset", discard: bool = False,
                force: bool = False, auto_snapshot: bool = True,
-               running: Optional[bool] = None,
+               running: Optional[bool] = None, speed: Optional[int] = None,
                progress: Optional[Progress] = None,
                cancel: Optional[threading.Event] = None) -> TreeResult:
         """running: True/False the machine runs/is paused afterwards (default: as it was at
         the snapshot if it has memory; a disk-only target leaves the machine shut off unless
-        running=True boots it)."""
+        running=True boots it).  speed: bytes/s for the merge jobs of a running machine."""
         if mode not in MODES:
             raise InvalidRequestError("unknown revert mode '%s'" % mode)
+        self._speed = speed
         if self.runtime() is not None:
             return self._revert_running(name, mode, discard, force, auto_snapshot, running,
                                         progress, cancel)
         m = self.state()
         target = name or m.current
         s = m.snapshots.get(target) if target else None
-        start = running is not None or (s is not None and s.memory != NO)
+        # the memory at S goes with S's disks: a reset (follow and commit show the branch as
+        # it is now, whose memory is not S's)
+        start = running is not None or (s is not None and s.memory != NO and mode == "reset")
         if start:
             self._need_launch(m, "restoring the machine's state" if running is None
                               else "starting it")
@@ -540,7 +546,7 @@ class Machine:
         res = self._revert(name, mode, discard and not later, force, auto_snapshot, None,
                            progress, cancel)
         if res.completed and start:
-            res.run_state = self._start_after_revert(res, running)
+            res.run_state = self._start_after_revert(res, running, mode)
             if later:
                 self._discard_after(res)
         return res
@@ -551,10 +557,11 @@ class Machine:
         res.deleted += d.deleted
         res.removed += d.removed
 
-    def _start_after_revert(self, res: TreeResult, running: Optional[bool]) -> str:
+    def _start_after_revert(self, res: TreeResult, running: Optional[bool],
+                            mode: str) -> str:
         m = self.state()
         s = m.snapshots.get(res.snapshot)
-        mem = s if s is not None and s.memory != NO else None
+        mem = s if s is not None and s.memory != NO and mode == "reset" else None
         if mem is None and running is None:
             return "shut off"
         self.store.lock(self.name)
@@ -566,6 +573,7 @@ class Machine:
 
     def _revert(self, name, mode, discard, force, auto_snapshot, auto_memory, progress,
                 cancel) -> TreeResult:
+        now = auto_memory.get("now") if auto_memory else None
         m, rec = self._begin()
         try:
             if name is None:
@@ -574,7 +582,7 @@ class Machine:
                 name = m.current
             m.snapshot(name)
             if mode != "commit":
-                p = Planner(m, self.backend, "revert")
+                p = Planner(m, self.backend, "revert", now=now)
                 p.auto_memory = auto_memory
                 p.revert(name, mode, no_auto=not auto_snapshot)
                 if discard:
@@ -583,7 +591,7 @@ class Machine:
             # --commit: the disks show S.overlay (follow), what else depends on S.base is
             # refused or (--force) deleted, S is marked merging; a cancel while the overlays
             # are merged leaves that state, and the same command resumes from it
-            p = Planner(m, self.backend, "revert-commit")
+            p = Planner(m, self.backend, "revert-commit", now=now)
             p.auto_memory = auto_memory
             p.revert_commit_prepare(name, no_auto=not auto_snapshot, force=force)
             p.mark()
@@ -607,10 +615,18 @@ class Machine:
                                cancel)
             res.run_state = self.run_state()
             return res
-        if s.memory == NO and not force:
-            raise MachineError("machine '%s' is running and snapshot '%s' has no memory "
-                               "state: reverting loses the running guest (use --force)"
-                               % (self.name, name))
+        # nothing leaves the tip (a follow onto the branch the disks are on): no restart
+        if mode != "reset" and not Planner(m, self.tree.backend, "revert")._leaves_tip(s, mode):
+            res = self._revert(name, mode, discard, force, auto_snapshot, None, progress,
+                               cancel)
+            res.run_state = self.run_state()
+            return res
+        if (s.memory == NO or mode != "reset") and not force:
+            raise MachineError("machine '%s' is running and %s: reverting loses the running "
+                               "guest (use --force)" % (self.name, "snapshot '%s' has no memory "
+                                                        "state" % name if s.memory == NO else
+                                                        "--%s shows the branch as it is now, "
+                                                        "without memory" % mode))
         self._need_launch(m, "reverting a running machine")
         if s.memory == INTERNAL:
             for d, ds in s.disks.items():
@@ -629,13 +645,19 @@ class Machine:
             with live.connect(rt) as sess:
                 state = live.run_state(sess)
                 if auto_snapshot:
-                    # the tip keeps its memory: saved (the guest stopped) before QEMU goes
-                    mf = os.path.join(m.disks[0].folder, "%s.tip-%d.mem"
-                                      % (self.name, time.time_ns()))
+                    # the tip keeps its memory: saved (the guest stopped) before QEMU goes,
+                    # named after the automatic snapshot the revert will make of the tip
+                    now = time.time()
+                    auto = Planner(m, self.tree.backend, "revert", now=now).unique_snapshot_name(
+                        time.strftime("auto-%Y%m%d-%H%M%S", time.localtime(now)))
+                    mf = os.path.join(m.disks[0].folder, "%s.%s.mem" % (self.name, auto))
+                    if os.path.exists(mf):
+                        os.unlink(mf)       # a stray of an earlier revert that failed
                     if state == "running":
                         sess.execute("stop")
                     live.migrate_out(sess, mf)
-                    auto_memory = {"memory": EXTERNAL, "memfile": mf, "vm_state": state}
+                    auto_memory = {"memory": EXTERNAL, "memfile": mf, "vm_state": state,
+                                   "now": now}
             live.stop_machine(rt, force=True)
             self.store.set_runtime(self.name, None)
         finally:
@@ -653,14 +675,15 @@ class Machine:
                     except FileNotFoundError:
                         pass
         if res.completed:
-            res.run_state = self._start_after_revert(res, running)
+            res.run_state = self._start_after_revert(res, running, mode)
             if later:
                 self._discard_after(res)
         return res
 
     def delete(self, name: str, *, children: bool = False, children_only: bool = False,
-               metadata: bool = False, flatten: bool = False,
+               metadata: bool = False, flatten: bool = False, speed: Optional[int] = None,
                progress: Optional[Progress] = None) -> TreeResult:
+        self._speed = speed
         m, rec = self._begin(need_consistent=not metadata)
         try:
             p = Planner(m, self.backend, "delete")

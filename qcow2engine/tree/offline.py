@@ -194,6 +194,18 @@ class OfflineBackend:
             (resize_raw if f.format == "raw" else resize_qcow2)(f, size)
 
 
+    # ---------------------------------------------------------------- a running machine's
+    # steps, finished offline after its QEMU died in the middle of them: the disks' part is
+    # done on the files (the QEMU that starts next opens the chains the tree names); memory
+    # that was not saved stays missing (reverting to the snapshot then says so)
+    def live_switch(self, overlays=None, internal=None, memfile=None, live=False) -> None:
+        for path, tag in (internal or {}).values():
+            self.internal_create(path, tag)
+
+    def live_save(self, tag: str, paths: dict, vmstate: str) -> None:
+        for path in paths.values():
+            self.internal_create(path, tag)
+
 
 def _forgetting(fn):
     """A step: what was remembered about the images is forgotten before and after it."""

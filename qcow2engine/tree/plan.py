@@ -84,6 +84,7 @@ class Planner:
         self.live: Optional[dict] = None
         # what the automatic snapshot of a running tip keeps of the memory
         self.auto_memory: Optional[dict] = None
+        self.running = False            # the machine runs: its disks switch live
 
     def mark(self) -> None:
         """The state so far is where a cancel of the steps that follow leaves the machine."""
@@ -585,6 +586,15 @@ class Planner:
         self.tip_clean()
         k = len(self.steps) if self._mark is None else self._mark
         steps = _order(self.steps[:k]) + _order(self.steps[k:])
+        if self.running:
+            # a running disk whose active image is a new overlay goes onto it at the end
+            # (a merge's active commit leaves QEMU on the base: the new overlay goes on it)
+            done = {d for st in steps if st["op"] == "live_switch" for d in st["overlays"]}
+            sw = {d.name: [self.after.files[d.active].backing, d.active]
+                  for d in self.after.disks if d.active in self.created and d.name not in done}
+            if sw:
+                steps.append({"op": "live_switch", "overlays": sw, "internal": {},
+                              "memfile": None, "live": False})
         irr = next((i for i, st in enumerate(steps) if st["op"] in IRREVERSIBLE), len(steps))
         return Plan(self.kind, steps, self.after, irr, self.sets_current,
                     dict(self._tip_clean or {}), self.messages, self.auto, self.created,

@@ -38,6 +38,10 @@ class MachineModel:
     def write(self, m, disk: str, slot: int, pattern: int) -> None:
         active = m.info()["disks"][self.disks.index(disk)]["active"]
         qemu_io(active, "write -P %d %d %d" % (pattern, slot * SLOT, SLOT), fmt=None)
+        self.wrote(disk, slot, pattern)
+
+    def wrote(self, disk: str, slot: int, pattern: int) -> None:
+        """The guest wrote pattern to slot of disk (by whatever means)."""
         self.tip[disk][slot] = pattern
         self.changed = True
         if self.live is not None:
@@ -133,8 +137,9 @@ class MachineModel:
         return bytes(buf)
 
 
-def verify(m, model: MachineModel, folders) -> None:
-    """Every disk's tip and every snapshot's state against the model, by QEMU's tools."""
+def verify(m, model: MachineModel, folders, *, force_share: bool = False) -> None:
+    """Every disk's tip and every snapshot's state against the model, by QEMU's tools.
+    force_share: the machine runs (its QEMU flushed every disk just before): read with -U."""
     info = m.info()
     assert info["operation"] is None, info["operation"]
     docs = {d["name"]: d for d in m.snapshots()}
@@ -145,7 +150,7 @@ def verify(m, model: MachineModel, folders) -> None:
     jobs, want = [], []
     for i, d in enumerate(model.disks):
         disk = info["disks"][i]
-        jobs.append(lambda p=disk["active"]: guest_bytes(p))
+        jobs.append(lambda p=disk["active"]: guest_bytes(p, force_share=force_share))
         want.append(("tip", d, model.expect(model.tip[d])))
         for n, doc in docs.items():
             ds = doc["disks"][d]
@@ -153,9 +158,10 @@ def verify(m, model: MachineModel, folders) -> None:
                 continue
             assert d in model.snaps[n], (n, d)
             if ds["snapshot"] == "internal":
-                jobs.append(lambda p=ds["file"], t=n: guest_bytes(p, snapshot="snapshot.name=" + t))
+                jobs.append(lambda p=ds["file"], t=n: guest_bytes(
+                    p, snapshot="snapshot.name=" + t, force_share=force_share))
             else:
-                jobs.append(lambda p=ds["file"]: guest_bytes(p))
+                jobs.append(lambda p=ds["file"]: guest_bytes(p, force_share=force_share))
             want.append((n, d, model.expect(model.snaps[n][d])))
     for got, (what, d, exp) in zip(par(jobs), want):
         assert got == exp, "disk %s, %s: contents differ from the model (%s)" % (
@@ -179,7 +185,7 @@ def verify(m, model: MachineModel, folders) -> None:
     assert on_disk == set(st.files), ("stray", sorted(on_disk - set(st.files)),
                                       "missing", sorted(set(st.files) - on_disk))
     qc = [p for p in st.files if st.files[p].fmt == "qcow2"]
-    par([lambda p=p: assert_clean(p) for p in qc])
+    par([lambda p=p: assert_clean(p, force_share=force_share) for p in qc])
     assert m.check() == []
 
 

@@ -130,11 +130,12 @@ def qemu_img_check(img: str | os.PathLike, cwd: str | os.PathLike | None = None,
     return r.rc, data, r.err.strip()
 
 
-def assert_clean(*paths: str | os.PathLike, cwd: str | os.PathLike | None = None) -> None:
-    """``qemu-img check`` finds nothing wrong (exit 0: no corruption, no leak) in any of
+def assert_clean(*paths: str | os.PathLike, cwd: str | os.PathLike | None = None,
+                 force_share: bool = False) -> None:
+    """``qemu-img check [-U]`` finds nothing wrong (exit 0: no corruption, no leak) in any of
     paths."""
     for p in paths:
-        r = qemu_img("check", p, cwd=cwd)
+        r = qemu_img("check", *(["-U"] if force_share else []), p, cwd=cwd)
         assert r.rc == 0, (str(p), r.out, r.err)
 
 

@@ -639,6 +639,7 @@ class Machine:
                         "after)" % (name, ds.file))
         live = self.tree.live
         auto_memory = None
+        t_stop = None           # when the running guest stopped
         self.store.lock(self.name)
         try:
             rt = self.runtime()
@@ -655,9 +656,12 @@ class Machine:
                         os.unlink(mf)       # a stray of an earlier revert that failed
                     if state == "running":
                         sess.execute("stop")
+                        t_stop = time.monotonic()
                     live.migrate_out(sess, mf)
                     auto_memory = {"memory": EXTERNAL, "memfile": mf, "vm_state": state,
                                    "now": now}
+            if t_stop is None:
+                t_stop = time.monotonic()
             live.stop_machine(rt, force=True)
             self.store.set_runtime(self.name, None)
         finally:
@@ -676,6 +680,7 @@ class Machine:
                         pass
         if res.completed:
             res.run_state = self._start_after_revert(res, running, mode)
+            res.paused_seconds = time.monotonic() - t_stop     # until it runs (or not) again
             if later:
                 self._discard_after(res)
         return res

@@ -190,6 +190,11 @@ def alive(rt: dict) -> bool:
     """Is the QEMU of this runtime document still there (and not a zombie, nor another
     process that got its pid)?"""
     pid = rt.get("pid")
+    if not pid and rt.get("pidfile"):
+        try:                                # recorded before the start: QEMU's own pid file
+            pid = int(open(rt["pidfile"]).read().strip())
+        except (OSError, ValueError):
+            return False
     if not pid:
         return os.path.exists(rt["qmp"])
     try:
@@ -270,15 +275,16 @@ def migrate_out(s: QMPSession, path: str, timeout: float = 600.0) -> None:
     s.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_SPEED})
     s.execute("migrate", {"uri": "exec:cat > %s" % shlex.quote(tmp)})
     _wait_migration(s, timeout, "saving the memory to '%s'" % path)
+    from qcow2engine.host import fileio
     fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fileio.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(dfd)
+        fileio.fsync(dfd)
     finally:
         os.close(dfd)
 
@@ -437,7 +443,11 @@ class LiveBackend:
             raise MachineError("cannot delete internal snapshot '%s' of '%s' while the running "
                                "machine reads it as a backing file: shut the machine off first"
                                % (tag, path))
-        self.s.execute("blockdev-snapshot-delete-internal-sync", {"device": ent[0], "name": tag})
+        from .internal import delete_vm
+        try:
+            delete_vm(self.s, tag, devices=[ent[0]])        # a snapshot-delete job
+        finally:
+            self._forget()
 
     def internal_to_overlay(self, overlay, path, tag, progress=None, cancel=None):
         ent = self._nodes().get(os.path.abspath(path))
@@ -506,8 +516,11 @@ class LiveBackend:
         t = nodes.get(os.path.abspath(top))
         if t is None:
             if os.path.abspath(base) in nodes:
-                raise MachineError("cannot commit '%s' into '%s': the running machine reads "
-                                   "the base" % (top, base))
+                # QEMU has the base but not the top: only a completed commit (the pivot, or
+                # an intermediate commit that dropped the top) leaves that; done before
+                # a crash
+                log.info("commit of %s into %s: already done", top, base)
+                return
             return self.off.commit(top, base, progress, cancel)
         from .blockjobs import start_commit
         g = read_graph(self.s)
@@ -561,7 +574,8 @@ class LiveBackend:
         self._run_job(start, job_id, progress, cancel)
 
     # ------------------------------------------------------------ the live-only steps
-    def live_switch(self, overlays=None, internal=None, memfile=None, live=False):
+    def live_switch(self, overlays=None, internal=None, memfile=None, live=False,
+                    resume=None):
         """One transaction: disk -> [base, overlay] onto new overlays, disk -> [path, tag]
         internal tags; with memfile the guest's state goes to that file first (the guest
         paused from then until the switch is done)."""
@@ -593,6 +607,8 @@ class LiveBackend:
             actions.append({"type": "blockdev-snapshot-internal-sync",
                             "data": {"device": ent[0], "name": tag}})
         was = run_state(self.s)
+        if resume is not None:
+            was = resume            # done again after a crash: the state before the first try
         t0 = None
         try:
             if memfile:

@@ -215,6 +215,7 @@ class Machine:
         self._session = None
         self._rt: Optional[dict] = None
         self._speed: Optional[int] = None     # bytes/s of live merge jobs (this verb)
+        self._keep_memory: Optional[str] = None   # saved for the revert under way
 
     @property
     def store(self) -> Store:
@@ -323,6 +324,7 @@ class Machine:
                 self._live_backend = self.tree.live.LiveBackend(self.tree.backend,
                                                                 self._session)
                 self._live_backend.speed = self._speed
+                self._resume_interrupted(self._rt)
             getattr(self.backend, "begin_verb", lambda: None)()
             rec = None
             if self.store.op(self.name):
@@ -331,6 +333,7 @@ class Machine:
                     self.notice("machine '%s': an unfinished operation was %s"
                                 % (self.name, rec))
             m = self.state()
+            _drop_stray_memory(m, self._keep_memory)
             if need_consistent:
                 bad = check_machine(m, self.backend)
                 if self._rt is not None:
@@ -392,9 +395,7 @@ class Machine:
         try:
             if self._rt is not None:
                 raise MachineError("machine '%s' is already running" % self.name)
-            rt = self.tree.live.launch_machine(m, self.store.dir, paused=paused)
-            self.store.set_runtime(self.name, rt)
-            return rt
+            return self._launch(m, paused=paused)
         finally:
             self._end()
 
@@ -434,6 +435,52 @@ class Machine:
         finally:
             self._end()
 
+    def _launch(self, m: MachineState, *, paused: bool = False, incoming=None,
+                resume: Optional[str] = None) -> dict:
+        """Start the QEMU, recording where it will be before it exists (a crash right after
+        the start leaves no QEMU the tree does not know); resume: the run state the machine
+        is to reach (a later verb finishes the way there if we die before)."""
+        live = self.tree.live
+        paths = live.run_paths(self.store.dir, m.name)
+        pre = {"pid": None, "qmp": paths["qmp"], "ctl": paths["ctl"], "mon": paths["mon"],
+               "serial": paths["serial"], "pidfile": paths["pidfile"], "launched": True}
+        if resume:
+            pre["resume"] = resume
+        self.store.set_runtime(self.name, pre)
+        try:
+            rt = live.launch_machine(m, self.store.dir, paused=paused, incoming=incoming)
+        except BaseException:
+            if not live.alive(pre):
+                self.store.set_runtime(self.name, None)
+            raise
+        rt["pidfile"] = paths["pidfile"]
+        if resume:
+            rt["resume"] = resume
+        self.store.set_runtime(self.name, rt)
+        return rt
+
+    def _settled(self, rt: dict) -> None:
+        """The machine reached its run state: nothing left to resume."""
+        if rt.pop("resume", None) is not None:
+            self.store.set_runtime(self.name, rt)
+
+    def _resume_interrupted(self, rt: dict) -> None:
+        """An earlier verb stopped the guest (to save its memory, or while restoring it) and
+        died before it ran again: bring it to the run state that verb was going to leave."""
+        want = rt.get("resume")
+        if want is None:
+            return
+        st = self._session.execute("query-status")
+        if st["status"] in ("inmigrate",):
+            raise MachineError("machine '%s' is waiting for its memory (an interrupted revert): "
+                               "'machine stop %s --force', then revert again"
+                               % (self.name, self.name))
+        if want == "running" and not st["running"]:
+            self._session.execute("cont")
+            self.notice("machine '%s': an interrupted operation had stopped the guest: it runs "
+                        "again" % self.name)
+        self._settled(rt)
+
     def _need_launch(self, m: MachineState, what: str) -> None:
         if not m.launch:
             raise MachineError("machine '%s' has no launch definition (it was attached): %s "
@@ -444,11 +491,12 @@ class Machine:
         """Start the QEMU on the tree's disks with snapshot s's memory (None: boot fresh);
         running: the run state afterwards (None: as it was at s)."""
         live = self.tree.live
+        want = running if running is not None else \
+            (s is None or s.memory == NO or s.vm_state == "running")
         if s is not None and s.memory == EXTERNAL:
-            rt = live.launch_machine(m, self.store.dir, incoming=s.memfile)
+            rt = self._launch(m, incoming=s.memfile, resume="running" if want else "paused")
         else:
-            rt = live.launch_machine(m, self.store.dir, paused=True)
-        self.store.set_runtime(self.name, rt)
+            rt = self._launch(m, paused=True, resume="running" if want else "paused")
         with live.connect(rt) as sess:
             if s is not None and s.memory == INTERNAL:
                 from qmp_bridge.internal import load_vm
@@ -456,10 +504,9 @@ class Machine:
                         if ds.kind == INTERNAL]
                 load_vm(sess, s.name, devices=devs,
                         vmstate=live.node_name(m.disk(s.memfile).active))
-            want = running if running is not None else \
-                (s is None or s.memory == NO or s.vm_state == "running")
             if want:
                 sess.execute("cont")
+        self._settled(rt)
 
     def recover(self) -> Optional[str]:
         """Finish a pending operation: "rolled back", "rolled forward", or None (none)."""
@@ -645,6 +692,8 @@ class Machine:
             rt = self.runtime()
             with live.connect(rt) as sess:
                 state = live.run_state(sess)
+                rt["resume"] = state            # if we die before QEMU is gone
+                self.store.set_runtime(self.name, rt)
                 if auto_snapshot:
                     # the tip keeps its memory: saved (the guest stopped) before QEMU goes,
                     # named after the automatic snapshot the revert will make of the tip
@@ -667,10 +716,12 @@ class Machine:
         finally:
             self.store.unlock(self.name)
         later = discard and s.memory != NO
+        self._keep_memory = auto_memory["memfile"] if auto_memory else None
         try:
             res = self._revert(name, mode, discard and not later, force, auto_snapshot,
                                auto_memory, progress, cancel)
         finally:
+            self._keep_memory = None
             if auto_memory is not None:
                 after = self.state()
                 if not any(x.memfile == auto_memory["memfile"] for x in after.snapshots.values()):
@@ -697,6 +748,28 @@ class Machine:
             return self._run(m, p, rec, "delete", name, progress=progress)
         finally:
             self._end()
+
+
+def _drop_stray_memory(m: MachineState, keep=None) -> None:
+    """The memory a revert saved for the automatic snapshot of a running tip, left behind
+    when the revert died before the snapshot was recorded: nothing refers to it."""
+    if not m.disks:
+        return
+    folder = m.disks[0].folder
+    prefix = m.name + ".auto-"
+    known = {s.memfile for s in m.snapshots.values() if s.memory == EXTERNAL}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for f in names:
+        if f.startswith(prefix) and (f.endswith(".mem") or f.endswith(".mem.part")):
+            p = os.path.join(folder, f)
+            if p not in known and p != keep:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
 
 
 # ---------------------------------------------------------------- machine check

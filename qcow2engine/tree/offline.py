@@ -198,7 +198,8 @@ class OfflineBackend:
     # steps, finished offline after its QEMU died in the middle of them: the disks' part is
     # done on the files (the QEMU that starts next opens the chains the tree names); memory
     # that was not saved stays missing (reverting to the snapshot then says so)
-    def live_switch(self, overlays=None, internal=None, memfile=None, live=False) -> None:
+    def live_switch(self, overlays=None, internal=None, memfile=None, live=False,
+                    resume=None) -> None:
         for path, tag in (internal or {}).values():
             self.internal_create(path, tag)
 

@@ -237,7 +237,7 @@ class Planner:
                     snap.memory, snap.memfile = EXTERNAL, mf
                 self.step("live_switch", overlays=switch["overlays"],
                           internal=switch["internal"], memfile=snap.memfile,
-                          live=bool(live.get("live")))
+                          live=bool(live.get("live")), resume=live["state"])
         if auto and self.auto_memory:
             snap.memory = self.auto_memory["memory"]
             snap.memfile = self.auto_memory.get("memfile")
@@ -595,7 +595,10 @@ class Planner:
             if sw:
                 steps.append({"op": "live_switch", "overlays": sw, "internal": {},
                               "memfile": None, "live": False})
-        irr = next((i for i, st in enumerate(steps) if st["op"] in IRREVERSIBLE), len(steps))
+        # on a running machine a stream is not undone either: QEMU drops the layers it
+        # streamed from out of the disk's chain (the pointer cannot simply be put back)
+        stops = IRREVERSIBLE | ({"stream"} if self.running else set())
+        irr = next((i for i, st in enumerate(steps) if st["op"] in stops), len(steps))
         return Plan(self.kind, steps, self.after, irr, self.sets_current,
                     dict(self._tip_clean or {}), self.messages, self.auto, self.created,
                     self.removed, self.deleted, self._mid is not None, self._mid)

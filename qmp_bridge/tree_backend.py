@@ -228,21 +228,31 @@ def peer_pid(path: str) -> Optional[int]:
         sk.close()
 
 
-def stop_machine(rt: dict, *, force: bool = False, timeout: float = 60.0) -> str:
+def stop_machine(rt: dict, *, force: bool = False, timeout: float = 60.0,
+                 session: Optional[QMPSession] = None) -> str:
     """Power the machine off: ACPI power-down, then (after timeout, or at once with force)
-    quit.  Returns "powered down" or "quit"."""
+    quit.  Returns "powered down" or "quit".  session: one already open on the machine."""
     how = "quit"
+
+    def down(s):
+        if not force:
+            s.execute("system_powerdown")
+            if _wait_gone(rt, timeout):
+                return True
+        try:
+            s.execute("quit")
+        except QMPError:
+            pass
+        return False
     try:
-        with connect(rt, timeout=10.0) as s:
-            if not force:
-                s.execute("system_powerdown")
-                if _wait_gone(rt, timeout):
+        if session is not None:
+            if down(session):
+                return "powered down"
+        else:
+            with connect(rt, timeout=10.0) as s:
+                if down(s):
                     return "powered down"
-            try:
-                s.execute("quit")
-            except QMPError:
-                pass
-    except MachineError:
+    except (MachineError, QMPError):
         pass
     if not _wait_gone(rt, 15.0):
         pid = rt.get("pid")
@@ -269,11 +279,26 @@ def _wait_gone(rt: dict, seconds: float) -> bool:
         time.sleep(0.05)
 
 
-def migrate_out(s: QMPSession, path: str, timeout: float = 600.0) -> None:
-    """Save the guest's state to path (a migration stream)."""
+def migrate_out(s: QMPSession, path: str, timeout: float = 600.0,
+                before_switchover=None) -> None:
+    """Save the guest's state to path (a migration stream).  before_switchover: called when
+    a migration with the pause-before-switchover capability has stopped the guest (its disks
+    still active), before it completes."""
     tmp = path + ".part"
     s.execute("migrate-set-parameters", {"max-bandwidth": MIGRATION_SPEED})
     s.execute("migrate", {"uri": "exec:cat > %s" % shlex.quote(tmp)})
+    if before_switchover is not None:
+        _wait_migration(s, timeout, "saving the memory to '%s'" % path,
+                        until="pre-switchover")
+        try:
+            before_switchover()
+        except BaseException:
+            try:
+                s.execute("migrate_cancel")
+            except QMPError:
+                pass
+            raise
+        s.execute("migrate-continue", {"state": "pre-switchover"})
     _wait_migration(s, timeout, "saving the memory to '%s'" % path)
     from qcow2engine.host import fileio
     fd = os.open(tmp, os.O_RDONLY)
@@ -308,12 +333,13 @@ def migrate_in(s: QMPSession, path: str, timeout: float = 600.0) -> None:
         time.sleep(0.02)
 
 
-def _wait_migration(s: QMPSession, timeout: float, what: str) -> None:
+def _wait_migration(s: QMPSession, timeout: float, what: str,
+                    until: str = "completed") -> None:
     end = time.monotonic() + timeout
     while True:
         mig = s.execute("query-migrate")
         st = mig.get("status")
-        if st == "completed":
+        if st == until:
             return
         if st in ("failed", "cancelled"):
             raise MachineError("%s failed: %s" % (what, mig.get("error-desc", st)))
@@ -343,6 +369,7 @@ class LiveBackend:
         self.s = session
         self.pause_seconds: Optional[float] = None     # how long the last switch paused
         self.speed: Optional[int] = None                # bytes/s of merge jobs (None: no limit)
+        self._stopped_at: Optional[float] = None
 
     # ------------------------------------------------------------ the graph
     def _nodes(self) -> dict:
@@ -439,15 +466,33 @@ class LiveBackend:
             return self.off.internal_delete(path, tag)
         if tag not in self._tags(ent[0]):
             return
-        if ent[1]:
-            raise MachineError("cannot delete internal snapshot '%s' of '%s' while the running "
-                               "machine reads it as a backing file: shut the machine off first"
-                               % (tag, path))
         from .internal import delete_vm
         try:
-            delete_vm(self.s, tag, devices=[ent[0]])        # a snapshot-delete job
+            if ent[1]:
+                # a backing file QEMU reads: writable for the job, read-only again after
+                self._reopen(ent[0], read_only=False)
+                try:
+                    delete_vm(self.s, tag, devices=[ent[0]])    # a snapshot-delete job
+                finally:
+                    self._reopen(ent[0], read_only=True)
+            else:
+                delete_vm(self.s, tag, devices=[ent[0]])
         finally:
             self._forget()
+
+    def _reopen(self, node: str, *, read_only: bool) -> None:
+        n = read_graph(self.s).nodes[node]
+        opts = {"driver": n.driver, "node-name": node, "read-only": read_only}
+        if n.file_child:
+            opts["file"] = n.file_child
+        if n.driver == "qcow2":
+            opts["backing"] = n.backing
+        try:
+            self.s.execute("blockdev-reopen", {"options": [opts]})
+        except QMPCommandError as e:
+            raise MachineError("cannot make '%s' %s in QEMU: %s"
+                               % (n.filename, "read-only" if read_only else "writable", e)) \
+                from None
 
     def internal_to_overlay(self, overlay, path, tag, progress=None, cancel=None):
         ent = self._nodes().get(os.path.abspath(path))
@@ -610,36 +655,59 @@ class LiveBackend:
         if resume is not None:
             was = resume            # done again after a crash: the state before the first try
         t0 = None
-        try:
-            if memfile:
-                if live and was == "running":
-                    migrate_out(self.s, memfile)      # the guest stops when it completes
-                    t0 = time.monotonic()
-                else:
-                    if was == "running":
-                        self.s.execute("stop")
-                        t0 = time.monotonic()
-                    migrate_out(self.s, memfile)
+        switched = not actions
+
+        def switch():
+            nonlocal switched
             if actions:
                 try:
                     self.s.execute("transaction", {"actions": actions})
                 except QMPCommandError as e:
                     e.nothing_changed = True        # QEMU rolls a transaction back whole
                     raise
-        except BaseException as e:
-            for node in added:
+            switched = True
+        try:
+            if not memfile:
+                switch()                            # atomic for the guest: no pause
+            elif live and was == "running":
+                # the memory goes while the guest runs; the migration stops it before the
+                # switch-over (the disks still active), the disks switch, then it completes
+                self.s.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "pause-before-switchover", "state": True}]})
                 try:
-                    self._del_node(node)
-                except Exception:   # noqa: BLE001 - the first error is the one to report
-                    pass
-            if memfile and getattr(e, "nothing_changed", False) and os.path.exists(memfile):
-                os.unlink(memfile)
+                    def at_switchover():
+                        self._stopped_at = time.monotonic()
+                        switch()
+                    migrate_out(self.s, memfile, before_switchover=at_switchover)
+                finally:
+                    self.s.execute("migrate-set-capabilities", {"capabilities": [
+                        {"capability": "pause-before-switchover", "state": False}]})
+            else:
+                if run_state(self.s) == "running":
+                    self.s.execute("stop")
+                    t0 = time.monotonic()
+                switch()                            # the guest stopped: disks and memory
+                migrate_out(self.s, memfile)        # are of one instant
+        except BaseException as e:
+            if not switched:
+                for node in added:
+                    try:
+                        self._del_node(node)
+                    except Exception:   # noqa: BLE001 - the first error is the one to report
+                        pass
+                if memfile and os.path.exists(memfile):
+                    os.unlink(memfile)
+                if not getattr(e, "nothing_changed", False) and isinstance(e, QMPCommandError):
+                    e.nothing_changed = True
             raise
         finally:
             if run_state(self.s) != was and was == "running":
                 self.s.execute("cont")
             if t0 is not None:
                 self.pause_seconds = time.monotonic() - t0
+            elif self._stopped_at is not None:
+                self.pause_seconds = time.monotonic() - self._stopped_at
+            self._stopped_at = None
             self._forget()
 
     def live_save(self, tag, paths, vmstate):

@@ -549,7 +549,7 @@ class Machine:
             if pause is not None:
                 res.paused_seconds = pause
             if halt and res.completed:
-                self.tree.live.stop_machine(self._rt, force=True)
+                self.tree.live.stop_machine(self._rt, force=True, session=self._session)
                 self.store.set_runtime(self.name, None)
             return res
         finally:

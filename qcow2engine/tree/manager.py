@@ -304,8 +304,19 @@ class Machine:
         return self.state().snapshot(name).parent
 
     def check(self) -> list:
-        """The tree against the files: one Finding per inconsistency."""
-        return check_machine(self.state(), self.backend)
+        """The tree against the files (and, while the machine runs, against the chains its
+        QEMU runs on): one Finding per inconsistency."""
+        m = self.state()
+        rt = self.runtime()
+        if rt is None:
+            return check_machine(m, self.backend)
+        live = self.tree.live
+        with live.connect(rt, which="mon") as s:
+            self._live_backend = live.LiveBackend(self.tree.backend, s)
+            try:
+                return check_machine(m, self._live_backend) + self._check_live(m)
+            finally:
+                self._live_backend = None
 
     # ------------------------------------------------------------ changing
     def _begin(self, *, need_consistent: bool = True, offline: bool = False,

@@ -370,3 +370,21 @@ def test_live_random_sequences(live, seed, kind):
         assert e.m.run_state() == "running"
     ran = {line.split()[0] for line in log if not line.startswith(" ")}
     assert {"create", "revert", "write"} <= ran, log
+
+
+def test_qemu_changed_behind_the_tree_is_found(live):
+    """Another client switches a disk onto its own overlay: machine check names it and the
+    verbs refuse (nothing touched) until the tree and QEMU agree."""
+    from qcow2engine.errors import MachineInconsistentError
+    from qmp_bridge.snapshot import snapshot_disks
+    e = live("disk-only")
+    e.write("vda", 0, 1); e.create("s1")
+    other = os.path.join(e.folders[0], "other.qcow2")
+    with e.session() as s:
+        snapshot_disks(s, {"vda": other})
+    found = e.m.check()
+    assert len(found) == 1 and found[0].disk == "vda" and "runs on" in found[0].message, found
+    before = e.m.state()
+    with pytest.raises(MachineInconsistentError, match="runs on"):
+        e.m.create_snapshot("s2", disk_only=True)
+    assert e.m.state() == before

@@ -12,7 +12,7 @@ import copy
 import pytest
 
 from qcow2engine.tree import Tree
-from tests.faults.test_tree_faults import _Clock
+from tests.faults.test_tree_faults import _Clock, _ext_chain as _setup
 from tests.helpers.faultinject import SimulatedCrash, inject, injection_points
 from tests.live.test_tree_live import LiveEnv, make_live
 
@@ -23,12 +23,6 @@ def fixed_clock(monkeypatch):
     import qcow2engine.tree.manager as manager
     monkeypatch.setattr(plan, "time", _Clock())
     monkeypatch.setattr(manager, "time", _Clock())
-
-
-def _setup(e):
-    e.write("vda", 0, 1); e.write("vdb", 0, 2); e.create("a")
-    e.write("vda", 1, 3); e.create("b")
-    e.write("vda", 2, 4); e.write("vdb", 2, 5)
 
 
 SCENARIOS = {

@@ -199,9 +199,9 @@ def _diff(got: bytes, exp: bytes) -> str:
 
 
 def make_machine(tmp_path, ndisks: int = 2, kind: str = "internal", size: int = 4 << 20,
-                 name: str = "m") -> "Env":
+                 name: str = "m", launch=None, env=None) -> "Env":
     """A machine on ndisks fresh qcow2 images (one folder per disk) in a state directory
-    under tmp_path, with its model."""
+    under tmp_path, with its model; launch: its launch definition; env: the Env class."""
     from qcow2engine.tree import Tree
     disks = {}
     for i in range(ndisks):
@@ -212,9 +212,9 @@ def make_machine(tmp_path, ndisks: int = 2, kind: str = "internal", size: int = 
         qemu_img("create", "-q", "-f", "qcow2", p, size, check=True)
         disks[d] = p
     tree = Tree(os.path.join(str(tmp_path), "state"))
-    m = tree.define(name, disks)
-    return Env(tree, m, MachineModel(disks, size), [os.path.dirname(p) for p in disks.values()],
-               kind)
+    m = tree.define(name, disks, launch)
+    return (env or Env)(tree, m, MachineModel(disks, size),
+                        [os.path.dirname(p) for p in disks.values()], kind)
 
 
 class Env:

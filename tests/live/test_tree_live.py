@@ -21,8 +21,8 @@ from qcow2engine.errors import MachineError
 from qmp_bridge.client import QMPSession
 from qmp_bridge.nodes import qemu_io
 from qmp_bridge.graph import read_graph
-from tests.helpers.machine import SLOT, Env, MachineModel, verify
-from tests.helpers.qemu import qemu_img
+from tests.helpers.machine import SLOT, Env, verify
+from tests.interop.test_tree_scenarios import seed
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -97,21 +97,11 @@ class LiveEnv(Env):
 
 
 def make_live(tmp_path, kind, ndisks=2, size=SIZE, start=True):
-    from qcow2engine.tree import Tree
-    disks = {}
-    for i in range(ndisks):
-        d = "vd" + "abcdefgh"[i]
-        folder = os.path.join(str(tmp_path), d)
-        os.makedirs(folder, exist_ok=True)
-        p = os.path.join(folder, d + ".qcow2")
-        qemu_img("create", "-q", "-f", "qcow2", p, size, check=True)
-        disks[d] = p
-    tree = Tree(os.path.join(str(tmp_path), "state"))
-    m = tree.define("m", disks, LAUNCH)
+    from tests.helpers.machine import make_machine
+    e = make_machine(tmp_path, ndisks, kind, size, launch=LAUNCH, env=LiveEnv)
     if start:
-        m.start()
-    return LiveEnv(tree, m, MachineModel(disks, size), [os.path.dirname(p) for p in disks.values()],
-                   kind)
+        e.m.start()
+    return e
 
 
 @pytest.fixture
@@ -127,19 +117,6 @@ def live(tmp_path):
         if e.m.runtime() is not None:
             e.m.stop(force=True)
         e.tree.close()
-
-
-def seed(e):
-    """The seed's tree (as tests/interop/test_tree_scenarios.py): a, b, c, d, revert to b,
-    create e."""
-    e.write("vda", 0, 1); e.write("vdb", 0, 11); e.create("a")
-    e.write("vda", 1, 2); e.create("b")
-    e.write("vda", 2, 3); e.write("vdb", 1, 12); e.create("c")
-    e.write("vda", 3, 4); e.create("d")
-    e.write("vda", 4, 5)
-    e.revert("b")
-    e.write("vdb", 5, 15)
-    e.create("e")
 
 
 def shape(m):
@@ -352,24 +329,12 @@ def test_attach_and_launch_errors(live, tmp_path):
 def test_live_random_sequences(live, seed, kind):
     """tests/interop/test_tree_random.py's sequences on a running machine: every step checked
     against the model; a refused verb changes nothing."""
-    import random
-    from tests.interop.test_tree_random import REFUSALS, _step
-    rnd = random.Random(seed)
+    from tests.interop.test_tree_random import run_sequence
     e = live(kind, size=1 << 20)
-    log = []
-    for i in range(24):
-        before = e.m.state()
-        try:
-            _step(e, rnd, i, log)
-        except REFUSALS as err:
-            log.append("  refused: %s" % err)
-            assert e.m.state() == before, "seed %d: a refused verb changed the tree" % seed
-            e.verify()
-        except AssertionError as err:
-            raise AssertionError("seed %d, after:\n  %s\n%s" % (seed, "\n  ".join(log), err))
+
+    def running():
         assert e.m.run_state() == "running"
-    ran = {line.split()[0] for line in log if not line.startswith(" ")}
-    assert {"create", "revert", "write"} <= ran, log
+    run_sequence(e, seed, 24, running)
 
 
 def test_qemu_changed_behind_the_tree_is_found(live):

@@ -40,7 +40,7 @@ from qcow2engine.tree.launch import check_launch
 from qcow2engine.tree.model import Stamp
 
 from .client import QMPSession
-from .errors import QMPCommandError, QMPError
+from .errors import LiveJobError, QMPCommandError, QMPError
 from .graph import read_graph
 
 log = logging.getLogger(__name__)
@@ -721,12 +721,26 @@ class LiveBackend:
             if ent is None:
                 raise MachineError("disk %s: QEMU does not run on '%s'" % (disk, path))
             devs.append((disk, ent[0]))
-        if all(tag in self._tags(n) for _, n in devs):
-            return
+        have = [n for _, n in devs if tag in self._tags(n)]
+        if len(have) == len(devs):
+            return                          # done before a crash
+        if have:                            # half done before a crash: the whole again
+            from .internal import delete_vm
+            delete_vm(self.s, tag, devices=have)
         vm = dict(devs)[vmstate]
         t0 = time.monotonic()
         try:
             save_vm(self.s, tag, devices=[n for _, n in devs], vmstate=vm)
+        except (QMPError, LiveJobError) as e:
+            # refused (no space, a device that cannot snapshot...): nothing is left if no
+            # disk has the tag, and the plan may be undone
+            try:
+                left = [n for _, n in devs if tag in self._tags(n)]
+            except QMPError:
+                left = devs
+            if not left:
+                e.nothing_changed = True
+            raise
         finally:
             self.pause_seconds = time.monotonic() - t0
             self._forget()

@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..errors import JobCancelled, OperationPendingError
 from ..jobs import Progress
-from .model import MachineState
+from .model import EXTERNAL, NO, MachineState
 from .plan import Plan, written
 from .store import Store, machine_from_dict, machine_to_dict
 
@@ -144,6 +144,12 @@ class Journal:
     def finish(self, plan: Plan, after: Optional[MachineState] = None) -> None:
         """Stamp what the plan changed and save the state afterwards (ending the operation)."""
         after = plan.after if after is None else after
+        lost = getattr(self.b, "lost_memory", ())
+        for s in after.snapshots.values():
+            # finished offline after its QEMU died: the snapshot is kept, without memory
+            if s.memory != NO and (s.memfile in lost if s.memory == EXTERNAL else
+                                   s.name in lost):
+                s.memory, s.memfile, s.vm_state = NO, None, None
         touched = set().union(*(written(st) for st in plan.steps))
         for rec in after.files.values():
             if after.frozen_needed(rec.path):

@@ -36,6 +36,8 @@ class OfflineBackend:
 
     def __init__(self):
         self._memo = None
+        # snapshots (by name) and memory files whose memory a QEMU that died never saved
+        self.lost_memory: set = set()
 
     def begin_verb(self) -> None:
         self._memo = {}
@@ -202,10 +204,15 @@ class OfflineBackend:
                     resume=None) -> None:
         for path, tag in (internal or {}).values():
             self.internal_create(path, tag)
+        if memfile and not os.path.exists(memfile):
+            self.lost_memory.add(memfile)
+            if os.path.exists(memfile + ".part"):
+                fileio.unlink(memfile + ".part")
 
     def live_save(self, tag: str, paths: dict, vmstate: str) -> None:
         for path in paths.values():
             self.internal_create(path, tag)
+        self.lost_memory.add(tag)
 
 
 def _forgetting(fn):

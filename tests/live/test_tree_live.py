@@ -353,3 +353,32 @@ def test_qemu_changed_behind_the_tree_is_found(live):
     with pytest.raises(MachineInconsistentError, match="runs on"):
         e.m.create_snapshot("s2", disk_only=True)
     assert e.m.state() == before
+
+
+def test_qemu_dies_while_saving_memory(live, monkeypatch):
+    """QEMU dies after the disks switched, while the memory goes to its file: the next
+    command finds the machine shut off, finishes the snapshot offline and keeps it without
+    memory (the disks' state at S is all there is)."""
+    import qmp_bridge.tree_backend as tb
+    e = live("external")
+    e.write("vda", 0, 1); e.create("a")
+    e.write("vdb", 1, 2)
+    pid = e.m.runtime()["pid"]
+    real = tb.migrate_out
+
+    def dying(s, path, *a, **kw):
+        os.kill(pid, signal.SIGKILL)
+        return real(s, path, *a, **kw)
+    monkeypatch.setattr(tb, "migrate_out", dying)
+    with pytest.raises(Exception):
+        e.m.create_snapshot("b", memspec=os.path.join(e.folders[0], "b.mem"))
+    monkeypatch.setattr(tb, "migrate_out", real)
+    assert e.m.recover() == "rolled forward"
+    assert e.m.run_state() == "shut off"
+    b = e.m.state().snapshot("b")
+    assert b.memory == "no" and b.memfile is None
+    e.model.created("b", {"vda": "external", "vdb": "external"})
+    e.verify()                                  # no stray memory file either
+    e.m.start()
+    e.write("vda", 2, 3)
+    e.revert("a")                               # a keeps its memory

@@ -21,7 +21,8 @@ if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
     apt_install python3-venv
 fi
 if [ $want_test = 1 ]; then
-    apt_install qemu-utils qemu-system-x86
+    # QEMU is the oracle; a Debian kernel and busybox make the live tests' guest
+    apt_install qemu-utils qemu-system-x86 linux-image-amd64 busybox-static
 fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv

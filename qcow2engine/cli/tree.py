@@ -59,6 +59,8 @@ def build_parser():
     s.add_argument("name")
     s.add_argument("--force", action="store_true")
     s.add_argument("--timeout", type=float, default=60.0)
+    for v in ("suspend", "resume"):
+        ms.add_parser(v).add_argument("name")
     s = ms.add_parser("attach")
     s.add_argument("name")
     s.add_argument("--qmp", required=True, metavar="SOCKET")
@@ -216,6 +218,18 @@ def cmd_machine_stop(tree, args) -> int:
     print("Machine %s %s" % (args.name, "is shut off" if how == "powered down"
                              else "destroyed" if args.force else "is shut off (quit after "
                              "%.0f s without an ACPI power-down)" % args.timeout))
+    return 0
+
+
+def cmd_machine_suspend(tree, args) -> int:
+    _machine(tree, args.name).suspend()
+    print("Machine %s suspended" % args.name)
+    return 0
+
+
+def cmd_machine_resume(tree, args) -> int:
+    _machine(tree, args.name).resume()
+    print("Machine %s resumed" % args.name)
     return 0
 
 

@@ -423,6 +423,34 @@ class Machine:
         finally:
             self.store.unlock(self.name)
 
+    def suspend(self) -> None:
+        """Pause the running guest (QMP stop)."""
+        self._pause(True)
+
+    def resume(self) -> None:
+        """Let a paused guest run again (QMP cont)."""
+        self._pause(False)
+
+    def _pause(self, stop: bool) -> None:
+        self.store.lock(self.name)
+        try:
+            rt = self.runtime()
+            if rt is None:
+                raise MachineError("machine '%s' is not running" % self.name)
+            with self.tree.live.connect(rt) as s:
+                st = s.execute("query-status")
+                if st["status"] == "inmigrate":
+                    raise MachineError("machine '%s' is waiting for its memory (an "
+                                       "interrupted revert): 'machine recover %s'"
+                                       % (self.name, self.name))
+                if stop and not st["running"]:
+                    raise MachineError("machine '%s' is already paused" % self.name)
+                if not stop and st["running"]:
+                    raise MachineError("machine '%s' is not paused" % self.name)
+                s.execute("stop" if stop else "cont")
+        finally:
+            self.store.unlock(self.name)
+
     def attach(self, qmp: str) -> dict:
         """Adopt a QEMU started elsewhere (its QMP socket), which must run on the disks as
         the tree has them (device ids = disk names)."""

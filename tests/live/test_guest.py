@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -255,4 +259,92 @@ def test_guest_snapshot_tree(gm):
             assert guest.verify(img, d, snapshot=tag) == want[d], (name, d)
     for d, (img, _) in g.at("e").items():          # e now holds what its overlay had
         assert guest.verify(img, d) > me[d]
+    g.check_files()
+
+
+def _cli(g, *args):
+    return [sys.executable, "-m", "qcow2engine", "--state-dir", g.tree.store.dir] + list(args)
+
+
+def _job_running(g, timeout=60.0):
+    from qmp_bridge.client import QMPSession
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with QMPSession.attach(g.m.runtime()["qmp"]) as s:
+            jobs = s.execute("query-jobs")
+            if jobs:
+                return jobs[0]["id"]
+        time.sleep(0.05)
+    raise AssertionError("no job started")
+
+
+def test_guest_live_commit_cancel_kill_and_qemu_death(gm):
+    """A live --commit while the writers write: cancelled half-way (the guest runs on an
+    intact chain) and resumed; our process killed -9 mid-job, then machine recover; QEMU killed
+    mid-job, recovered offline and booted again: nothing any writer finished is lost."""
+    from qmp_bridge.client import QMPSession
+    g = gm()
+    g.start()
+    g.serial.wait_up()
+    g.snap("s", disk_only=True)
+    g.serial.wait_seqs(g.disks, guest.N + 5, since=g.serial.mark())   # every block rewritten
+
+    # cancelled at the first progress report, then the same command again
+    ev = threading.Event()
+    mark = g.serial.mark()
+    r = g.m.revert("s", mode="commit", speed=256 << 10,
+                   progress=lambda done, total: ev.set(), cancel=ev)
+    assert r.outcome == "cancelled" and g.m.state().snapshots["s"].merging
+    assert g.m.run_state() == "running" and g.m.check() == []
+    g.serial.wait_seqs(g.disks, 3, since=mark)
+    for d in g.disks:                           # the chain QEMU runs on is intact
+        guest.verify(g.tip(d), d, g.serial.last()[d])
+    r = g.m.revert("s", mode="commit")
+    assert r.completed and not g.m.state().snapshots["s"].merging
+    assert "qe-guest up" not in g.serial.text(mark)
+
+    # kill -9 of our process while QEMU runs the merge, then machine recover
+    g.snap("t", disk_only=True)
+    g.serial.wait_seqs(g.disks, guest.N + 5, since=g.serial.mark())
+    p = subprocess.Popen(_cli(g, "snapshot-revert", "g", "t", "--commit", "--bandwidth",
+                              str(64 << 10)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        job = _job_running(g)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert g.m.info()["operation"] is not None
+    with QMPSession.attach(g.m.runtime()["qmp"]) as s:
+        s.execute("block-job-set-speed", {"device": job, "speed": 0})
+    assert g.m.recover() == "rolled forward"
+    assert g.m.run_state() == "running" and g.m.check() == []
+    st = g.m.state()
+    for d in g.disks:
+        assert st.chain(st.disk(d).active)[1] == st.snapshots["t"].disks[d].file
+
+    # QEMU killed mid-job: recovered offline; booted again, each writer goes on from its disk
+    g.snap("u", disk_only=True)
+    g.serial.wait_seqs(g.disks, guest.N + 5, since=g.serial.mark())
+    p = subprocess.Popen(_cli(g, "snapshot-revert", "g", "u", "--commit", "--bandwidth",
+                              str(64 << 10)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pid = g.m.runtime()["pid"]
+    _job_running(g)
+    last = g.serial.last()
+    os.kill(pid, signal.SIGKILL)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and b"pending" in err, err
+    assert g.m.run_state() == "shut off"
+    assert g.m.recover() == "rolled forward"
+    assert g.m.check() == []
+    held = {d: guest.verify(g.tip(d), d, last[d]) for d in g.disks}
+    g.check_files()
+    mark = g.serial.mark()
+    g.start()
+    g.serial.wait_seqs(g.disks, 2, since=mark)
+    assert g.serial.starts(mark) == {d: [held[d]] for d in g.disks}
+    mark = g.serial.mark()
+    assert g.m.stop() == "powered down"
+    done = stopped(g.serial.text(mark))
+    for d in g.disks:
+        assert guest.verify(g.tip(d), d, done[d], done[d]) == done[d]
     g.check_files()

@@ -37,19 +37,17 @@ MiB = 1 << 20
 
 
 def _guest():
-    """(kernel, initrd, append) of the test guest, or None."""
+    """The test guest's launch definition (kernel, initrd, append, qemu_args), or None."""
     try:
         from tests.helpers import guest
     except ImportError:
         return None
     try:
-        k, i = guest.build()
+        g = guest.launch()
     except Exception as e:                                   # noqa: BLE001
         print("# no test guest (%s): idle firmware instead" % e, file=sys.stderr)
         return None
-    args = guest.qemu_args(k, i)
-    a = dict(zip(args[::2], args[1::2]))
-    return a.get("-kernel"), a.get("-initrd"), a.get("-append")
+    return {k: g[k] for k in ("kernel", "initrd", "append", "qemu_args")}
 
 
 def _machine(root: Path, memory: int, kvm: bool, data_disk_mib: int = 1024):
@@ -64,7 +62,7 @@ def _machine(root: Path, memory: int, kvm: bool, data_disk_mib: int = 1024):
     launch = {"memory": "%dM" % memory, "accel": "kvm" if kvm else "tcg"}
     g = _guest()
     if g is not None:
-        launch.update(kernel=g[0], initrd=g[1], append=g[2])
+        launch.update(g)
     tree = Tree(str(root / "state"))
     m = tree.define("m", disks, launch)
     return tree, m, g is not None
@@ -84,8 +82,14 @@ def bench(repeat: int, data: int, memory: int, kvm: bool) -> list:
     try:
         # ---- pause times
         tree, m, has_guest = _machine(work / "p", memory, kvm)
-        m.start()
-        time.sleep(3 if has_guest else 0.5)         # let the guest boot
+        rt = m.start()
+        if has_guest:                               # let the guest boot and write
+            from tests.helpers.guest import Serial
+            ser = Serial(rt["serial"])
+            ser.wait_up()
+            ser.wait_seqs(("vda", "vdb"), 10)
+        else:
+            time.sleep(0.5)
         plain, livep, revert = [], [], []
         for i in range(repeat):
             r = m.create_snapshot("p%d" % i, memspec=str(work / "p" / ("p%d.mem" % i)))

@@ -52,6 +52,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /modules.order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+# the power button (any input device of that name), listened to from the start
+for d in /sys/class/input/input*; do
+    grep -q "Power Button" $d/name 2>/dev/null || continue
+    for ev in $(ls $d | grep '^event'); do
+        ( dd if=/dev/input/$ev bs=24 count=1 >/dev/null 2>&1; touch /tmp/button ) &
+    done
+done
 arg() { v=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1); echo "${v:-$2}"; }
 N=$(arg qe.n 32); STRIDE=$(arg qe.stride 65536); DELAY=$(arg qe.delay 0)
 SPB=$((STRIDE / 4096))
@@ -91,19 +98,9 @@ writer() {  # $1 device, $2 name
     echo "qe-writer $2 stopped seq=$seq"
 }
 
-powerbutton() {
-    for d in /sys/class/input/input*; do
-        if grep -q "Power Button" $d/name 2>/dev/null; then
-            ev=$(ls $d | grep '^event' | head -n 1)
-            [ -n "$ev" ] && { dd if=/dev/input/$ev bs=24 count=1 >/dev/null 2>&1; return 0; }
-        fi
-    done
-    sleep 100000000
-}
-
 for d in /dev/vd?; do [ -b $d ] && writer $d ${d#/dev/} & done
 echo "qe-guest up direct=${DIRECT:-no}"
-powerbutton
+while [ ! -e /tmp/button ]; do sleep 0.2; done
 echo "qe-guest power button"
 touch /tmp/stop
 wait

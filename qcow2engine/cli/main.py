@@ -120,8 +120,7 @@ def build_parser():
     s.add_argument("--shrink", action="store_true")
     s.add_argument("-q", dest="quiet", action="store_true")
     s.add_argument("--preallocation", default="off")
-    s.add_argument("filename")
-    s.add_argument("size")
+    s.add_argument("filename")   # the size, the last argument, is taken apart before parsing
 
     s = sub.add_parser("amend", help="change image options (compat, lazy_refcounts, refcount_bits)")
     s.add_argument("-f", dest="fmt")
@@ -191,6 +190,37 @@ def build_parser():
     return p
 
 
+def _subparsers(parser):
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return a.choices
+    return {}
+
+
+def parse_verb_args(parser, argv):
+    """Parse `VERB ARGS...` the way qemu-img's getopt does: options and operands in any
+    order, `--` ends the options.  resize takes its last argument as the size before the
+    options are parsed (so `-1G` is a size, not an option), as qemu-img does."""
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.parse_args(argv)     # prints the help and exits
+        return None
+    verb, rest = argv[0], argv[1:]
+    subs = _subparsers(parser)
+    if verb not in subs:
+        raise UsageError("Command not found: %s" % verb)
+    sp = subs[verb]
+    size = None
+    if verb == "resize" and rest and rest[-1] not in ("-h", "--help"):
+        size, rest = rest[-1], rest[:-1]
+    args = sp.parse_intermixed_args(rest)
+    if verb == "resize":
+        if size is None:
+            sp.error("the following arguments are required: size")
+        args.size = size
+    args.cmd = verb
+    return args
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     state_dir = None
@@ -210,11 +240,11 @@ def main(argv=None) -> int:
         return live_main(argv[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse_verb_args(parser, argv)
     except UsageError as e:
         _err(str(e))
         return 1
-    if not args.cmd:
+    if args is None or not args.cmd:
         parser.print_help()
         return 1
     from ..errors import Qcow2Error

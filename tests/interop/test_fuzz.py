@@ -1,6 +1,8 @@
 """Issue 14's fuzzer in the test suite: seeded mutants of small base images through every
 CLI command (tests/helpers/fuzz.py).  The normal run samples commands per mutant; set
-QCOW2ENGINE_FUZZ=N for N mutants with every command each."""
+QCOW2ENGINE_FUZZ=N for N mutants with every command each; QCOW2ENGINE_FUZZ_START=K starts at
+seed K (a long run in slices); QCOW2ENGINE_FUZZ_LOG=FILE appends each mutant's result there
+as it finishes (a run cut short keeps what it found)."""
 from __future__ import annotations
 
 import os
@@ -14,6 +16,8 @@ from tests.helpers import fuzz
 N = int(os.environ.get("QCOW2ENGINE_FUZZ", "0") or 0)
 FULL = N > 0
 COUNT = N if FULL else 240
+START = int(os.environ.get("QCOW2ENGINE_FUZZ_START", "0") or 0)
+LOG = os.environ.get("QCOW2ENGINE_FUZZ_LOG")
 # Open (issue 14): `snapshot -c` on an image whose active L1/L2 entries carry reserved bits
 # or point at other metadata can still add corruption qemu-img counts; reported, not failed.
 KNOWN_OPEN: set = set()
@@ -32,7 +36,9 @@ def _sampled(seed):
 
 def test_fuzz(bases, tmp_path):
     names = sorted(bases)
-    jobs = [(bases[names[i % len(names)]], i) for i in range(COUNT)]
+    jobs = [(bases[names[i % len(names)]], i) for i in range(START, START + COUNT)]
+    import threading
+    lock = threading.Lock()
 
     def one(job):
         base, seed = job
@@ -40,7 +46,11 @@ def test_fuzz(bases, tmp_path):
         wd.mkdir()
         dest = wd / ("mut_" + base.name)
         what = fuzz.make_mutant(base, seed, dest)
-        return base.name, seed, what, fuzz.run_mutant(dest, wd, None if FULL else _sampled(seed))
+        fails = fuzz.run_mutant(dest, wd, None if FULL else _sampled(seed))
+        if LOG:
+            with lock, open(LOG, "a") as f:
+                f.write("%s seed=%d (%s): %s\n" % (base.name, seed, what, fails or "ok"))
+        return base.name, seed, what, fails
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         results = list(pool.map(one, jobs))

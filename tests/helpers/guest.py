@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 
@@ -335,12 +334,3 @@ def verify(image: str, disk: str, low: int = 0, high: int | None = None,
     if high is not None:
         assert m <= high, "%s: holds 1..%d, more than the %d printed after" % (image, m, high)
     return m
-
-
-def installed() -> bool:
-    return bool(glob.glob("/boot/vmlinuz-*-amd64")) and bool(
-        shutil.which("busybox") or os.path.exists("/bin/busybox"))
-
-
-def run_qemu_check(path: str) -> None:
-    subprocess.run(["qemu-img", "check", "-U", path], check=True, capture_output=True)

@@ -21,7 +21,7 @@ import pytest
 from qcow2engine.errors import MachineError
 from qcow2engine.tree import Tree
 from tests.helpers import guest
-from tests.helpers.qemu import qemu_img
+from tests.helpers.qemu import assert_clean, qemu_img
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -79,10 +79,7 @@ class GuestMachine:
         return sorted(st.files)
 
     def check_files(self):
-        for f in self.files():
-            r = qemu_img("check", "-U", f)
-            assert r.returncode == 0, (f, r.stdout, r.stderr)
-            assert "leaked" not in r.stdout, (f, r.stdout)
+        assert_clean(*self.files(), force_share=True)     # no corruption, no leak
 
     def close(self):
         if self.m.runtime() is not None:

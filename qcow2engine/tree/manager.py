@@ -440,9 +440,7 @@ class Machine:
             with self.tree.live.connect(rt) as s:
                 st = s.execute("query-status")
                 if st["status"] == "inmigrate":
-                    raise MachineError("machine '%s' is waiting for its memory (an "
-                                       "interrupted revert): 'machine recover %s'"
-                                       % (self.name, self.name))
+                    raise self._waiting_for_memory()
                 if stop and not st["running"]:
                     raise MachineError("machine '%s' is already paused" % self.name)
                 if not stop and st["running"]:
@@ -511,14 +509,17 @@ class Machine:
             return
         st = self._session.execute("query-status")
         if st["status"] in ("inmigrate",):
-            raise MachineError("machine '%s' is waiting for its memory (an interrupted revert): "
-                               "'machine stop %s --force', then revert again"
-                               % (self.name, self.name))
+            raise self._waiting_for_memory()
         if want == "running" and not st["running"]:
             self._session.execute("cont")
             self.notice("machine '%s': an interrupted operation had stopped the guest: it runs "
                         "again" % self.name)
         self._settled(rt)
+
+    def _waiting_for_memory(self) -> MachineError:
+        return MachineError("machine '%s' is waiting for its memory (an interrupted revert): "
+                            "'machine stop %s --force', then revert again"
+                            % (self.name, self.name))
 
     def _need_launch(self, m: MachineState, what: str) -> None:
         if not m.launch:

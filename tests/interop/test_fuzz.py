@@ -6,6 +6,7 @@ as it finishes (a run cut short keeps what it found)."""
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,7 +38,6 @@ def _sampled(seed):
 def test_fuzz(bases, tmp_path):
     names = sorted(bases)
     jobs = [(bases[names[i % len(names)]], i) for i in range(START, START + COUNT)]
-    import threading
     lock = threading.Lock()
 
     def one(job):

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +21,7 @@ from qcow2engine.errors import MachineError
 from qcow2engine.tree import Tree
 from tests.helpers import guest
 from tests.helpers.qemu import assert_clean, qemu_img
+from tests.live.test_tree_live import _cli
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -257,10 +257,6 @@ def test_guest_snapshot_tree(gm):
     for d, (img, _) in g.at("e").items():          # e now holds what its overlay had
         assert guest.verify(img, d) > me[d]
     g.check_files()
-
-
-def _cli(g, *args):
-    return [sys.executable, "-m", "qcow2engine", "--state-dir", g.tree.store.dir] + list(args)
 
 
 def _job_running(g, timeout=60.0):

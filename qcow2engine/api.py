@@ -96,7 +96,8 @@ def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow
     """Create an image like `qemu-img create` (options: dict or "k=v,k=v"); returns the
     effective options.  Without a size, an image with a backing file takes its size."""
     from .errors import CreateError
-    from .image.create import create_from_options, create_raw, parse_options
+    from .image.create import RAW_FORMATS, check_format, create_from_options, parse_options
+    check_format(path, fmt)
     o = parse_options(options)
     if size is not None:
         o.size = size
@@ -104,13 +105,11 @@ def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow
         o.backing_file = backing_file
     if backing_fmt is not None:
         o.backing_fmt = backing_fmt
-    if fmt == "raw":
+    if fmt in RAW_FORMATS:
         if o.size is None:
             raise CreateError("Image creation needs a size parameter")
-        create_raw(path, o.size, o.preallocation)
+        create_from_options(path, o, fmt)
         return o
-    if fmt != "qcow2":
-        raise CreateError("Unknown file format '%s'" % fmt)
     if o.backing_file and not o.backing_fmt:
         raise CreateError("Backing file specified without backing format")
     if o.backing_file:
@@ -123,13 +122,9 @@ def create(path: str, size: int | None = None, options=None, *, fmt: str = "qcow
 
 def resize(path: str, size: int, *, shrink: bool = False, fmt: str | None = None) -> None:
     """Change the virtual size of an image (shrinking needs shrink=True)."""
-    from .image.resize import resize_qcow2, resize_raw
+    from .chain.ops import resize_chain
     with Session() as s:
-        f = s.open_file(path, fmt, writable=True)
-        if f.format == "raw":
-            resize_raw(f, size, shrink=shrink)
-        else:
-            resize_qcow2(f, size, shrink=shrink)
+        resize_chain(s.open_chain(path, fmt, writable=True), size, shrink=shrink)
 
 
 def amend(path: str, options) -> None:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import JobCancelled
+from ..errors import InvalidImageError, InvalidRequestError, JobCancelled
 from ..format import entries as E
 from ..host import fileio
 from ..jobs import CANCELLED, COMPLETED, OpResult, check_cancel
@@ -56,10 +56,16 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
     """Copy the guest view of `chain` into the raw file `dst` (holes where zero)."""
     size = chain.size
     flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
-    fd = os.open(dst, flags, 0o644)
+    try:
+        fd = os.open(dst, flags, 0o644)
+    except OSError as e:
+        raise InvalidImageError("Could not open '%s': Could not open '%s': %s"
+                                % (dst, dst, e.strerror)) from None
     try:
         if create:
             fileio.ftruncate(fd, size)
+        elif os.lseek(fd, 0, os.SEEK_END) < size:
+            raise InvalidRequestError("output file is smaller than input file")
         for layer in chain.layers:
             img = getattr(layer, "image", None)
             if img is not None:
@@ -197,6 +203,43 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
             progress(size, size)
         from ..host import fileio
         fileio.fsync(img.fd)
+    finally:
+        target.close()
+    return OpResult("convert", outcome, (dst,), bytes_copied=done, target=dst)
+
+
+def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None) -> OpResult:
+    """`convert -n`: copy the guest view of chain into the existing qcow2 image dst (at
+    least as large): data where the source has data, zeros where the source reads zeros
+    and dst may not (dst's other ranges already read zeros and are left alone)."""
+    from .session import open_chain
+    target = open_chain(dst, "qcow2", writable=True)
+    size = chain.size
+    done = 0
+    outcome = COMPLETED
+    try:
+        if target.size < size:
+            raise InvalidRequestError("output file is smaller than input file")
+        zero_kinds = E.ZERO_KINDS | ~E.ALLOCATED_KINDS
+        for ex in chain.iter_extents(0, size):
+            if cancel is not None and cancel.is_set():
+                outcome = CANCELLED
+                break
+            data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO) | (ex.kinds == E.INVALID)
+            for a, b in zip(ex.starts[data].tolist(), ex.ends[data].tolist()):
+                for c in range(a, b, SPAN):
+                    buf = np.zeros(min(c + SPAN, b) - c, np.uint8)
+                    chain.read_into(buf, c, zeroed=True)
+                    target.write(c, buf)
+            for a, b in zip(ex.starts[~data].tolist(), ex.ends[~data].tolist()):
+                tx = target.extents(a, b)
+                nz = ~zero_kinds[tx.kinds]
+                for ta, tb in zip(tx.starts[nz].tolist(), tx.ends[nz].tolist()):
+                    target.write_zeroes(ta, tb - ta, unmap=True)
+            done = int(ex.ends[-1])
+            if progress:
+                progress(done, size)
+        target.flush()
     finally:
         target.close()
     return OpResult("convert", outcome, (dst,), bytes_copied=done, target=dst)

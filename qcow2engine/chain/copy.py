@@ -122,7 +122,9 @@ def rebase_copy(top: Chain, new: Chain | None, progress=None, cancel=None) -> in
     done = 0
     g = top.layers[0].image.cluster_size
     for ex in top.iter_extents(0, size):
-        below = ex.depth >= 1
+        # what the top's own layer does not answer: backing data, and zeros from nowhere
+        # (no backing file, or past a shorter one's end), which the new backing may not read
+        below = (ex.depth >= 1) | ~E.ALLOCATED_KINDS[ex.kinds]
         if k is not None:
             # ranges answered at or below the new backing file read the same afterwards
             need = below & (ex.depth < k)

@@ -155,7 +155,7 @@ def run_commit(plan: CommitPlan, *, progress: Progress | None = None,
             raise ChainError("'%s' is no longer in the backing chain of '%s'"
                              % (plan.base, plan.top))
         if plan.grow_to is not None and dst.size < plan.grow_to:
-            _grow(dst, plan.grow_to)
+            resize_chain(dst, plan.grow_to)
         src = Chain(top.layers[:plan.depth])
         total = top.size
         try:
@@ -173,13 +173,17 @@ def run_commit(plan: CommitPlan, *, progress: Progress | None = None,
     return OpResult(plan.op, COMPLETED, written, None, None, done, plan.base)
 
 
-def _grow(dst: Chain, size: int) -> None:
+def resize_chain(chain: Chain, size: int, *, shrink: bool = False) -> None:
+    """Resize the top image of chain (opened writable); growing over a longer backing file
+    makes the new part read as zeros, as QEMU does."""
     from ..image.resize import resize_qcow2, resize_raw
-    f = dst.top.file
+    f = chain.top.file
     if f.format == "qcow2":
-        resize_qcow2(f, size)
+        backing = chain.layers[1].size if len(chain.layers) > 1 else 0
+        resize_qcow2(f, size, shrink=shrink, backing_size=backing,
+                     write_zeroes=chain.write_zeroes)
     else:
-        resize_raw(f, size)
+        resize_raw(f, size, shrink=shrink)
 
 
 def commit(path: str, base: str | None = None, *, drop: bool = False,

@@ -410,8 +410,11 @@ def cmd_convert(args) -> int:
     if args.out_fmt == "raw" and (args.compress or args.backing):
         _err("Compression and backing files need -O qcow2")
         return 1
+    if args.no_create and args.compress:
+        _err("Compressed writes into an existing image (-c with -n) are not supported")
+        return 1
     if args.backing and not args.backing_fmt:
-        _err("Backing file specified without backing format")
+        _err("Use of backing file requires explicit backing format")
         return 1
     from ..chain.session import open_chain
     chain = open_chain(args.filename, args.fmt, force_share=args.force_share, snapshot=args.snapshot)
@@ -420,6 +423,9 @@ def cmd_convert(args) -> int:
         if args.out_fmt == "raw":
             convert_to_raw(chain, args.output, min_sparse=args.sparse, progress=progress,
                            create=not args.no_create)
+        elif args.no_create:
+            from ..chain.convert import convert_into_qcow2
+            convert_into_qcow2(chain, args.output, progress=progress)
         else:
             convert_to_qcow2(chain, args.output, ",".join(args.options) or None,
                              compress=args.compress, backing=args.backing,
@@ -504,7 +510,8 @@ def cmd_measure(args) -> int:
 
 
 def cmd_create(args) -> int:
-    from ..image.create import parse_options, parse_size, formatting_line, CreateError
+    from ..image.create import parse_options, parse_size, formatting_line, check_format, CreateError
+    check_format(args.filename, args.fmt)
     spec = ",".join(args.options) if args.options else None
     o = parse_options(spec)
     if args.size is not None:

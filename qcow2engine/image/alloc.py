@@ -338,6 +338,39 @@ class Allocator:
                 cur = None
             c = block_end
 
+    def drop_empty_blocks(self) -> None:
+        """Unhook the refcount blocks loaded here that count nothing but (maybe) their own
+        cluster, as QEMU does after a shrink: the table entries are cleared and flushed
+        first, then the blocks' clusters freed (a crash in between leaks at most)."""
+        self.commit()
+        per, mask = self.per_block, np.uint64(C.REFT_OFFSET_MASK)
+        n = min(len(self.loaded), len(self.reftable))
+        cand = np.flatnonzero(self.loaded[:n] & (self.reftable[:n] & mask != 0))
+        drop, elsewhere = [], []
+        for rb in cand.tolist():
+            c = (int(self.reftable[rb]) & C.REFT_OFFSET_MASK) >> self.bits
+            used = np.flatnonzero(self._block(rb))
+            own = c // per == rb
+            if not len(used) or (own and len(used) == 1 and int(used[0]) == c - rb * per
+                                 and int(self._block(rb)[used[0]]) == 1):
+                drop.append(rb)
+                if not own:
+                    elsewhere.append(c)
+        if not drop:
+            return
+        for rb in drop:
+            self.reftable[rb] = 0
+            self._block(rb)[:] = 0           # it counts nothing now (its own cluster is free)
+        lo, hi = min(drop), max(drop) + 1   # one write: the entries between are unchanged
+        metadata.write_entries(self.img, self.img.header.refcount_table_offset + 8 * lo,
+                               self.reftable[lo:hi])
+        self.flush()
+        self.img._reftable = self.reftable
+        if elsewhere:
+            self.free(elsewhere)
+            self.commit()
+        self.free_hint = min(self.free_hint, min(drop) * per)
+
     def trim_file(self) -> None:
         """Cut the file after its last cluster in use (refcounts committed and flushed
         first: only clusters nothing refers to any more are cut off)."""

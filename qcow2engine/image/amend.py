@@ -62,6 +62,8 @@ def amend_qcow2(img: Qcow2Image, spec) -> None:
 
 
 def _upgrade(img: Qcow2Image) -> None:
+    from .snapshots import upgrade_table
+    upgrade_table(img)
     h = img.header
     h.version = 3
     h.header_length = 112

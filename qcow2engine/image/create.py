@@ -7,6 +7,7 @@ refcount block in cluster 2, then the L1 table, the file ending where the L1 tab
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,9 +129,9 @@ def _split_opts(spec: str) -> list:
 
 
 def formatting_line(path: str, o: CreateOptions, fmt: str = "qcow2") -> str:
-    """The "Formatting ..." line qemu-img create prints."""
-    if fmt == "raw":
-        return "Formatting '%s', fmt=raw size=%d" % (path, o.size)
+    """The "Formatting ..." line qemu-img create prints (the size as given)."""
+    if fmt in RAW_FORMATS:
+        return "Formatting '%s', fmt=%s size=%d" % (path, fmt, o.size)
     parts = ["cluster_size=%d" % o.cluster_size, "extended_l2=%s" % ("on" if o.extended_l2 else "off")]
     if "preallocation" in o.given:
         parts.append("preallocation=%s" % o.preallocation)
@@ -190,8 +191,6 @@ def validate(o: CreateOptions) -> None:
         raise CreateError("Unknown driver '%s'" % o.backing_fmt)
     if o.size is None:
         raise CreateError("Image creation needs a size parameter")
-    if o.size % 512:
-        raise CreateError("Image size must be a multiple of 512 bytes")
     entry = 16 if o.extended_l2 else 8
     l2_cov = (cs // entry) * cs
     l1 = -(-o.size // l2_cov)
@@ -200,7 +199,8 @@ def validate(o: CreateOptions) -> None:
                           "larger cluster size)")
 
 
-def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | None = None) -> bytes:
+def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | None = None,
+                    reftable: tuple = (None, 1)) -> bytes:
     cs = o.cluster_size
     v3 = o.compat != "0.10"
     incompat = 0
@@ -213,8 +213,9 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
     hdr = Header(version=3 if v3 else 2, backing_file_offset=0, backing_file_size=0,
                  cluster_bits=cs.bit_length() - 1, size=o.size if size is None else size,
                  crypt_method=0,
-                 l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=cs,
-                 refcount_table_clusters=1, nb_snapshots=0, snapshots_offset=0,
+                 l1_size=l1_size, l1_table_offset=l1_offset,
+                 refcount_table_offset=cs if reftable[0] is None else reftable[0],
+                 refcount_table_clusters=reftable[1], nb_snapshots=0, snapshots_offset=0,
                  incompatible_features=incompat,
                  compatible_features=C.COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0,
                  autoclear_features=C.AUTOCLEAR_DATA_FILE_RAW if o.data_file_raw else 0,
@@ -306,36 +307,14 @@ def _guard(path: str):
 
 
 def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
-    cs = o.cluster_size
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         from ..host.locking import lock_for_write
         lock_for_write(fd, path)
-        # minimal image: header, refcount table, one refcount block, empty L1
-        fileio.pwrite(fd, _header_cluster(o, 0, 0, size=0), 0)
-        from ..format.entries import encode_refblock, to_be64
-        fileio.pwrite(fd, to_be64(np.array([2 * cs], np.uint64)), cs)
-        per_block = cs * 8 // o.refcount_bits
-        counts = np.zeros(per_block, np.uint64)
-        counts[:3] = 1
-        fileio.pwrite(fd, encode_refblock(counts, o.refcount_bits.bit_length() - 1), 2 * cs)
-        from .qcow2 import Qcow2Image
-        img = Qcow2Image(path, fd=fd, lock=False, writable=True)
-        meta = img.allocator
-        meta.sync = False
-        l1_off = 0
-        if l1_size:
-            first = int(meta.allocate(-(-l1_size * 8 // cs), contiguous=True)[0])
-            l1_off = first * cs
-        meta.commit()
-        if l1_size:
-            fileio.pwrite(fd, bytes(l1_size * 8), l1_off)
-        fileio.pwrite(fd, _header_cluster(o, l1_size, l1_off), 0)
-        if o.data_file_raw or o.preallocation != "off":
-            img = Qcow2Image(path, fd=fd, lock=False, writable=True)
-            meta = img.allocator
-            meta.sync = False
-            _preallocate(img, meta, o)
+        if l1_size and (o.data_file_raw or o.preallocation != "off"):
+            _build_preallocated(fd, o, l1_size)
+        else:
+            _build_empty(fd, path, o, l1_size)
         fileio.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -343,46 +322,97 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
     os.close(fd)
 
 
-def _preallocate(img, meta, o: CreateOptions) -> None:
-    """Map every guest cluster: data_file_raw (identity) or preallocation=metadata/falloc/full."""
-    from ..format.entries import to_be64
-    cs = img.cluster_size
-    nclusters = -(-o.size // cs)
-    per_l2 = img.l2_entries
-    l1 = np.zeros(img.header.l1_size, np.uint64)
-    data_end = 0
-    for i in range(len(l1)):
-        first = i * per_l2
-        n = min(per_l2, nclusters - first)
-        if n <= 0:
-            break
-        l2off = int(meta.allocate(1)[0]) * cs
-        if img.has_data_file:
-            hosts = (np.arange(first, first + n, dtype=np.uint64) * np.uint64(cs))
-        else:
-            start = int(meta.allocate(n, contiguous=True)[0])
-            hosts = np.arange(start, start + n, dtype=np.uint64) * np.uint64(cs)
-            data_end = max(data_end, int(hosts[-1]) + cs)
-        ent = hosts | np.uint64(C.QCOW_OFLAG_COPIED)
-        table = np.zeros(img.l2_entries * (2 if img.extended_l2 else 1), np.uint64)
-        if img.extended_l2:
-            table[0:2 * n:2] = ent
-            table[1:2 * n:2] = np.uint64(0xFFFFFFFF)   # all subclusters allocated
-        else:
-            table[:n] = ent
-        meta.commit()
-        fileio.pwrite(img.fd, to_be64(table), l2off)
-        l1[i] = np.uint64(l2off) | np.uint64(C.QCOW_OFLAG_COPIED)
+def _build_empty(fd: int, path: str, o: CreateOptions, l1_size: int) -> None:
+    """Header, refcount table, one refcount block, an empty L1 table."""
+    from ..format.entries import encode_refblock, to_be64
+    from .qcow2 import Qcow2Image
+    cs = o.cluster_size
+    fileio.pwrite(fd, _header_cluster(o, 0, 0, size=0), 0)
+    fileio.pwrite(fd, to_be64(np.array([2 * cs], np.uint64)), cs)
+    counts = np.zeros(cs * 8 // o.refcount_bits, np.uint64)
+    counts[:3] = 1
+    fileio.pwrite(fd, encode_refblock(counts, o.refcount_bits.bit_length() - 1), 2 * cs)
+    img = Qcow2Image(path, fd=fd, lock=False, writable=True)
+    meta = img.allocator
+    meta.sync = False
+    l1_off = 0
+    if l1_size:
+        l1_off = int(meta.allocate(-(-l1_size * 8 // cs), contiguous=True)[0]) * cs
     meta.commit()
-    fileio.pwrite(img.fd, to_be64(l1), img.header.l1_table_offset)
-    if not img.has_data_file:
-        end = max(os.fstat(img.fd).st_size, data_end)
-        fileio.ftruncate(img.fd, end)
-        if o.preallocation in ("falloc", "full") and data_end:
-            try:
-                fileio.fallocate(img.fd, 0, 0, data_end)
-            except OSError:
-                pass
+    if l1_size:
+        fileio.pwrite(fd, bytes(l1_size * 8), l1_off)
+    fileio.pwrite(fd, _header_cluster(o, l1_size, l1_off), 0)
+
+
+PREALLOC_BATCH = 32 << 20     # bytes of L2 tables or refcount blocks per write
+
+
+def _build_preallocated(fd: int, o: CreateOptions, l1_size: int) -> None:
+    """A fresh image with every guest cluster mapped (data_file_raw: identity into the data
+    file; preallocation=metadata/falloc/full: its own clusters), laid out in one pass:
+    header, refcount table, refcount blocks, L1, L2 tables, data, every cluster counted
+    once.  Cost follows the tables written, in large writes; memory one batch."""
+    from ..format.entries import encode_refblock, to_be64
+    cs = o.cluster_size
+    ext = o.extended_l2
+    per_l2 = cs // (16 if ext else 8)
+    nclusters = -(-o.size // cs)
+    n_l2 = -(-nclusters // per_l2)
+    ndata = 0 if o.data_file else nclusters
+    l1c = -(-l1_size * 8 // cs)
+    per_block = cs * 8 // o.refcount_bits
+    nrb = nrt = 1
+    while True:                          # the refcount structures count themselves too
+        total = 1 + nrt + nrb + l1c + n_l2 + ndata
+        need_rb = -(-total // per_block)
+        need_rt = -(-need_rb * 8 // cs)
+        if (need_rb, need_rt) == (nrb, nrt):
+            break
+        nrb, nrt = need_rb, need_rt
+    rt0 = 1
+    rb0 = rt0 + nrt
+    l1_0 = rb0 + nrb
+    l2_0 = l1_0 + l1c
+    d0 = l2_0 + n_l2
+    order = o.refcount_bits.bit_length() - 1
+    # refcount table and blocks: clusters [0, total) all at refcount 1
+    rt = np.zeros(nrt * cs // 8, np.uint64)
+    rt[:nrb] = (np.arange(rb0, rb0 + nrb, dtype=np.uint64) * np.uint64(cs))
+    fileio.pwrite(fd, to_be64(rt), rt0 * cs)
+    full = encode_refblock(np.ones(per_block, np.uint64), order)
+    step = max(1, PREALLOC_BATCH // cs)
+    for b0 in range(0, nrb, step):
+        b1 = min(b0 + step, nrb)
+        buf = bytearray(full * (b1 - b0))
+        if b1 == nrb and total % per_block:
+            last = np.zeros(per_block, np.uint64)
+            last[:total % per_block] = 1
+            buf[-cs:] = encode_refblock(last, order)
+        fileio.pwrite(fd, buf, (rb0 + b0) * cs)
+    # L1: every table present
+    l1 = np.zeros(l1c * cs // 8, np.uint64)
+    l1[:n_l2] = (np.arange(l2_0, l2_0 + n_l2, dtype=np.uint64) * np.uint64(cs)) | \
+        np.uint64(C.QCOW_OFLAG_COPIED)
+    fileio.pwrite(fd, to_be64(l1), l1_0 * cs)
+    # L2 tables, a batch at a time
+    first_host = 0 if o.data_file else d0
+    words = 2 if ext else 1
+    for t0 in range(0, n_l2, step):
+        t1 = min(t0 + step, n_l2)
+        g0, g1 = t0 * per_l2, min(t1 * per_l2, nclusters)
+        tables = np.zeros((t1 - t0) * per_l2 * words, np.uint64)
+        hosts = (np.arange(g0, g1, dtype=np.uint64) + np.uint64(first_host)) * np.uint64(cs)
+        # extended L2: the bitmap stays empty, as QEMU's: each subcluster still reads from
+        # the backing file (or as zeros) until written
+        tables[0:(g1 - g0) * words:words] = hosts | np.uint64(C.QCOW_OFLAG_COPIED)
+        fileio.pwrite(fd, to_be64(tables), (l2_0 + t0) * cs)
+    fileio.pwrite(fd, _header_cluster(o, l1_size, l1_0 * cs, reftable=(rt0 * cs, nrt)), 0)
+    fileio.ftruncate(fd, total * cs)
+    if ndata and o.preallocation in ("falloc", "full"):
+        try:
+            fileio.fallocate(fd, 0, d0 * cs, ndata * cs)
+        except OSError:
+            pass
 
 
 def create_raw(path: str, size: int, preallocation: str = "off") -> None:
@@ -398,9 +428,22 @@ def create_raw(path: str, size: int, preallocation: str = "off") -> None:
         os.close(fd)
 
 
+RAW_FORMATS = ("raw", "file")       # `-f file`: QEMU's file protocol driver, a plain file
+
+
+def check_format(path: str, fmt: str) -> None:
+    """Refuse, with qemu-img's message, a format this engine does not write."""
+    if fmt != "qcow2" and fmt not in RAW_FORMATS:
+        raise CreateError("%s: Unknown file format '%s'" % (path, fmt))
+
+
 def create_from_options(path: str, o: CreateOptions, fmt: str = "qcow2") -> None:
-    """Create an image from fully resolved options (size known, backing not opened)."""
-    if fmt == "raw":
+    """Create an image from fully resolved options (size known, backing not opened); the
+    size is rounded up to a multiple of 512, as qemu-img does."""
+    check_format(path, fmt)
+    if o.size is not None and o.size % 512:
+        o = dataclasses.replace(o, size=-(-o.size // 512) * 512)
+    if fmt in RAW_FORMATS:
         create_raw(path, o.size, o.preallocation)
         return
     if o.backing_file:

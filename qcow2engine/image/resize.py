@@ -29,7 +29,12 @@ def resize_raw(f, size: int, *, shrink: bool = False) -> None:
     f.file_size = f.size = size
 
 
-def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
+def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False, backing_size: int = 0,
+                 write_zeroes=None) -> None:
+    """Resize img.  Growing over a backing file longer than the old size (backing_size)
+    makes the new part read as zeros, as QEMU does, through write_zeroes(offset, length) (the
+    guest writer of img's chain): written past the old end before the size changes, so a
+    crash leaves the old size or the new size with its zeros."""
     if size % 512:
         raise ResizeError("The new size must be a multiple of 512")
     if img.encrypted:
@@ -48,6 +53,10 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
     meta = img.allocator
     h = img.header
     if size > img.size:
+        old_size = img.size
+        zero_end = min(size, backing_size) if write_zeroes is not None else 0
+        if zero_end > old_size and img.version < 3:
+            raise ResizeError("Failed to zero out new clusters: Operation not supported")
         if need_l1 > h.l1_size:
             old_off, old_n = h.l1_table_offset, h.l1_size
             l1 = np.zeros(need_l1, np.uint64)
@@ -57,13 +66,21 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
             new_off = first * cs
             fileio.pwrite(img.fd, to_be64(l1), new_off)
             meta.flush()
-            metadata.switch_l1(img, l1, new_off, size)
+            metadata.switch_l1(img, l1, new_off, size if zero_end <= old_size else None)
             if old_n:
                 a = old_off >> img.cluster_bits
                 meta.free(np.arange(a, a + -(-old_n * 8 // cs), dtype=np.int64))
                 meta.commit()
-        else:
-            metadata.set_size(img, size)
+            if zero_end <= old_size:
+                return
+        if zero_end > old_size:
+            img.size = size                 # in memory only: the writer may reach the tail
+            try:
+                write_zeroes(old_size, zero_end - old_size)
+                fileio.fsync(img.fd)
+            finally:
+                img.size = old_size
+        metadata.set_size(img, size)
         return
     # shrink: size first, then drop everything past it
     metadata.set_size(img, size)
@@ -106,4 +123,8 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False) -> None:
         for c in range(1, int(counts.max()) + 1 if len(counts) else 1):
             meta.free(uniq[counts >= c])
         meta.commit()
+    # as QEMU: refcount blocks left counting nothing are unhooked, the file cut after its
+    # last cluster in use
+    meta.drop_empty_blocks()
+    meta.trim_file()
     img.file_size = os.fstat(img.fd).st_size

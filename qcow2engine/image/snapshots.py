@@ -74,6 +74,28 @@ def _write_table(img: Qcow2Image, snaps: list) -> None:
         alloc.commit()
 
 
+def complete_entries(img: Qcow2Image, snaps: list) -> int:
+    """Give every entry with less than the 16 bytes of extra data v3 requires QEMU's
+    defaults (the VM state size, the current disk size); returns the entries changed."""
+    fixed = 0
+    for sn in snaps:
+        if len(sn.extra_data) < 16:
+            if sn.vm_state_size_large is None:
+                sn.vm_state_size_large = sn.vm_state_size
+            sn.disk_size = img.size
+            sn.extra_data = bytes(sn.extra_data) + bytes(16 - len(sn.extra_data))
+            fixed += 1
+    return fixed
+
+
+def upgrade_table(img: Qcow2Image) -> None:
+    """Before a v2 image becomes v3: a snapshot table with v2-only (incomplete) entries is
+    written anew with complete ones (still a valid v2 table), the old one freed."""
+    snaps = list(img.snapshots)
+    if complete_entries(img, snaps):
+        _write_table(img, snaps)
+
+
 def _next_id(snaps: list) -> str:
     best = 0
     for s in snaps:

@@ -114,14 +114,8 @@ def _fix_snapshot_table(img: Qcow2Image) -> int:
         return 0
     cs = img.cluster_size
     h = img.header
-    fixed = 0
-    for sn in snaps:
-        if img.version >= 3 and len(sn.extra_data) < 16:
-            sn.vm_state_size_large = sn.vm_state_size if sn.vm_state_size_large is None \
-                else sn.vm_state_size_large
-            sn.disk_size = img.size
-            sn.extra_data = bytes(sn.extra_data) + bytes(16 - len(sn.extra_data))
-            fixed += 1
+    from ..image.snapshots import complete_entries
+    fixed = complete_entries(img, snaps) if img.version >= 3 else 0
     past_end = h.snapshots_offset + img.snapshot_table_size > img.file_size
     if not fixed and not past_end:
         return 0

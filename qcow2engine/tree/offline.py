@@ -188,12 +188,11 @@ class OfflineBackend:
             repair_image(path, "all")
 
     def resize(self, path: str, size: int) -> None:
-        from ..image.resize import resize_qcow2, resize_raw
+        from ..chain.ops import resize_chain
         with Session() as s:
-            f = s.open_file(path, writable=True)
-            if f.size >= size:
-                return
-            (resize_raw if f.format == "raw" else resize_qcow2)(f, size)
+            chain = s.open_chain(path, writable=True)
+            if chain.size < size:
+                resize_chain(chain, size)
 
 
     # ---------------------------------------------------------------- a running machine's

@@ -257,6 +257,23 @@ def b_shrink(d: Path) -> Path:
     return img
 
 
+def b_grow_over_backing(d: Path) -> Path:
+    # a 1 MiB image over a 4 MiB backing file full of data: growing it to 3 MiB must make
+    # [1M, 3M) read zeros, never the backing file's bytes
+    create_image(d, "base.qcow2", 4 * MiB)
+    qemu_io("base.qcow2", "write -P 0xe0 0 4M", cwd=d)
+    img = create_image(d, "top.qcow2", 1 * MiB, opts="cluster_size=64k", backing="base.qcow2")
+    qemu_io(img.name, "write -P 0xe1 64k 64k", cwd=d)
+    return img
+
+
+def b_shrink_512(d: Path) -> Path:
+    # 512-byte clusters: the shrink unhooks refcount blocks left empty and cuts the file
+    img = create_image(d, "img.qcow2", 1 * MiB, opts="cluster_size=512,refcount_bits=64")
+    qemu_io(img.name, "write -P 0xa4 0 1M", cwd=d)
+    return img
+
+
 def b_alloc_512_rc64(d: Path) -> Path:
     # 512-byte clusters, 64-bit refcounts: a refcount block covers 32 KiB of
     # file and the one-cluster refcount table 2 MiB.  The file is ~1.95 MiB:
@@ -329,6 +346,13 @@ SCENARIOS = [
     Scenario("resize_grow_4k", b_grow, op_resize(12 * MiB), m_resize(12 * MiB), kind="resize"),
     Scenario("resize_shrink_64k", b_shrink, op_resize(4 * MiB, shrink=True),
              m_resize(4 * MiB), kind="resize"),
+    Scenario("resize_grow_over_backing", b_grow_over_backing, op_resize(3 * MiB),
+             m_resize(3 * MiB), kind="resize"),
+    Scenario("resize_shrink_512", b_shrink_512, op_resize(256 * KiB, shrink=True),
+             m_resize(256 * KiB), kind="resize"),
+    Scenario("create_prealloc_metadata_512", b_empty,
+             op_create(1 * MiB, "cluster_size=512,preallocation=metadata"),
+             lambda old: bytes(1 * MiB), kind="create"),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 

@@ -51,6 +51,8 @@ class GuestWriter:
         self.sub = self.img.subcluster_size
         self.per_l2 = self.img.l2_entries
         self.data_fd = self.img.data_fd_for_write() if self.img.has_data_file else self.img.fd
+        from ..image.references import refuse_damaged_metadata
+        refuse_damaged_metadata(self.img)
 
     @property
     def meta(self):
@@ -139,9 +141,12 @@ class GuestWriter:
         self.meta.add_many(extra, +1)
         g0, g1 = c0 + int(idx.min()), c0 + int(idx.max()) + 1
         tables = self._tables(g0, g1)
-        for t in tables:
-            if t[2] in ("new", "cow"):
-                t.append(int(self.meta.allocate(1)[0]) << self.bits)
+        pos = (c0 + idx) - g0
+        repl = self._gather(tables)[0][pos]
+        rh = (repl & OFF).astype(np.int64)
+        self._refuse_unshared(rh[((repl & (COMPRESSED | COPIED)) == 0) & (rh != 0)], tables)
+        self._refuse_referenced(tables, np.arange(first, first + len(counts)))
+        self._new_tables(tables)
         self.meta.commit()
         fileio.pwrite(self.img.fd, b"".join(blobs), start)
         self.meta.flush()
@@ -150,7 +155,6 @@ class GuestWriter:
         desc = (offs.astype(np.uint64) | (nsec.astype(np.uint64) << np.uint64(x))) | COMPRESSED
         old, new_bmp = self._gather(tables)
         new_ent = old.copy()
-        pos = (c0 + idx) - g0
         new_ent[pos] = desc
         if self.ext:
             new_bmp[pos] = 0
@@ -218,6 +222,45 @@ class GuestWriter:
         if own:          # tables rewritten in place must not be other metadata
             self.meta.refuse_overlap(own, ignore={"active_l2"})
         return out
+
+    def _refuse_unshared(self, hosts, tables) -> None:
+        """Clusters about to be copied on write because their entry lacks COPIED (data
+        clusters: hosts; L2 tables: the tables in state "cow") lose one reference
+        afterwards: each must have a refcount of at least 2, or the copy would free a
+        cluster that something else still uses (a refcount QEMU's check calls wrong)."""
+        if self.img.has_data_file:
+            hosts = np.zeros(0, np.int64)
+        clusters = np.concatenate([np.asarray(hosts, np.int64) >> self.bits,
+                                   np.array([t[5] >> self.bits for t in tables
+                                             if t[2] == "cow"], np.int64)])
+        if not len(clusters):
+            return
+        low = clusters[self.meta.get(clusters) < 2]
+        if len(low):
+            self._corrupt("Preventing invalid copy-on-write of the cluster at offset %#x: it "
+                          "is marked shared but its refcount is %d"
+                          % (int(low[0]) << self.bits, int(self.meta.get(low[:1])[0])))
+
+    def _new_tables(self, tables) -> None:
+        """A new cluster for each table that is not rewritten in place."""
+        fresh = [t for t in tables if t[2] != "own"]
+        for t in fresh:
+            t.append(int(self.meta.allocate(1)[0]) << self.bits)
+        self._refuse_referenced(tables, [t[6] >> self.bits for t in fresh])
+
+    def _refuse_referenced(self, tables, new) -> None:
+        """Newly allocated clusters must not be what an entry of the request's tables
+        already points at (a reference the refcounts do not know: handing the cluster out
+        would give it two owners)."""
+        new = np.asarray(new, np.int64)
+        if not len(new) or self.img.has_data_file:
+            return
+        ent = np.concatenate([t[1][0::2] if self.ext else t[1] for t in tables])
+        hit = np.intersect1d(new, E.referenced_clusters(ent[ent != 0], self.bits))
+        if len(hit):
+            self.img.forget_tables()          # the in-memory allocation is dropped
+            self._corrupt("Preventing invalid allocation of the cluster at offset %#x: an "
+                          "L2 entry already points at it" % (int(hit[0]) << self.bits))
 
     def _corrupt(self, msg: str):
         """An inconsistency found on a write path: mark the image corrupt and stop."""
@@ -289,6 +332,7 @@ class GuestWriter:
         # --- allocation
         n_new = int(newc.sum())
         new_tables = [t for t in tables if t[2] in ("new", "cow")]
+        self._refuse_unshared(host[newc & has_host & ~copied], new_tables)
         new_host = np.zeros(len(g), np.int64)
         if self.img.has_data_file:
             new_host[newc] = g[newc] * cs
@@ -296,6 +340,9 @@ class GuestWriter:
             new_host[newc] = self.meta.allocate(n_new) << self.bits
         for t in new_tables:
             t.append(int(self.meta.allocate(1)[0]) << self.bits)
+        self._refuse_referenced(tables, np.concatenate(
+            [new_host[newc] >> self.bits if not self.img.has_data_file else np.zeros(0, np.int64),
+             np.array([t[6] >> self.bits for t in new_tables], np.int64)]))
         # refcounts and guest data are independent of each other: one flush covers both
         self.meta.commit(flush=False)
         # --- guest data
@@ -402,9 +449,8 @@ class GuestWriter:
                 new_ent = np.where(keep, (host.astype(np.uint64) | COPIED | ZERO), ZERO)
             release_host = host[has_host & ~keep]
             release_comp = ent[comp]
-            for t in tables:
-                if t[2] != "own":
-                    t.append(int(self.meta.allocate(1)[0]) << self.bits)
+            self._refuse_unshared(host[has_host & ~copied], tables)
+            self._new_tables(tables)
             self.meta.commit()
             self._store(tables, ent_new=new_ent, bmp_new=None, c0=c0)
             self._release(release_host, release_comp, tables, punch=discard)
@@ -432,9 +478,8 @@ class GuestWriter:
                            np.where(meta_ok, (bmp & ~zbits) | (zbits << np.uint64(32)), bmp))
         release_host = host[drop & has_host]
         release_comp = ent[drop & comp]
-        for t in tables:
-            if t[2] != "own":
-                t.append(int(self.meta.allocate(1)[0]) << self.bits)
+        self._refuse_unshared(host[drop & has_host & ~copied], tables)
+        self._new_tables(tables)
         self.meta.commit()
         self._store(tables, ent_new=new_ent, bmp_new=new_bmp, c0=c0)
         self._release(release_host, release_comp, tables, punch=discard)

@@ -26,6 +26,10 @@ class SnapshotEntry:
     vm_state_size_large: int | None = None
     disk_size: int | None = None
     icount: int | None = None       # None when absent (or stored as -1)
+    # the bytes as stored, written back while id_str/name still show them (names that are
+    # not UTF-8 keep their length and bytes; their str forms carry replacement characters)
+    raw_id: bytes | None = None
+    raw_name: bytes | None = None
 
     @property
     def effective_vm_state_size(self) -> int:
@@ -54,11 +58,13 @@ def parse_snapshot_table(read, nb_snapshots: int, max_bytes: int) -> tuple[list,
             raise SnapshotTableError("snapshot table too large")
         body = read(off, var)
         extra = bytes(body[:f.extra_data_size])
-        id_str = bytes(body[f.extra_data_size:f.extra_data_size + f.id_str_size]).decode("utf-8", "replace")
-        name = bytes(body[f.extra_data_size + f.id_str_size:]).decode("utf-8", "replace")
+        raw_id = bytes(body[f.extra_data_size:f.extra_data_size + f.id_str_size])
+        raw_name = bytes(body[f.extra_data_size + f.id_str_size:])
         off = (off + var + 7) & ~7
-        e = SnapshotEntry(f.l1_table_offset, f.l1_size, id_str, name, f.date_sec, f.date_nsec,
-                          f.vm_clock_nsec, f.vm_state_size, extra)
+        e = SnapshotEntry(f.l1_table_offset, f.l1_size, raw_id.decode("utf-8", "replace"),
+                          raw_name.decode("utf-8", "replace"), f.date_sec, f.date_nsec,
+                          f.vm_clock_nsec, f.vm_state_size, extra, raw_id=raw_id,
+                          raw_name=raw_name)
         if len(extra) >= 8:
             e.vm_state_size_large = struct.unpack(">Q", extra[0:8])[0]
         if len(extra) >= 16:
@@ -68,6 +74,12 @@ def parse_snapshot_table(read, nb_snapshots: int, max_bytes: int) -> tuple[list,
             e.icount = None if ic == 0xFFFFFFFFFFFFFFFF else ic
         out.append(e)
     return out, off
+
+
+def _stored(text: str, raw: bytes | None) -> bytes:
+    if raw is not None and raw.decode("utf-8", "replace") == text:
+        return raw
+    return text.encode()
 
 
 def build_snapshot_entry(e: SnapshotEntry) -> bytes:
@@ -80,8 +92,8 @@ def build_snapshot_entry(e: SnapshotEntry) -> bytes:
             fields.append(0xFFFFFFFFFFFFFFFF if e.icount is None else e.icount)
     packed = struct.pack(">%dQ" % len(fields), *fields)
     extra[:len(packed)] = packed
-    idb = e.id_str.encode()
-    nameb = e.name.encode()
+    idb = _stored(e.id_str, e.raw_id)
+    nameb = _stored(e.name, e.raw_name)
     out = SnapshotEntryFixed.build(dict(
         l1_table_offset=e.l1_table_offset, l1_size=e.l1_size, id_str_size=len(idb),
         name_size=len(nameb), date_sec=e.date_sec, date_nsec=e.date_nsec,

@@ -390,8 +390,9 @@ class Allocator:
             self.end = min(self.end, end >> self.bits)
             self.free_hint = min(self.free_hint, self.end)
 
-    def allocate(self, n: int, contiguous: bool = False) -> np.ndarray:
-        """Allocate n clusters (refcount set to 1 in memory).  Returns their indices."""
+    def allocate(self, n: int, contiguous: bool = False, ignore=()) -> np.ndarray:
+        """Allocate n clusters (refcount set to 1 in memory).  Returns their indices.
+        ignore: metadata the overlap check leaves out (one being replaced)."""
         if n <= 0:
             return np.zeros(0, np.int64)
         got = []
@@ -410,16 +411,16 @@ class Allocator:
             if need == 0:
                 break
         out = np.concatenate(got)
-        self.refuse_overlap(out, what="a cluster")
+        self.refuse_overlap(out, ignore=ignore, what="a cluster")
         if not contiguous and len(out) and out[0] == self.free_hint:
             self.free_hint = int(out[-1]) + 1
         self.change(out, +1)
         return out
 
-    def allocate_bytes(self, nbytes: int) -> int:
+    def allocate_bytes(self, nbytes: int, ignore=()) -> int:
         """Allocate contiguous clusters for nbytes; returns the host byte offset."""
         n = -(-nbytes // self.cs)
-        return int(self.allocate(n, contiguous=True)[0]) << self.bits
+        return int(self.allocate(n, contiguous=True, ignore=ignore)[0]) << self.bits
 
     def free(self, clusters) -> None:
         self.change(clusters, -1)

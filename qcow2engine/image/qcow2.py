@@ -210,7 +210,7 @@ class Qcow2Image:
         self.l2_entry_size = 16 if self.extended_l2 else 8
         self.l2_entries = cs // self.l2_entry_size
         self.subcluster_size = cs // 32 if self.extended_l2 else cs
-        self.size = hdr.size
+        self.size = hdr.size // 512 * 512          # QEMU counts whole sectors only
         if hdr.size > INT64_MAX:
             raise InvalidImageError("Image size too large: %d" % hdr.size)
         l2_coverage = self.l2_entries * cs

@@ -179,3 +179,51 @@ def fix_copied_flags(img) -> int:
         alloc.set_l1_entries(idx, l1[idx] ^ COPIED)
         alloc.flush()
     return fixed
+
+
+def refuse_damaged_metadata(img) -> None:
+    """Before anything is allocated, shared or freed in img: refuse an image whose active
+    L1 table, refcount table or snapshot table overlaps other metadata, or whose snapshot
+    table entries cannot be right (QEMU's own check calls each of these an error), so no
+    new reference is handed out over what a bogus entry claims.  Cheap: the tables are
+    parsed at open; no L2 table is read.  Checked once per open image."""
+    if getattr(img, "_snapshot_table_ok", False):
+        return
+    snaps = img.snapshots
+    h = img.header
+    cs = img.cluster_size
+    import os
+    size = -(-os.fstat(img.fd).st_size // cs) * cs   # the last cluster may be cut short
+    why = None
+    if snaps and (h.snapshots_offset < cs or
+                  h.snapshots_offset + getattr(img, "snapshot_table_size", 0) > size):
+        why = "the snapshot table at %#x overlaps the header or lies past the end of the " \
+              "file" % h.snapshots_offset
+    for i, sn in enumerate(snaps if why is None else ()):
+        off, n = sn.l1_table_offset, sn.l1_size
+        if img.version >= 3 and len(sn.extra_data) < 16:
+            why = "snapshot table entry %d is incomplete" % i
+        elif n * 8 > C.MAX_L1_SIZE_BYTES:
+            why = "snapshot table entry %d has an L1 table of %d entries" % (i, n)
+        elif n and (off % cs or off < cs or off + 8 * n > size):
+            why = "the L1 table of snapshot table entry %d (offset %#x) is not cluster " \
+                  "aligned, overlaps the header or lies past the end of the file" % (i, off)
+        if why:
+            break
+    if why is None:
+        alloc = img.allocator
+        n1 = -(-h.l1_size * 8 // cs)
+        for name, first, count, me in (
+                ("active L1 table", h.l1_table_offset // cs, n1, "active_l1"),
+                ("refcount table", h.refcount_table_offset // cs, h.refcount_table_clusters,
+                 "refcount_table"),
+                ("snapshot table", h.snapshots_offset // cs,
+                 -(-(getattr(img, "snapshot_table_size", 0) or 1) // cs), "snapshot_table")):
+            if count and (name != "snapshot table" or snaps):
+                other = alloc.overlap(first, count, ignore={me, "active_l2"})
+                if other is not None:
+                    why = "the %s overlaps the %s" % (name, other)
+                    break
+    if why:
+        raise CorruptImageError("Refusing to write: %s; run check -r all first" % why)
+    img._snapshot_table_ok = True

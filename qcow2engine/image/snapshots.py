@@ -25,7 +25,8 @@ from ..format.entries import to_be64
 from ..format.snapshot import SnapshotEntry, build_snapshot_entry
 from . import metadata
 from .qcow2 import Qcow2Image
-from .references import ReachableTree, add_tree, fix_copied_flags, refuse_damaged_tree
+from .references import (ReachableTree, add_tree, fix_copied_flags, refuse_damaged_metadata,
+                         refuse_damaged_tree)
 
 COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
 MAX_NAME = 255
@@ -51,6 +52,7 @@ def _check_writable(img: Qcow2Image) -> None:
                             "data file")
     if img.encrypted:
         raise SnapshotError("Internal snapshots of encrypted images are not supported")
+    refuse_damaged_metadata(img)
 
 
 def _write_table(img: Qcow2Image, snaps: list) -> None:

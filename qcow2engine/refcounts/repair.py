@@ -114,22 +114,44 @@ def _fix_snapshot_table(img: Qcow2Image) -> int:
         return 0
     cs = img.cluster_size
     h = img.header
+    limit = -(-img.file_size // cs) * cs         # the last cluster may be cut short
+    alloc = img.allocator
+    # entries whose L1 table cannot be one (unaligned, too large, past the end, on the
+    # header or other metadata) hold no readable snapshot: they are dropped (qemu-img
+    # keeps them and stays unclean)
+    keep = [sn for sn in snaps if not _bogus_l1(img, alloc, sn, limit)]
+    dropped = len(snaps) - len(keep)
     from ..image.snapshots import complete_entries
-    fixed = complete_entries(img, snaps) if img.version >= 3 else 0
-    past_end = h.snapshots_offset + img.snapshot_table_size > img.file_size
-    if not fixed and not past_end:
+    fixed = complete_entries(img, keep) if img.version >= 3 else 0
+    misplaced = h.snapshots_offset < cs or h.snapshots_offset + img.snapshot_table_size > limit
+    if not fixed and not misplaced and not dropped:
         return 0
     from ..format.snapshot import build_snapshot_entry
     from ..host import fileio
-    data = b"".join(build_snapshot_entry(s) for s in snaps)
-    alloc = img.allocator
-    off = alloc.allocate_bytes(len(data))
-    alloc.commit()
-    fileio.pwrite(img.fd, data, off)
-    alloc.flush()
-    metadata.switch_snapshot_table(img, snaps, off, len(data))
+    data = b"".join(build_snapshot_entry(s) for s in keep)
+    off = 0
+    if keep:
+        # the table being replaced may reach past the end of the file, over free clusters
+        off = alloc.allocate_bytes(len(data), ignore={"snapshot_table"} if misplaced else ())
+        alloc.commit()
+        fileio.pwrite(img.fd, data, off)
+        alloc.flush()
+    metadata.switch_snapshot_table(img, keep, off, len(data))
     img.forget_tables()
-    return max(fixed, 1)
+    return max(fixed + dropped, 1)
+
+
+def _bogus_l1(img: Qcow2Image, alloc, sn, limit: int) -> bool:
+    cs = img.cluster_size
+    off, n = sn.l1_table_offset, sn.l1_size
+    if n * 8 > C.MAX_L1_SIZE_BYTES or off % cs:
+        return True
+    if not n:
+        return False
+    if off < cs or off + 8 * n > limit:
+        return True
+    return alloc.overlap(off // cs, -(-8 * n // cs),
+                         ignore={"inactive_l1", "snapshot_table"}) is not None
 
 
 def _drop_wild_entries(img: Qcow2Image) -> int:
@@ -151,6 +173,15 @@ def _drop_wild_entries(img: Qcow2Image) -> int:
             l1[i] = 0
             metadata.write_entries(img, l1_off + 8 * i, l1[i:i + 1])
             fixed += 1
+        # a "table" on other metadata (header, refcount structures, L1 tables): the entry
+        # goes, the metadata is never written as an L2 table
+        on_meta = [i for i in np.flatnonzero((offs != 0) & (offs % cs == 0)).tolist()
+                   if alloc.overlap(int(offs[i]) // cs, 1, ignore={"active_l2"}) is not None]
+        for i in on_meta:
+            l1[i] = 0
+            metadata.write_entries(img, l1_off + 8 * i, l1[i:i + 1])
+            fixed += 1
+        offs[on_meta] = 0
         for o in np.unique(offs[(offs != 0) & (offs % cs == 0) & (offs + cs - fsize < cs)]).tolist():
             if o in seen:
                 continue

@@ -186,3 +186,123 @@ def test_repair_builds_a_refcount_table_past_the_end_inside_the_file(tmp_path):
     import os
     assert os.stat(p).st_size < 1 << 20
     assert _qi("check", p)[0] == 0
+
+
+# ---- found by the 2,000-mutant run of session 21 (tests/helpers/fuzz.py seeds in brackets)
+
+def _corruptions(p):
+    return qemu_img_check(p)[1].get("corruptions", 0)
+
+
+def _refcount_entry(p, cluster):
+    """File offset of cluster's 16-bit refcount (first refcount block)."""
+    return (_hdr(p, _rt(p), ">Q") & ~0x1FF) + 2 * cluster
+
+
+def _assert_refused_unchanged(p, before, err, needle):
+    _one_line(err)
+    assert needle in err, err
+    after = p.read_bytes()
+    diff = [i for i in range(min(len(before), len(after))) if before[i] != after[i]]
+    assert len(after) == len(before) and all(72 <= i < 80 for i in diff), diff
+
+
+def test_l1_entry_at_the_header_is_unallocated_for_writes(bases, tmp_path):
+    """Offset 0 in an L1 entry means "no table" (docs/interop/qcow2.rst), with COPIED set
+    or not: a write allocates a new table (qemu-io 7.2 aborts on an assertion here) and a
+    snapshot refuses the damaged entry."""
+    p = _copy(bases, "plain", tmp_path)
+    _poke(p, _l1(p), ">Q", 1 << 63)
+    q = tmp_path / "snap_copy.qcow2"
+    shutil.copy(p, q)
+    before = q.read_bytes()
+    rc, out, err = engine("io", "-c", "write -P 0xab 0 64k", p, catch_exit=True)
+    assert rc == 0, err
+    assert _corruptions(p) == 0
+    qemu_io(p, "read -P 0xab 0 64k", "read -P 0 64k 64k", read_only=True)
+    rc, out, err = engine("snapshot", "-c", "s1", q, catch_exit=True)
+    assert rc == 1
+    _assert_refused_unchanged(q, before, err, "L1 entry 0 is damaged")
+
+
+def test_write_refuses_a_cluster_an_l2_entry_already_claims(bases, tmp_path):
+    """[compressed.qcow2 42] An L2 entry points at the first free cluster past the end; the
+    next allocation would hand that very cluster out again (qemu-io does, and adds a
+    corruption)."""
+    p = _copy(bases, "plain", tmp_path)
+    l2 = _hdr(p, _l1(p), ">Q") & 0x00FFFFFFFFFFFE00
+    end = -(-p.stat().st_size // CS) * CS
+    _poke(p, l2 + 8 * 10, ">Q", end | (1 << 63))         # guest cluster 10 -> past the end
+    n0 = _corruptions(p)
+    before = p.read_bytes()
+    rc, out, err = engine("io", "-c", "write -P 0xab 256k 64k", p, catch_exit=True)
+    assert rc == 1
+    _assert_refused_unchanged(p, before, err, "Preventing invalid allocation")
+    assert _corruptions(p) == n0
+
+
+def test_write_refuses_copy_on_write_of_a_shared_table_counted_once(bases, tmp_path):
+    """[snapshots.qcow2 389] The L2 table shared with a snapshot has refcount 1: copying it
+    on write would free it under the snapshot (qemu-io does: thousands of errors)."""
+    p = _copy(bases, "snap", tmp_path)
+    l2 = _hdr(p, _l1(p), ">Q") & 0x00FFFFFFFFFFFE00
+    _poke(p, _refcount_entry(p, l2 // CS), ">H", 1)
+    n0 = _corruptions(p)
+    before = p.read_bytes()
+    rc, out, err = engine("io", "-c", "write -P 0xab 0 64k", p, catch_exit=True)
+    assert rc == 1
+    _assert_refused_unchanged(p, before, err, "Preventing invalid copy-on-write")
+    assert _corruptions(p) == n0
+    rc, out, err = engine("check", "-r", "all", p, catch_exit=True)
+    assert rc == 0, err
+    qrc, q, _ = qemu_img_check(p)
+    assert qrc == 0, q
+
+
+@pytest.mark.parametrize("cmd", [["io", "-c", "write -P 0xab 0 64k"], ["snapshot", "-c", "s9"],
+                                 ["snapshot", "-d", "snap1"]])
+def test_bogus_snapshot_table_refuses_writes(bases, tmp_path, cmd):
+    """[v2.qcow2 134, extl2.qcow2 443] nb_snapshots raised on an image without snapshots:
+    the "table" at offset 0 is the header; QEMU's snapshot -c then destroys the image."""
+    p = _copy(bases, "plain", tmp_path)
+    _poke(p, 60, ">I", 3)
+    before = p.read_bytes()
+    rc, out, err = engine(*cmd, p, catch_exit=True)
+    assert rc == 1
+    _assert_refused_unchanged(p, before, err, "run check -r all first")
+    rc, out, err = engine("check", "-r", "all", p, catch_exit=True)
+    assert rc == 0, err
+    assert qemu_img_check(p)[0] == 0
+
+
+def test_snapshot_names_that_are_not_utf8_keep_their_bytes(bases, tmp_path):
+    """[snapshots.qcow2 1005] Names and IDs are kept as stored when the table is rewritten
+    (a decoded-and-re-encoded name grew past its 16-bit length field)."""
+    p = _copy(bases, "snap", tmp_path)
+    off = _hdr(p, 64, ">Q")
+    ext = _hdr(p, off + 36, ">I")
+    id_len = _hdr(p, off + 12, ">H")
+    _poke(p, off + 40 + ext + id_len, ">5s", b"\xffn\xfe\x80p")   # "snap1" -> not UTF-8
+    listed = qemu_img("snapshot", "-l", p, check=True).out
+    rc, out, err = engine("snapshot", "-c", "s2", p, catch_exit=True)
+    assert rc == 0, err
+    assert qemu_img_check(p)[0] == 0
+    after = qemu_img("snapshot", "-l", p, check=True).out.splitlines()
+    assert after[2].split()[:2] == listed.splitlines()[2].split()[:2]
+    with open(p, "rb") as f:
+        f.seek(_hdr(p, 64, ">Q"))
+        assert b"\xffn\xfe\x80p" in f.read(4096)
+
+
+def test_header_size_counts_whole_sectors_like_qemu(bases, tmp_path):
+    """[v3.qcow2 1159] A size of 1 byte: QEMU sees 0 bytes (whole 512-byte sectors)."""
+    p = _copy(bases, "plain", tmp_path)
+    _poke(p, 24, ">Q", 512 * 3 + 7)
+    rc, out, err = engine("info", "--output=json", p, catch_exit=True)
+    import json
+    assert json.loads(out)["virtual-size"] == \
+        json.loads(qemu_img("info", "--output=json", p, check=True).out)["virtual-size"] == 1536
+    rc, _, err = engine("convert", "-O", "raw", p, tmp_path / "e.raw", catch_exit=True)
+    assert rc == 0, err
+    qemu_img("convert", "-O", "raw", p, tmp_path / "q.raw", check=True)
+    assert (tmp_path / "e.raw").read_bytes() == (tmp_path / "q.raw").read_bytes()

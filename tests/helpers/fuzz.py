@@ -74,6 +74,9 @@ HEADER_FIELDS = [  # (offset, size)
 
 
 def _u(data, off, fmt):
+    """The field at off, or 0 where an earlier mutation cut the file shorter."""
+    if off < 0 or off + struct.calcsize(fmt) > len(data):
+        return 0
     return struct.unpack_from(fmt, data, off)[0]
 
 

@@ -52,8 +52,13 @@ def _write_nonzero(fd: int, buf: np.ndarray, offset: int, block: int) -> None:
 
 
 def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
-                   threads: int = 2, create: bool = True, cancel=None) -> OpResult:
-    """Copy the guest view of `chain` into the raw file `dst` (holes where zero)."""
+                   threads: int = 2, create: bool = True, cancel=None,
+                   target_is_zero: bool = False) -> OpResult:
+    """Copy the guest view of `chain` into the raw file `dst` (holes where zero).  With
+    create=False, dst exists and must be large enough; its ranges where the source reads
+    zeros are written with zeros unless target_is_zero (a character device such as
+    /dev/null, qemu-img's null-co://, takes everything)."""
+    import stat
     size = chain.size
     flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
     try:
@@ -64,8 +69,11 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
     try:
         if create:
             fileio.ftruncate(fd, size)
+        elif stat.S_ISCHR(os.fstat(fd).st_mode):
+            target_is_zero = True           # nothing to read back: write the data only
         elif os.lseek(fd, 0, os.SEEK_END) < size:
             raise InvalidRequestError("output file is smaller than input file")
+        zeros_too = not create and not target_is_zero
         for layer in chain.layers:
             img = getattr(layer, "image", None)
             if img is not None:
@@ -76,7 +84,7 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
             base, length, ex = task
             buf = np.zeros(length, np.uint8)
             chain.read_extents_into(buf, base, ex)
-            if not create:
+            if zeros_too:
                 fileio.pwrite(fd, buf, base)
             else:
                 _write_nonzero(fd, buf, base, min_sparse)
@@ -86,7 +94,7 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
             futures = []
             try:
                 for ex in chain.iter_extents(0, size):
-                    for task in _chunk_tasks(ex, not create):
+                    for task in _chunk_tasks(ex, zeros_too):
                         check_cancel(cancel)
                         futures.append(pool.submit(work, task))
                         if len(futures) >= 8:
@@ -208,10 +216,12 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
     return OpResult("convert", outcome, (dst,), bytes_copied=done, target=dst)
 
 
-def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None) -> OpResult:
+def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None,
+                       target_is_zero: bool = False) -> OpResult:
     """`convert -n`: copy the guest view of chain into the existing qcow2 image dst (at
     least as large): data where the source has data, zeros where the source reads zeros
-    and dst may not (dst's other ranges already read zeros and are left alone)."""
+    and dst may not (dst's other ranges already read zeros and are left alone; with
+    target_is_zero, the caller vouches that all of dst does)."""
     from .session import open_chain
     target = open_chain(dst, "qcow2", writable=True)
     size = chain.size
@@ -231,7 +241,8 @@ def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None) -> OpResu
                     buf = np.zeros(min(c + SPAN, b) - c, np.uint8)
                     chain.read_into(buf, c, zeroed=True)
                     target.write(c, buf)
-            for a, b in zip(ex.starts[~data].tolist(), ex.ends[~data].tolist()):
+            for a, b in zip(ex.starts[~data].tolist() if not target_is_zero else (),
+                            ex.ends[~data].tolist()):
                 tx = target.extents(a, b)
                 nz = ~zero_kinds[tx.kinds]
                 for ta, tb in zip(tx.starts[nz].tolist(), tx.ends[nz].tolist()):

@@ -187,6 +187,9 @@ def build_parser():
     s.add_argument("-r", dest="read_only", action="store_true")
     s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("filename")
+    from .verbs import add_parsers
+    add_parsers(sub, _size)
+    _add_common(sub.choices)
     return p
 
 
@@ -197,14 +200,161 @@ def _subparsers(parser):
     return {}
 
 
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+# options qemu-img 7.2 takes on these verbs that change nothing here (every write of the
+# engine is crash-safe whatever the cache mode; --object defines secrets for encrypted
+# images, which are read only by `info`/`check`)
+COMMON = {
+    "amend": ("--object", "--image-opts", "-t", "--force"),
+    "check": ("--object", "--image-opts", "-T"),
+    "commit": ("--object", "--image-opts"),
+    "compare": ("--object", "--image-opts"),
+    "convert": ("--object", "--image-opts", "--target-image-opts", "--target-is-zero", "-C",
+                "-r"),
+    "create": ("--object",),
+    "info": ("--object", "--image-opts"),
+    "map": ("--object", "--image-opts"),
+    "measure": ("--object", "--image-opts"),
+    "snapshot": ("--object", "--image-opts"),
+    "rebase": ("--object", "--image-opts", "-U"),
+    "resize": ("--object", "--image-opts"),
+}
+_COMMON_SPEC = {
+    "--object": dict(dest="objects", action="append", default=[]),
+    "--image-opts": dict(dest="image_opts", action="store_true"),
+    "--target-image-opts": dict(dest="target_image_opts", action="store_true"),
+    "--target-is-zero": dict(dest="target_is_zero", action="store_true"),
+    "--force": dict(dest="force", action="store_true"),
+    "-t": dict(dest="cache"),
+    "-T": dict(dest="src_cache"),
+    "-C": dict(dest="copy_offload", action="store_true"),
+    "-r": dict(dest="rate"),
+    "-U": dict(dest="force_share", action="store_true"),
+}
+
+
+def _add_common(subs) -> None:
+    for verb, opts in COMMON.items():
+        sp = subs[verb]
+        have = {o for a in sp._actions for o in a.option_strings}
+        for o in opts:
+            if o not in have:
+                sp.add_argument(o, **_COMMON_SPEC[o])
+
+
+def _check_common(args) -> None:
+    """Cache modes as qemu-img validates them; filenames with a protocol prefix, a json:
+    description or --image-opts option strings resolved to a plain file."""
+    for attr, what in (("cache", "cache"), ("src_cache", "source cache")):
+        v = getattr(args, attr, None)
+        if v is not None and v not in CACHE_MODES:
+            raise UsageError("Invalid %s option: %s" % (what, v))
+    if getattr(args, "target_is_zero", False) and not args.no_create:
+        raise UsageError("--target-is-zero requires use of -n flag")
+    opts = getattr(args, "image_opts", False)
+    if opts and getattr(args, "fmt", None):
+        raise UsageError("--image-opts and --format are mutually exclusive")
+    for attr in ("filename", "filename1", "filename2"):
+        name = getattr(args, attr, None)
+        if name is None:
+            continue
+        path, drv, snap = _image_spec(name, opts)
+        setattr(args, attr, path)
+        fattr = {"filename2": "fmt2", "filename1": "fmt1"}.get(attr, "fmt")
+        if drv and hasattr(args, fattr) and getattr(args, fattr) is None:
+            setattr(args, fattr, drv)
+        if snap and hasattr(args, "snapshot"):
+            args.snapshot = snap
+    out = getattr(args, "output", None)
+    if args.cmd == "convert" and out is not None:
+        if out == "null-co://":
+            if not args.no_create:
+                raise UsageError("Protocol driver 'null-co' does not support image creation")
+            args.output = os.devnull
+        else:
+            path, drv, _ = _image_spec(out, getattr(args, "target_image_opts", False))
+            args.output = path
+            if drv:
+                args.out_fmt = drv
+
+
+_IGNORED_KEYS = ("cache.", "file.cache.", "file.locking", "file.aio", "aio", "locking",
+                 "discard", "detect-zeroes", "read-only", "auto-read-only", "force-share")
+
+
+def _image_spec(name: str, image_opts: bool = False):
+    """(path, driver or None, snapshot or None) of a filename as qemu-img reads it: a plain
+    path; `file:PATH`; `json:{...}` or (with --image-opts) `driver=qcow2,file.filename=...`
+    describing a qcow2 or raw image on a file.  Any other protocol is refused with
+    qemu-img's message."""
+    import json
+    from ..errors import InvalidImageError
+    from ..host.paths import has_protocol
+    if image_opts:
+        opts = {}
+        # qemu's option syntax: key=value pairs, a doubled comma is a literal comma
+        for part in name.replace(",,", "\0").split(","):
+            k, _, v = part.partition("=")
+            opts[k] = v.replace("\0", ",")
+    elif name.startswith("json:"):
+        try:
+            tree = json.loads(name[5:])
+        except ValueError as e:
+            raise InvalidImageError("Could not open '%s': JSON parse error: %s" % (name, e)) \
+                from None
+        opts = {}
+
+        def flat(d, prefix=""):
+            for k, v in (d.items() if isinstance(d, dict) else ()):
+                if isinstance(v, dict):
+                    flat(v, prefix + k + ".")
+                else:
+                    opts[prefix + k] = v if isinstance(v, str) else json.dumps(v)
+        flat(tree)
+    elif name.startswith("file:"):
+        return name[5:], None, None
+    elif has_protocol(name):
+        raise InvalidImageError("Could not open '%s': Unknown protocol '%s'"
+                                % (name, name.split(":", 1)[0]))
+    else:
+        return name, None, None
+    drv = opts.pop("driver", None)
+    if drv == "file":               # the protocol alone: the file's bytes are the disk
+        path, drv = opts.pop("filename", None), "raw"
+    elif drv in ("qcow2", "raw", None):         # no driver: the format is probed
+        fdrv = opts.pop("file.driver", "file")
+        if fdrv != "file":
+            raise InvalidImageError("Could not open '%s': Unknown protocol '%s'" % (name, fdrv))
+        path = opts.pop("file.filename", None)
+    else:
+        raise InvalidImageError("Could not open '%s': Unknown driver '%s'" % (name, drv))
+    if not path:
+        raise InvalidImageError("Could not open '%s': A block device must be specified for "
+                                "\"file\"" % name)
+    snap = None
+    for k in ("snapshot.name", "snapshot.id"):
+        if k in opts:
+            snap = "%s=%s" % (k, opts.pop(k))
+    extra = [k for k in opts if not k.startswith(_IGNORED_KEYS)]
+    if extra:
+        raise InvalidImageError("Could not open '%s': Block format '%s' does not support the "
+                                "option '%s'" % (name, drv or "file", extra[0]))
+    return path, drv, snap
+
+
 def parse_verb_args(parser, argv):
     """Parse `VERB ARGS...` the way qemu-img's getopt does: options and operands in any
     order, `--` ends the options.  resize takes its last argument as the size before the
     options are parsed (so `-1G` is a size, not an option), as qemu-img does."""
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.parse_args(argv)     # prints the help and exits
+    if not argv:
         return None
     verb, rest = argv[0], argv[1:]
+    opts = rest[:rest.index("--")] if "--" in rest else rest
+    if verb in ("-h", "--help") or "-h" in opts or "--help" in opts:
+        from .help import print_help
+        print_help()
+        raise SystemExit(0)
     subs = _subparsers(parser)
     if verb not in subs:
         raise UsageError("Command not found: %s" % verb)
@@ -245,12 +395,16 @@ def main(argv=None) -> int:
         _err(str(e))
         return 1
     if args is None or not args.cmd:
-        parser.print_help()
+        _err("Not enough arguments")
         return 1
     from ..errors import Qcow2Error
     handler = globals()["cmd_" + args.cmd]
     try:
+        _check_common(args)
         return handler(args)
+    except UsageError as e:
+        _err(str(e))
+        return 2 if args.cmd == "compare" else 1
     except Qcow2Error as e:
         _err(str(e))
         return getattr(args, "_error_code", 1)
@@ -422,10 +576,11 @@ def cmd_convert(args) -> int:
         progress = _progress(args, "convert")
         if args.out_fmt == "raw":
             convert_to_raw(chain, args.output, min_sparse=args.sparse, progress=progress,
-                           create=not args.no_create)
+                           create=not args.no_create, target_is_zero=args.target_is_zero)
         elif args.no_create:
             from ..chain.convert import convert_into_qcow2
-            convert_into_qcow2(chain, args.output, progress=progress)
+            convert_into_qcow2(chain, args.output, progress=progress,
+                               target_is_zero=args.target_is_zero)
         else:
             convert_to_qcow2(chain, args.output, ",".join(args.options) or None,
                              compress=args.compress, backing=args.backing,
@@ -439,18 +594,28 @@ def cmd_convert(args) -> int:
 
 
 def _progress(args, what: str):
-    """A progress bar with rate and ETA (tqdm, on stderr) when -p was given."""
+    """qemu-img's -p output on stdout: `    (NN.NN/100%)` and a carriage return at each
+    whole percent, 100% and a newline at the end (progress.close())."""
     if not getattr(args, "progress", False) or getattr(args, "quiet", False):
         return None
-    from tqdm import tqdm
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
-               dynamic_ncols=True, leave=True)
+    state = {"last": -1}
+
+    def show(pct):
+        sys.stdout.write("    (%3.2f/100%%)\r" % pct)
+        sys.stdout.flush()
 
     def cb(done, total):
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
-    cb.close = bar.close
+        pct = 100.0 * done / total if total else 100.0
+        if int(pct) != state["last"]:
+            state["last"] = int(pct)
+            show(pct)
+
+    def close():
+        show(100.0)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    show(0.0)
+    cb.close = close
     return cb
 
 
@@ -609,15 +774,11 @@ def cmd_io(args) -> int:
     return run(args)
 
 
-def _progress_printer():
-    state = {"last": -1.0}
+def cmd_dd(args) -> int:
+    from .verbs import cmd_dd as run
+    return run(args)
 
-    def cb(done, total):
-        pct = 100.0 * done / total if total else 100.0
-        if pct - state["last"] >= 1.0 or done == total:
-            state["last"] = pct
-            sys.stdout.write("    (%.2f/100%%)\r" % pct)
-            if done == total:
-                sys.stdout.write("\n")
-            sys.stdout.flush()
-    return cb
+
+def cmd_bench(args) -> int:
+    from .verbs import cmd_bench as run
+    return run(args)

@@ -53,6 +53,8 @@ class GuestWriter:
         self.data_fd = self.img.data_fd_for_write() if self.img.has_data_file else self.img.fd
         from ..image.references import refuse_damaged_metadata
         refuse_damaged_metadata(self.img)
+        from ..image.bitmaps import tracker
+        self.bitmaps = tracker(self.img)        # None: no enabled persistent bitmap
 
     @property
     def meta(self):
@@ -114,6 +116,7 @@ class GuestWriter:
         """Store guest clusters c0+idx as compressed clusters (blobs: the compressed bytes of
         each, packed back to back); clusters whose blob would not be smaller are written
         normally from `clusters` (the uncompressed data of clusters c0.. as one array)."""
+        self._check_range(c0 * self.cs, min(len(clusters), self.img.size - c0 * self.cs))
         cs = self.cs
         if self.img.has_data_file:
             raise UnsupportedFeatureError("Compression is not supported with external data files")
@@ -172,6 +175,7 @@ class GuestWriter:
         tree = ReachableTree(img, img.l1_table.copy())
         if not len(tree.used):
             return
+        self._check_range(0, img.size)
         add_tree(self.meta, tree, -1)           # computed (and validated) in memory first
         self.meta.set_l1_entries(tree.used, 0)
         self.meta.flush()
@@ -179,9 +183,13 @@ class GuestWriter:
         self.meta.trim_file()                    # give the space back, as QEMU does
 
     def _check_range(self, offset: int, length: int) -> None:
+        """Refuse a request outside the disk; note it in the enabled dirty bitmaps (before
+        any of its data moves)."""
         if offset < 0 or length < 0 or offset + length > self.img.size:
             raise InvalidRequestError("request [%d, %d) is outside the disk (size %d)"
                              % (offset, offset + length, self.img.size))
+        if self.bitmaps is not None:
+            self.bitmaps.record(offset, length)
 
     def _write_zero_data(self, offset: int, length: int) -> None:
         step = 64 << 20

@@ -782,3 +782,8 @@ def cmd_dd(args) -> int:
 def cmd_bench(args) -> int:
     from .verbs import cmd_bench as run
     return run(args)
+
+
+def cmd_bitmap(args) -> int:
+    from .verbs import cmd_bitmap as run
+    return run(args)

@@ -10,6 +10,7 @@ CHUNK = 16 << 20
 
 
 def add_parsers(sub, size_type) -> None:
+    add_bitmap_parser(sub, size_type)
     s = sub.add_parser("dd", help="copy a range of an image's guest data to a new image")
     s.add_argument("-f", dest="fmt")
     s.add_argument("-O", dest="out_fmt", default="raw")
@@ -34,6 +35,71 @@ def add_parsers(sub, size_type) -> None:
     s.add_argument("-w", dest="write", action="store_true")
     s.add_argument("-U", "--force-share", action="store_true")
     s.add_argument("filename")
+
+
+class _BitmapAction:
+    """argparse action factory: each of --add/--remove/... appends (name, value) to
+    args.actions, in the order given."""
+
+    @staticmethod
+    def make(kind):
+        import argparse
+
+        class A(argparse.Action):
+            def __call__(self, parser, ns, values, option_string=None):
+                ns.actions = (ns.actions or []) + [(kind, values)]
+        return A
+
+
+def add_bitmap_parser(sub, size_type) -> None:
+    s = sub.add_parser("bitmap", help="add, remove, clear, enable, disable or merge "
+                                      "persistent dirty bitmaps")
+    s.set_defaults(actions=[])
+    for kind in ("add", "remove", "clear", "enable", "disable"):
+        s.add_argument("--" + kind, nargs=0, action=_BitmapAction.make(kind))
+    s.add_argument("--merge", action=_BitmapAction.make("merge"))
+    s.add_argument("-b", dest="source_file")
+    s.add_argument("-F", dest="source_fmt")
+    s.add_argument("-g", dest="granularity", type=size_type)
+    s.add_argument("-f", dest="fmt")
+    s.add_argument("--object", dest="objects", action="append", default=[])
+    s.add_argument("--image-opts", dest="image_opts", action="store_true")
+    s.add_argument("filename")
+    s.add_argument("bitmap")
+
+
+def cmd_bitmap(args) -> int:
+    from ..chain.session import Session
+    from ..errors import Qcow2Error
+    from ..image import bitmaps as B
+    if not args.actions:
+        raise InvalidRequestError("Need at least one of --add, --remove, --clear, --enable, "
+                                  "--disable, or --merge")
+    if args.granularity is not None and not any(k == "add" for k, _ in args.actions):
+        raise InvalidRequestError("granularity only supported with --add")
+    if args.source_file and not any(k == "merge" for k, _ in args.actions):
+        raise InvalidRequestError("-b only supported with --merge")
+    with Session() as s:
+        img = s.open_file(args.filename, args.fmt or "qcow2", writable=True)
+        src = img
+        if args.source_file:
+            src = s.open_file(args.source_file, args.source_fmt)
+        for kind, value in args.actions:
+            try:
+                if kind == "add":
+                    B.add_bitmap(img, args.bitmap, args.granularity)
+                elif kind == "remove":
+                    B.remove_bitmap(img, args.bitmap)
+                elif kind == "clear":
+                    B.clear_bitmap(img, args.bitmap)
+                elif kind in ("enable", "disable"):
+                    B.set_enabled(img, args.bitmap, kind == "enable")
+                else:
+                    B.merge_bitmap(img, args.bitmap, src, value)
+            except Qcow2Error as e:
+                raise B.BitmapError("Operation %s on bitmap %s failed: %s"
+                                    % (kind, args.bitmap, e)) from None
+    return 0
 
 
 def _dd_operands(operands):

@@ -330,6 +330,9 @@ class Qcow2Image:
         try:
             if getattr(self, "writable", False) and getattr(self, "fd", None) is not None:
                 from ..host import fileio
+                t = getattr(self, "_bitmap_tracker", None)
+                if t is not None:
+                    t.store()           # the bits of what was written, then "in use" off
                 if getattr(self, "data_fd", None) is not None:
                     fileio.fsync(self.data_fd)
                 fileio.fsync(self.fd)

@@ -43,6 +43,9 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False, backing_si
         return
     if img.version < 3 and img.snapshots:
         raise ResizeError("Can't resize a v2 image which has snapshots")
+    if img.bitmaps:
+        raise ResizeError("Resizing an image with persistent dirty bitmaps is not supported "
+                          "(remove them with 'bitmap --remove' first)")
     if size < img.size and not shrink:
         raise ResizeError("Use the --shrink option to perform a shrink operation.")
     cs = img.cluster_size

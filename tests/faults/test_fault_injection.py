@@ -267,6 +267,14 @@ def b_grow_over_backing(d: Path) -> Path:
     return img
 
 
+def b_bitmap(d: Path) -> Path:
+    # an enabled persistent bitmap: the write marks it in use, and closing stores its bits
+    img = create_image(d, "img.qcow2", 8 * MiB, opts="cluster_size=64k")
+    qemu_io(img.name, "write -P 0xb1 0 1M", cwd=d)
+    run("qemu-img", "bitmap", "--add", img.name, "b0", cwd=d)
+    return img
+
+
 def b_shrink_512(d: Path) -> Path:
     # 512-byte clusters: the shrink unhooks refcount blocks left empty and cuts the file
     img = create_image(d, "img.qcow2", 1 * MiB, opts="cluster_size=512,refcount_bits=64")
@@ -346,6 +354,7 @@ SCENARIOS = [
     Scenario("resize_grow_4k", b_grow, op_resize(12 * MiB), m_resize(12 * MiB), kind="resize"),
     Scenario("resize_shrink_64k", b_shrink, op_resize(4 * MiB, shrink=True),
              m_resize(4 * MiB), kind="resize"),
+    Scenario("write_bitmap", b_bitmap, op_write(3 * MiB + 100, D1), m_write(3 * MiB + 100, D1)),
     Scenario("resize_grow_over_backing", b_grow_over_backing, op_resize(3 * MiB),
              m_resize(3 * MiB), kind="resize"),
     Scenario("resize_shrink_512", b_shrink_512, op_resize(256 * KiB, shrink=True),

@@ -102,6 +102,8 @@ def build_parser():
     s.add_argument("-c", dest="compress", action="store_true")
     s.add_argument("-B", dest="backing")
     s.add_argument("-F", dest="backing_fmt")
+    s.add_argument("--bitmaps", action="store_true")
+    s.add_argument("--skip-broken-bitmaps", dest="skip_broken", action="store_true")
     s.add_argument("filename")
     s.add_argument("output")
 
@@ -564,6 +566,9 @@ def cmd_convert(args) -> int:
     if args.out_fmt == "raw" and (args.compress or args.backing):
         _err("Compression and backing files need -O qcow2")
         return 1
+    if args.bitmaps and args.out_fmt != "qcow2":
+        _err("Format driver '%s' does not support bitmaps" % args.out_fmt)
+        return 1
     if args.no_create and args.compress:
         _err("Compressed writes into an existing image (-c with -n) are not supported")
         return 1
@@ -588,6 +593,14 @@ def cmd_convert(args) -> int:
                              progress=progress)
         if progress:
             progress.close()
+        if args.bitmaps:
+            from ..chain.session import open_file
+            from ..image.bitmaps import copy_bitmaps
+            dst = open_file(args.output, "qcow2", writable=True)
+            try:
+                copy_bitmaps(chain.top.image, dst, args.skip_broken)
+            finally:
+                dst.close()
     finally:
         chain.close()
     return 0

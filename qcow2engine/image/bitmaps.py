@@ -287,6 +287,21 @@ def merge_bitmap(img, name: str, src_img, src_name: str) -> None:
     img.allocator.flush()
 
 
+def copy_bitmaps(src_img, dst_img, skip_broken: bool = False) -> None:
+    """`convert --bitmaps`: every persistent bitmap of src_img into dst_img (same name,
+    granularity, enabled state, bits)."""
+    for b in src_img.bitmaps:
+        if b.flags & C.BME_FLAG_IN_USE:
+            if skip_broken:
+                continue
+            raise BitmapError("Cannot copy inconsistent bitmap '%s'" % b.name)
+        add_bitmap(dst_img, b.name, b.granularity, enabled=bool(b.flags & C.BME_FLAG_AUTO))
+        s, e = dirty_ranges(src_img, b)
+        e = np.minimum(e, dst_img.size)
+        _set_ranges(dst_img, dst_img.bitmaps[_find(dst_img, b.name)], s[s < e], e[s < e])
+        dst_img.allocator.flush()
+
+
 # ---------------------------------------------------------------- guest writes
 class WriteTracker:
     """Collects the guest ranges written into an image with enabled bitmaps; see the

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 
@@ -140,3 +139,22 @@ def test_resize_with_bitmaps_is_refused(twins):
     rc, _, err = engine("resize", e, "128M", catch_exit=True)
     assert rc == 1 and "persistent dirty bitmaps" in err
     assert open(e, "rb").read() == before
+
+
+def test_convert_copies_bitmaps(tmp_path):
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "64M", check=True)
+    qemu_img("bitmap", "--add", src, "on", check=True)
+    qemu_img("bitmap", "--add", "-g", "1M", "--disable", src, "off", check=True)
+    qemu_io(src, "write 3M 100k", "write 33M 1M")
+    _ok("convert", "--bitmaps", "-O", "qcow2", src, tmp_path / "e.qcow2")
+    qemu_img("convert", "--bitmaps", "-O", "qcow2", src, tmp_path / "q.qcow2", check=True)
+    assert info_bitmaps(tmp_path / "e.qcow2") == info_bitmaps(tmp_path / "q.qcow2")
+    for name in ("on", "off"):
+        assert dirty(tmp_path / "e.qcow2", name, tmp_path) == \
+            dirty(tmp_path / "q.qcow2", name, tmp_path)
+    assert_clean(tmp_path / "e.qcow2")
+    rc, _, err = engine("convert", "--bitmaps", "-O", "raw", src, tmp_path / "x.raw",
+                        catch_exit=True)
+    r = qemu_img("convert", "--bitmaps", "-O", "raw", src, tmp_path / "y.raw")
+    assert rc == r.rc == 1 and err.split(": ", 1)[1] == r.err.split(": ", 1)[1]

@@ -37,6 +37,13 @@ def build_prealloc_metadata(d: Path, p: dict, qemu_img: str) -> None:
                  "preallocation=metadata", "img.qcow2", str(p["size"])], cwd=d)
 
 
+def build_prealloc_512(d: Path, p: dict, qemu_img: str) -> None:
+    """preallocation=metadata with 512-byte clusters (qemu-img needs a while: built once)."""
+    run_checked([qemu_img, "create", "-q", "-f", "qcow2", "-o",
+                 "preallocation=metadata,cluster_size=512", "img.qcow2", str(p["size"])],
+                cwd=d)
+
+
 def build_scattered(d: Path, p: dict, qemu_img: str) -> None:
     """qcow2 with ``data`` bytes of random data in randomly chosen clusters.
 
@@ -204,6 +211,10 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
     Artifact("compressed-zlib", build_compressed, {
         "full": {"size": 1 * GiB, "seed": 2},
         "quick": {"size": 256 * MiB, "seed": 2},
+    }),
+    Artifact("prealloc-512", build_prealloc_512, {
+        "full": {"size": 256 * MiB},
+        "quick": {"size": 32 * MiB},
     }),
     Artifact("small", build_small, {
         "full": {"size": 1 * GiB},
@@ -386,6 +397,17 @@ WORKLOADS: list[Workload] = [
              "scattered-4k",
              ("convert", "-O", "qcow2", "{img}", "{out}"),
              Target("ratio", 1.0), chain_equal("out"), outputs=("out",)),
+    Workload("create-prealloc-512",
+             "create -o preallocation=metadata,cluster_size=512 of 256 MiB",
+             "small",
+             ("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata,cluster_size=512",
+              "{out}", "256M"),
+             Target("ratio", 1.0), chain_equal("out"), outputs=("out",)),
+    Workload("check-prealloc-512",
+             "check of that 256 MiB preallocated image (512-byte clusters)",
+             "prealloc-512",
+             ("check", "--output=json", "{img}"),
+             Target("ratio", 1.0), json_equal()),
     Workload("convert-qcow2-compress",
              "convert -O qcow2 -c (zlib) of the compressible 1 GiB image",
              "compressed-zlib",

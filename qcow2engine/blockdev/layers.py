@@ -7,7 +7,10 @@ plus an end, so that whole tables are classified with vectorised operations.
 from __future__ import annotations
 
 import os
-import zlib
+try:                            # Intel ISA-L's inflate: the same raw deflate, 3-4x faster
+    from isal import isal_zlib as zlib
+except ImportError:             # pragma: no cover - isal is a declared dependency
+    import zlib
 from dataclasses import dataclass
 
 import numpy as np

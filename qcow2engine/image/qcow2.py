@@ -485,11 +485,11 @@ class Qcow2Image:
         used = np.nonzero(offs)[0]
         n = int(used[-1]) + 1 if len(used) else 0
         dt = np.uint8 if self.refcount_bits <= 8 else np.dtype("u%d" % (self.refcount_bits // 8))
-        out = np.zeros(n * per_block, dtype=dt)
-        for i in used:
-            off = int(offs[i])
-            if off % self.cluster_size:
-                continue
-            out[i * per_block:(i + 1) * per_block] = decode_refblock(
-                self.pread(self.cluster_size, off), self.refcount_order)
-        return out[:limit]
+        from .references import read_clusters
+        out = np.zeros((n, per_block), dtype=dt)
+        used = used[offs[used] % self.cluster_size == 0]
+        for k in range(0, len(used), 4096):              # a few MiB of blocks per step
+            part = used[k:k + 4096]
+            out[part] = decode_refblock(read_clusters(self, offs[part]),
+                                        self.refcount_order).reshape(len(part), per_block)
+        return out.reshape(-1)[:limit]

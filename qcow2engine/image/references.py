@@ -15,10 +15,11 @@ COPIED = np.uint64(C.QCOW_OFLAG_COPIED)
 BATCH = 256
 
 
-def read_tables(img, offsets: list) -> np.ndarray:
-    """Read whole clusters at the given offsets; 2-D native uint64 array, one row per table
-    (neighbouring clusters in one pread of up to 8 MiB)."""
+def read_clusters(img, offsets) -> bytearray:
+    """Whole clusters at the given offsets, one after another (neighbouring clusters in one
+    pread of up to 8 MiB)."""
     cs = img.cluster_size
+    offsets = [int(o) for o in offsets]
     buf = bytearray(len(offsets) * cs)
     mv = memoryview(buf)
     i = 0
@@ -29,7 +30,15 @@ def read_tables(img, offsets: list) -> np.ndarray:
             j += 1
         mv[i * cs:j * cs] = img.pread((j - i) * cs, offsets[i])
         i = j
-    arr = np.frombuffer(buf, dtype=np.uint64)
+    return buf
+
+
+def read_tables(img, offsets: list) -> np.ndarray:
+    """Read whole clusters at the given offsets; 2-D native uint64 array, one row per table
+    (neighbouring clusters in one pread of up to 8 MiB)."""
+    cs = img.cluster_size
+    n = len(offsets)
+    arr = np.frombuffer(read_clusters(img, offsets), dtype=np.uint64)
     arr.byteswap(inplace=True)          # big-endian on disk -> native, without a copy
     return arr.reshape(n, cs // 8)
 

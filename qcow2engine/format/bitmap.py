@@ -1,6 +1,7 @@
 """The bitmap directory ("Bitmaps" in docs/interop/qcow2.rst)."""
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from .header import BitmapDirEntryFixed, BITMAP_DIR_FIXED_SIZE
@@ -55,3 +56,11 @@ def parse_bitmap_directory(buf: bytes, nb_bitmaps: int) -> list:
         out.append(BitmapEntry(f.bitmap_table_offset, f.bitmap_table_size, f.flags, f.type,
                                f.granularity_bits, name, extra))
     return out
+
+
+FLAGS_OFFSET = 12           # of the flags field in a directory entry
+
+
+def flags_field(flags: int) -> bytes:
+    """The on-disk flags field of a directory entry (written in place to change them)."""
+    return struct.pack(">I", flags)

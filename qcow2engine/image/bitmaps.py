@@ -13,13 +13,11 @@ clusters no longer used are freed after the switch.  Flags change in place.
 """
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
 from ..errors import Qcow2Error
 from ..format import constants as C
-from ..format.bitmap import BitmapEntry
+from ..format.bitmap import FLAGS_OFFSET, BitmapEntry, flags_field
 from ..format.header import BitmapDirEntryFixed, BitmapsExtension, Extension
 from ..host import fileio
 from . import metadata
@@ -56,7 +54,7 @@ def _set_flags(img, changes) -> None:
     """(index, new flags) pairs written in place (4 bytes each), then flushed."""
     offs = _entry_offsets(img)
     for i, flags in changes:
-        fileio.pwrite(img.fd, struct.pack(">I", flags), offs[i] + 12)
+        fileio.pwrite(img.fd, flags_field(flags), offs[i] + FLAGS_OFFSET)
         img.bitmaps[i].flags = flags
     img.allocator.flush()
 

@@ -53,8 +53,11 @@ class Session:
     """Open images, once per inode, under one lock policy.  Use as a context manager, or
     call close(); files are handed out with a use count (`release` gives one back)."""
 
-    def __init__(self, *, force_share: bool = False):
+    def __init__(self, *, force_share: bool = False, secrets=None):
         self.force_share = force_share
+        if secrets is None:
+            from ..secrets import DEFAULT as secrets
+        self.secrets = secrets            # a secrets.Secrets: ids -> bytes, image -> key id
         self._files: dict = {}            # (dev, ino) -> [file, uses]
 
     # ------------------------------------------------------------ files
@@ -89,6 +92,21 @@ class Session:
             raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
         self._files[key] = [f, 1]
         return f
+
+    def _unlock(self, f, path: str) -> None:
+        """Give an encrypted (LUKS) image its data cipher, from the secret named for it."""
+        if getattr(f, "cipher", None) is not None:
+            return
+        from ..format import constants as C
+        if f.header.crypt_method != C.CRYPT_LUKS:
+            raise UnsupportedFeatureError("'%s' uses the legacy AES encryption, which is not "
+                                          "supported; only LUKS" % path)
+        from ..image.luks import unlock, UnlockError
+        key = self.secrets.passphrase_for(path)
+        try:
+            f.cipher = unlock(f, key)
+        except UnlockError as e:
+            raise UnlockError("Could not open '%s': %s" % (path, e)) from None
 
     @staticmethod
     def _repair_if_dirty(f, path: str) -> None:
@@ -127,7 +145,8 @@ class Session:
     def walk_chain(self, path: str, fmt: str | None = None, *, backing: bool = True,
                    for_io: bool = True, writable: bool = False):
         """Open an image and (with backing) every image below it.  Returns (files, warnings).
-        Only the top image is opened writable.  With for_io, encrypted images are refused."""
+        Only the top image is opened writable.  With for_io, encrypted (LUKS) images are unlocked with
+        their secret (secrets.Secrets)."""
         files = []
         warnings = []
         seen = set()
@@ -153,8 +172,7 @@ class Session:
                 files.append(f)
                 is_qcow2 = isinstance(f, Qcow2Image)
                 if for_io and is_qcow2 and f.encrypted:
-                    raise UnsupportedFeatureError(
-                        "'%s' is encrypted; reading encrypted images is not supported" % cur_path)
+                    self._unlock(f, cur_path)
                 if not backing or not is_qcow2 or not f.backing_file:
                     break
                 name = f.backing_file
@@ -181,7 +199,7 @@ class Session:
     def open_chain(self, path: str, fmt: str | None = None, *, backing: bool = True,
                    for_io: bool = True, writable: bool = False, snapshot: str | None = None):
         """An image and its whole backing chain as a Chain (relative names resolved per
-        image).  With for_io (the default) encrypted layers are refused.  snapshot ("NAME",
+        image).  With for_io (the default) encrypted layers are unlocked.  snapshot ("NAME",
         "snapshot.name=NAME" or "snapshot.id=ID"): the read-only guest view of that
         internal snapshot of the top image.  Closing the chain gives its files back."""
         from .view import make_chain

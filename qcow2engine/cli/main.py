@@ -203,8 +203,8 @@ def _subparsers(parser):
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 # options qemu-img 7.2 takes on these verbs that change nothing here (every write of the
-# engine is crash-safe whatever the cache mode; --object defines secrets for encrypted
-# images, which are read only by `info`/`check`)
+# engine is crash-safe whatever the cache mode); --object defines secrets (secret,id=ID,
+# data=PASS|file=PATH) for LUKS-encrypted images, named by encrypt.key-secret=ID
 COMMON = {
     "amend": ("--object", "--image-opts", "-t", "--force"),
     "check": ("--object", "--image-opts", "-T"),
@@ -219,6 +219,9 @@ COMMON = {
     "snapshot": ("--object", "--image-opts"),
     "rebase": ("--object", "--image-opts", "-U"),
     "resize": ("--object", "--image-opts"),
+    "io": ("--object", "--image-opts"),
+    "dd": ("--object",),
+    "bench": ("--object", "--image-opts"),
 }
 _COMMON_SPEC = {
     "--object": dict(dest="objects", action="append", default=[]),
@@ -252,6 +255,11 @@ def _check_common(args) -> None:
             raise UsageError("Invalid %s option: %s" % (what, v))
     if getattr(args, "target_is_zero", False) and not args.no_create:
         raise UsageError("--target-is-zero requires use of -n flag")
+    from .. import secrets as S
+    S.DEFAULT.secrets.clear()           # one command's secrets (main() may run many times)
+    S.DEFAULT.key_secrets.clear()
+    for spec in getattr(args, "objects", None) or ():
+        S.DEFAULT.add_object(spec)
     opts = getattr(args, "image_opts", False)
     if opts and getattr(args, "fmt", None):
         raise UsageError("--image-opts and --format are mutually exclusive")
@@ -332,6 +340,10 @@ def _image_spec(name: str, image_opts: bool = False):
     if not path:
         raise InvalidImageError("Could not open '%s': A block device must be specified for "
                                 "\"file\"" % name)
+    key = opts.pop("encrypt.key-secret", None)
+    if key is not None:
+        from ..secrets import DEFAULT
+        DEFAULT.set_key_secret(path, key)
     snap = None
     for k in ("snapshot.name", "snapshot.id"):
         if k in opts:

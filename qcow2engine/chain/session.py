@@ -56,7 +56,7 @@ class Session:
     def __init__(self, *, force_share: bool = False, secrets=None):
         self.force_share = force_share
         if secrets is None:
-            from ..secrets import DEFAULT as secrets
+            from ..host.secrets import DEFAULT as secrets
         self.secrets = secrets            # a secrets.Secrets: ids -> bytes, image -> key id
         self._files: dict = {}            # (dev, ino) -> [file, uses]
 

@@ -255,7 +255,7 @@ def _check_common(args) -> None:
             raise UsageError("Invalid %s option: %s" % (what, v))
     if getattr(args, "target_is_zero", False) and not args.no_create:
         raise UsageError("--target-is-zero requires use of -n flag")
-    from .. import secrets as S
+    from ..host import secrets as S
     S.DEFAULT.secrets.clear()           # one command's secrets (main() may run many times)
     S.DEFAULT.key_secrets.clear()
     for spec in getattr(args, "objects", None) or ():
@@ -342,7 +342,7 @@ def _image_spec(name: str, image_opts: bool = False):
                                 "\"file\"" % name)
     key = opts.pop("encrypt.key-secret", None)
     if key is not None:
-        from ..secrets import DEFAULT
+        from ..host.secrets import DEFAULT
         DEFAULT.set_key_secret(path, key)
     snap = None
     for k in ("snapshot.name", "snapshot.id"):

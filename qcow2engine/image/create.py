@@ -16,7 +16,7 @@ from ..host import fileio
 from ..errors import CreateError, InvalidImageError, InvalidRequestError, Qcow2Error
 from ..units import parse_size as _parse_size
 from ..format import constants as C
-from ..format.header import Extension, Header, build_extensions, build_feature_table, build_header
+from ..format.header import CryptoExtension, Extension, Header, build_extensions, build_feature_table, build_header
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -277,8 +277,8 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
                  extra_header=b"\0" * 7)
     exts = []
     if crypto:        # the full disk encryption header: offset and length of the LUKS area
-        import struct
-        exts.append(Extension(C.EXT_CRYPTO, struct.pack(">QQ", *crypto)))
+        exts.append(Extension(C.EXT_CRYPTO, CryptoExtension.build(
+            dict(offset=crypto[0], length=crypto[1]))))
     if o.backing_fmt:
         exts.append(Extension(C.EXT_BACKING_FORMAT, o.backing_fmt.encode()))
     if o.data_file:
@@ -374,7 +374,7 @@ def _luks_area(path: str, o: CreateOptions):
         raise CreateError("%s: Preallocation is not supported with encryption" % path)
     if not p["key_secret"]:
         raise CreateError("%s: Parameter 'encrypt.key-secret' is required for cipher" % path)
-    from ..secrets import DEFAULT, SecretError
+    from ..host.secrets import DEFAULT, SecretError
     try:
         passphrase = DEFAULT.get(p["key_secret"])
     except SecretError as e:

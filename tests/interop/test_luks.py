@@ -193,3 +193,46 @@ def test_create_ours_used_by_qemu(tmp_path):
     assert ours_raw(img, str(tmp_path / "a.raw")) == qemu_raw(img, tmp_path / "b.raw")
     r = qemu_io_luks(img, "read 0 512", secret="secret,id=sec0,data=wrong")
     assert r.rc != 0 and "Invalid password" in r.err
+
+
+def test_session_api_and_base64_secret(qemu_image, tmp_path):
+    import base64
+    from qcow2engine.chain.session import Session
+    from qcow2engine.host.secrets import Secrets, from_objects
+    ref = qemu_raw(qemu_image, tmp_path / "ref.raw")
+    sec = Secrets({"k": PASS})
+    sec.set_key_secret(str(qemu_image), "k")
+    with Session(secrets=sec) as s:
+        chain = s.open_chain(str(qemu_image))
+        assert chain.read(0, len(ref)) == ref
+        chain.close()
+    b64 = base64.b64encode(PASS.encode()).decode()
+    sec = from_objects(["secret,id=b,data=%s,format=base64" % b64])
+    assert sec.get("b") == PASS.encode()
+    sec.set_key_secret(str(qemu_image), "b")
+    with Session(secrets=sec) as s:
+        chain = s.open_chain(str(qemu_image))
+        assert chain.read(3 << 20, 4096) == b"\x77" * 4096
+        chain.close()
+
+
+def test_convert_to_encrypted_and_resize(tmp_path):
+    src = tmp_path / "src.raw"
+    data = bytearray(_pattern(3 << 20, 7))
+    data[1 << 20:2 << 20] = bytes(1 << 20)
+    src.write_bytes(bytes(data))
+    dst = tmp_path / "c.qcow2"
+    rc, _, err = engine("convert", "-O", "qcow2", "--object", SECRET, "-o",
+                        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                        src, dst)
+    assert rc == 0, err
+    assert qemu_raw(dst, tmp_path / "back.raw") == bytes(data)
+    qemu_check(dst)
+    rc, out, err = engine("resize", "--object", SECRET, "--image-opts", opts(dst), "+1M")
+    assert rc == 0, err
+    r = qemu_io_luks(dst, "write -P 0x21 3M 1M", "read -P 0x21 3M 1M")
+    assert r.rc == 0 and "failed" not in r.out, r.out + r.err
+    qemu_check(dst)
+    rc, _, err = engine("convert", "-c", "-O", "qcow2", "--object", SECRET, "-o",
+                        "encrypt.format=luks,encrypt.key-secret=sec0", src, tmp_path / "z.qcow2")
+    assert rc == 1 and err == "qcow2engine: Compression is not supported with encryption\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 
 class SecretError(InvalidRequestError):

@@ -261,6 +261,12 @@ STRIPES = 4000
 KEY_MATERIAL_ALIGN = 4096
 
 
+def area_size(key_len: int) -> int:
+    """Bytes of a LUKS1 header area made here: the header, then 8 key slots of material."""
+    mat_size = -(-key_len * STRIPES // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN
+    return -(-LUKS_HEADER_SIZE // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN + 8 * mat_size
+
+
 def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
                  ivgen: str = "plain64", iter_time: int = 2000):
     """A new LUKS1 header (the whole encryption area as bytes, its length a multiple of
@@ -274,7 +280,7 @@ def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
     digest = hashlib.pbkdf2_hmac(hname, mk, mk_salt, mk_iters, 20)
     mat_size = -(-key_len * STRIPES // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN
     first = -(-LUKS_HEADER_SIZE // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN
-    total = first + 8 * mat_size
+    total = area_size(key_len)
     slots = []
     slot_salt = _os.urandom(32)
     for i in range(8):

@@ -236,3 +236,21 @@ def test_convert_to_encrypted_and_resize(tmp_path):
     rc, _, err = engine("convert", "-c", "-O", "qcow2", "--object", SECRET, "-o",
                         "encrypt.format=luks,encrypt.key-secret=sec0", src, tmp_path / "z.qcow2")
     assert rc == 1 and err == "qcow2engine: Compression is not supported with encryption\n"
+
+
+def test_measure_like_qemu(qemu_image):
+    o = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
+    for args in (["--size", "100M"], ["--size", "10G"],
+                 ["--image-opts", opts(qemu_image)]):
+        for _ in range(5):       # QEMU's iteration benchmark now and then gives up
+            q = qemu_img("measure", "--output=json", "-O", "qcow2", "--object", SECRET, "-o", o,
+                         *args)
+            if "accurate CPU usage" not in q.err:
+                break
+        assert q.rc == 0, q.err
+        ours = engine("measure", "--output=json", "-O", "qcow2", "--object", SECRET, "-o", o,
+                      *args)
+        assert ours[0] == 0 and ours[1] == q.out, ours[2]
+    rc, _, err = engine("measure", "-O", "qcow2", "--size", "1M", "-o", "encrypt.format=luks")
+    assert rc == 1
+    assert err == "qcow2engine: Parameter 'encrypt.key-secret' is required for cipher\n"

@@ -49,6 +49,25 @@ def close_all(closers) -> None:
     if err is not None:
         raise err
 
+def unlock_image(f, path: str, secrets=None) -> None:
+    """Give an encrypted (LUKS) image its data cipher, from the secret named for it
+    (secrets: a host.secrets.Secrets, the process-wide default when None)."""
+    if getattr(f, "cipher", None) is not None:
+        return
+    from ..format import constants as C
+    if f.header.crypt_method != C.CRYPT_LUKS:
+        raise UnsupportedFeatureError("'%s' uses the legacy AES encryption, which is not "
+                                      "supported; only LUKS" % path)
+    if secrets is None:
+        from ..host.secrets import DEFAULT as secrets
+    from ..image.luks import unlock, UnlockError
+    key = secrets.passphrase_for(path)
+    try:
+        f.cipher = unlock(f, key)
+    except UnlockError as e:
+        raise UnlockError("Could not open '%s': %s" % (path, e)) from None
+
+
 class Session:
     """Open images, once per inode, under one lock policy.  Use as a context manager, or
     call close(); files are handed out with a use count (`release` gives one back)."""
@@ -94,19 +113,7 @@ class Session:
         return f
 
     def _unlock(self, f, path: str) -> None:
-        """Give an encrypted (LUKS) image its data cipher, from the secret named for it."""
-        if getattr(f, "cipher", None) is not None:
-            return
-        from ..format import constants as C
-        if f.header.crypt_method != C.CRYPT_LUKS:
-            raise UnsupportedFeatureError("'%s' uses the legacy AES encryption, which is not "
-                                          "supported; only LUKS" % path)
-        from ..image.luks import unlock, UnlockError
-        key = self.secrets.passphrase_for(path)
-        try:
-            f.cipher = unlock(f, key)
-        except UnlockError as e:
-            raise UnlockError("Could not open '%s': %s" % (path, e)) from None
+        unlock_image(f, path, self.secrets)
 
     @staticmethod
     def _repair_if_dirty(f, path: str) -> None:
@@ -229,9 +236,10 @@ def walk_chain(path: str, fmt: str | None = None, *, backing: bool = True,
 
 def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
                force_share: bool = False, for_io: bool = True, writable: bool = False,
-               snapshot: str | None = None):
-    """An image and its backing chain in a session of its own (closing the chain ends it)."""
-    s = Session(force_share=force_share)
+               snapshot: str | None = None, secrets=None):
+    """An image and its backing chain in a session of its own (closing the chain ends it).
+    secrets: a host.secrets.Secrets for encrypted layers (default: the process-wide one)."""
+    s = Session(force_share=force_share, secrets=secrets)
     chain = s.open_chain(path, fmt, backing=backing, for_io=for_io, writable=writable,
                          snapshot=snapshot)
     chain.owns_session = True

@@ -753,6 +753,9 @@ def cmd_snapshot(args) -> int:
         return 1
     f = open_file(args.filename, args.fmt, force_share=args.force_share, writable=writing)
     try:
+        if f.format == "qcow2" and f.encrypted:      # qemu-img opens it with its key
+            from ..chain.session import unlock_image
+            unlock_image(f, args.filename)
         if f.format == "raw":
             raise SnapshotError("Format driver 'raw' does not support internal snapshots")
         from ..image import snapshots as S

@@ -214,6 +214,12 @@ def test_session_api_and_base64_secret(qemu_image, tmp_path):
         chain = s.open_chain(str(qemu_image))
         assert chain.read(3 << 20, 4096) == b"\x77" * 4096
         chain.close()
+    from qcow2engine import api
+    with api.open_chain(str(qemu_image), passphrase=PASS) as chain:
+        assert chain.read(0, 4096) == ref[:4096]
+    from qcow2engine.image.luks import UnlockError
+    with pytest.raises(UnlockError, match="Invalid password, cannot unlock any keyslot"):
+        api.open_chain(str(qemu_image), passphrase="wrong")
 
 
 def test_convert_to_encrypted_and_resize(tmp_path):
@@ -254,3 +260,27 @@ def test_measure_like_qemu(qemu_image):
     rc, _, err = engine("measure", "-O", "qcow2", "--size", "1M", "-o", "encrypt.format=luks")
     assert rc == 1
     assert err == "qcow2engine: Parameter 'encrypt.key-secret' is required for cipher\n"
+
+
+def test_internal_snapshots(tmp_path):
+    img = tmp_path / "s.qcow2"
+    qemu_make(img)
+    assert qemu_io_luks(img, "write -P 0x5a 0 192k").rc == 0
+    rc, _, err = engine("snapshot", "-c", "s1", img)
+    assert rc == 1 and "encrypt.key-secret" in err
+    rc, _, err = engine("snapshot", "--object", SECRET, "--image-opts", opts(img), "-c", "s1")
+    assert rc == 0, err
+    assert qemu_io_luks(img, "write -P 0x99 64k 64k").rc == 0
+    q = qemu_img("convert", "-l", "s1", "-O", "raw", "--object", SECRET, "--image-opts",
+                 opts(img), str(tmp_path / "q.raw"))
+    assert q.rc == 0, q.err
+    rc, _, err = engine("convert", "-l", "s1", "-O", "raw", "--object", SECRET,
+                        "--image-opts", opts(img), tmp_path / "o.raw")
+    assert rc == 0, err
+    snap = open(tmp_path / "o.raw", "rb").read()
+    assert snap == open(tmp_path / "q.raw", "rb").read() and snap[:192 << 10] == b"\x5a" * (192 << 10)
+    qemu_check(img)
+    rc, _, err = engine("snapshot", "--object", SECRET, "--image-opts", opts(img), "-a", "s1")
+    assert rc == 0, err
+    assert qemu_raw(img, tmp_path / "a.raw") == snap
+    qemu_check(img)

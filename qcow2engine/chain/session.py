@@ -49,7 +49,7 @@ def close_all(closers) -> None:
     if err is not None:
         raise err
 
-def unlock_image(f, path: str, secrets=None) -> None:
+def unlock_image(f, path: str, secrets=None, top: str | None = None, depth: int = 0) -> None:
     """Give an encrypted (LUKS) image its data cipher, from the secret named for it
     (secrets: a host.secrets.Secrets, the process-wide default when None)."""
     if getattr(f, "cipher", None) is not None:
@@ -61,11 +61,12 @@ def unlock_image(f, path: str, secrets=None) -> None:
     if secrets is None:
         from ..host.secrets import DEFAULT as secrets
     from ..image.luks import unlock, UnlockError
-    key = secrets.passphrase_for(path)
+    key = secrets.passphrase_for(path, top, depth)
     try:
         f.cipher = unlock(f, key)
     except UnlockError as e:
-        raise UnlockError("Could not open '%s': %s" % (path, e)) from None
+        from ..host.secrets import open_failed
+        raise UnlockError(open_failed(path, top, depth, str(e))) from None
 
 
 class Session:
@@ -112,8 +113,8 @@ class Session:
         self._files[key] = [f, 1]
         return f
 
-    def _unlock(self, f, path: str) -> None:
-        unlock_image(f, path, self.secrets)
+    def _unlock(self, f, path: str, top: str | None = None, depth: int = 0) -> None:
+        unlock_image(f, path, self.secrets, top, depth)
 
     @staticmethod
     def _repair_if_dirty(f, path: str) -> None:
@@ -179,7 +180,7 @@ class Session:
                 files.append(f)
                 is_qcow2 = isinstance(f, Qcow2Image)
                 if for_io and is_qcow2 and f.encrypted:
-                    self._unlock(f, cur_path)
+                    self._unlock(f, cur_path, path, len(files) - 1)
                 if not backing or not is_qcow2 or not f.backing_file:
                     break
                 name = f.backing_file

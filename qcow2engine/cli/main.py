@@ -258,6 +258,7 @@ def _check_common(args) -> None:
     from ..host import secrets as S
     S.DEFAULT.secrets.clear()           # one command's secrets (main() may run many times)
     S.DEFAULT.key_secrets.clear()
+    S.DEFAULT.chain_keys.clear()
     for spec in getattr(args, "objects", None) or ():
         S.DEFAULT.add_object(spec)
     opts = getattr(args, "image_opts", False)
@@ -340,10 +341,14 @@ def _image_spec(name: str, image_opts: bool = False):
     if not path:
         raise InvalidImageError("Could not open '%s': A block device must be specified for "
                                 "\"file\"" % name)
-    key = opts.pop("encrypt.key-secret", None)
-    if key is not None:
+    for k in [k for k in opts if k.endswith("encrypt.key-secret")]:
+        depth, rest = 0, k
+        while rest.startswith("backing."):       # backing.encrypt.key-secret: a backing file's
+            depth, rest = depth + 1, rest[8:]
+        if rest != "encrypt.key-secret":
+            continue
         from ..host.secrets import DEFAULT
-        DEFAULT.set_key_secret(path, key)
+        DEFAULT.set_key_secret(path, opts.pop(k), depth)
     snap = None
     for k in ("snapshot.name", "snapshot.id"):
         if k in opts:

@@ -29,6 +29,7 @@ class Secrets:
         self.secrets: dict = {k: (v.encode() if isinstance(v, str) else bytes(v))
                               for k, v in (secrets or {}).items()}
         self.key_secrets: dict = {}          # os.path.realpath(image) -> secret id
+        self.chain_keys: dict = {}           # (realpath(top image), depth) -> secret id
 
     def add_object(self, spec: str) -> None:
         """One --object string; objects other than secrets are refused."""
@@ -76,13 +77,23 @@ class Secrets:
                               "'container')" % sid)
         self.secrets[sid] = value
 
-    def set_key_secret(self, path: str, sid: str) -> None:
+    def set_key_secret(self, path: str, sid: str, depth: int = 0) -> None:
+        """Name the secret of the image at path, or (depth > 0) of the image depth levels
+        down path's backing chain (qemu's backing.encrypt.key-secret)."""
         import os
-        self.key_secrets[os.path.realpath(path)] = sid
+        if depth:
+            self.chain_keys[(os.path.realpath(path), depth)] = sid
+        else:
+            self.key_secrets[os.path.realpath(path)] = sid
 
-    def key_secret_for(self, path: str):
+    def key_secret_for(self, path: str, top: str | None = None, depth: int = 0):
         import os
-        return self.key_secrets.get(os.path.realpath(path))
+        sid = self.key_secrets.get(os.path.realpath(path))
+        if sid is None and top is not None and depth:
+            sid = self.chain_keys.get((os.path.realpath(top), depth))
+            if sid is not None:        # the file is now known by its own name too (commit
+                self.key_secrets[os.path.realpath(path)] = sid    # opens it again alone)
+        return sid
 
     def get(self, sid: str) -> bytes:
         v = self.secrets.get(sid)
@@ -90,16 +101,24 @@ class Secrets:
             raise SecretError("No secret with id '%s'" % sid)
         return v
 
-    def passphrase_for(self, path: str) -> bytes:
-        """The passphrase of the image at path (SecretError when none is named or known)."""
-        sid = self.key_secret_for(path)
+    def passphrase_for(self, path: str, top: str | None = None, depth: int = 0) -> bytes:
+        """The passphrase of the image at path (depth levels below top in its chain);
+        SecretError when none is named or known."""
+        sid = self.key_secret_for(path, top, depth)
         if sid is None:
-            raise SecretError("Could not open '%s': Parameter 'encrypt.key-secret' is required "
-                              "for cipher" % path)
+            raise SecretError(open_failed(path, top, depth, "Parameter 'encrypt.key-secret' "
+                                          "is required for cipher"))
         try:
             return self.get(sid)
         except SecretError as e:
-            raise SecretError("Could not open '%s': %s" % (path, e)) from None
+            raise SecretError(open_failed(path, top, depth, str(e))) from None
+
+
+def open_failed(path: str, top: str | None, depth: int, why: str) -> str:
+    """qemu-img's words for an image of a chain that cannot be opened."""
+    if top is not None and depth:
+        return "Could not open '%s': Could not open backing file: %s" % (top, why)
+    return "Could not open '%s': %s" % (path, why)
 
 
 def from_objects(objects) -> Secrets:

@@ -284,3 +284,31 @@ def test_internal_snapshots(tmp_path):
     assert rc == 0, err
     assert qemu_raw(img, tmp_path / "a.raw") == snap
     qemu_check(img)
+
+
+def test_encrypted_backing_file_and_commit(tmp_path):
+    base = tmp_path / "base.qcow2"
+    qemu_make(base)
+    assert qemu_io_luks(base, "write -P 0x5a 0 1M").rc == 0
+    top = tmp_path / "top.qcow2"
+    assert qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", "-u", str(top),
+                    "4M").rc == 0
+    chain = "driver=qcow2,file.filename=%s,backing.encrypt.key-secret=sec0" % top
+    r = run("qemu-io", "--object", SECRET, "--image-opts", chain, "-c", "write -P 0x44 2M 64k",
+            "-c", "write -P 0x45 100k 3k", check=False)
+    assert r.rc == 0, r.err
+    q = qemu_img("convert", "-O", "raw", "--object", SECRET, "--image-opts", chain,
+                 str(tmp_path / "q.raw"))
+    assert q.rc == 0, q.err
+    want = open(tmp_path / "q.raw", "rb").read()
+    rc, _, err = engine("convert", "-O", "raw", "--object", SECRET, "--image-opts", chain,
+                        tmp_path / "o.raw")
+    assert rc == 0, err
+    assert open(tmp_path / "o.raw", "rb").read() == want
+    rc, _, err = engine("convert", "-O", "raw", "--object", SECRET, top, tmp_path / "x.raw")
+    assert rc == 1 and err == ("qcow2engine: Could not open '%s': Could not open backing file: "
+                               "Parameter 'encrypt.key-secret' is required for cipher\n" % top)
+    rc, out, err = engine("commit", "--object", SECRET, "--image-opts", chain)
+    assert rc == 0, err
+    assert qemu_raw(base, tmp_path / "b.raw") == want
+    qemu_check(base)

@@ -23,11 +23,19 @@ def open_image(path: str, *, writable: bool = False, force_share: bool = False):
 
 
 def open_chain(path: str, fmt: str | None = None, *, writable: bool = False,
-               force_share: bool = False, snapshot: str | None = None) -> "Chain":
+               force_share: bool = False, snapshot: str | None = None,
+               passphrase: str | bytes | None = None, secrets=None) -> "Chain":
     """Open an image and its backing chain; read(), extents(), and with writable=True
     write(), write_zeroes(), discard() on the top image.  snapshot ("NAME",
-    "snapshot.name=NAME", "snapshot.id=ID") gives the read-only view of that snapshot."""
-    return _open_chain(path, fmt, writable=writable, force_share=force_share, snapshot=snapshot)
+    "snapshot.name=NAME", "snapshot.id=ID") gives the read-only view of that snapshot.
+    A LUKS-encrypted top image opens with passphrase; secrets (a host.secrets.Secrets)
+    can name the secret of each encrypted image of the chain instead."""
+    if passphrase is not None:
+        from .host.secrets import Secrets
+        secrets = Secrets({"passphrase": passphrase})
+        secrets.set_key_secret(path, "passphrase")
+    return _open_chain(path, fmt, writable=writable, force_share=force_share, snapshot=snapshot,
+                       secrets=secrets)
 
 
 def info(path: str, fmt: str | None = None, *, backing_chain: bool = False,

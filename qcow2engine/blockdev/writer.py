@@ -41,8 +41,18 @@ class GuestWriter:
         self.chain = chain
         self.layer = chain.layers[0]
         self.img = self.layer.image
+        # LUKS images: data is encrypted per 512-byte sector (sector number: the host
+        # offset / 512) with the cipher the session unlocked; requests are widened to whole
+        # sectors (read-modify-write through the guest view)
+        self.cipher = None
         if self.img.encrypted:
-            raise UnsupportedFeatureError("Writing encrypted images is not supported")
+            self.cipher = getattr(self.img, "cipher", None)
+            if self.cipher is None:
+                raise UnsupportedFeatureError("'%s' is encrypted and was not unlocked"
+                                              % self.img.path)
+            if self.img.has_data_file:
+                raise UnsupportedFeatureError("Encrypted images with an external data file "
+                                              "are not supported")
         if not sync:
             self.img.allocator.sync = False
         self.cs = self.img.cluster_size
@@ -120,6 +130,8 @@ class GuestWriter:
         cs = self.cs
         if self.img.has_data_file:
             raise UnsupportedFeatureError("Compression is not supported with external data files")
+        if self.cipher is not None:
+            raise UnsupportedFeatureError("Compression is not supported with encryption")
         big = np.array([len(b) >= cs for b in blobs], bool)
         if big.any():
             sel = np.zeros(len(clusters) // cs, bool)
@@ -290,8 +302,22 @@ class GuestWriter:
         if sel.any():
             self._write_data(offset, buf, sel=np.asarray(sel, bool))
 
+    def _sector_aligned(self, offset: int, data):
+        """(offset, data) widened to whole 512-byte sectors: the partial head and tail
+        sectors are filled from the current guest view."""
+        a = offset // 512 * 512
+        b = -(-(offset + len(data)) // 512) * 512
+        buf = np.frombuffer(self.chain.read(a, b - a), np.uint8).copy()
+        n = len(data)
+        for p in range(0, n, PIECE):
+            q = min(p + PIECE, n)
+            buf[offset - a + p:offset - a + q] = data[p:q]
+        return a, buf
+
     def _write_data(self, offset: int, data: np.ndarray, sel: np.ndarray | None = None) -> None:
         cs = self.cs
+        if self.cipher is not None and (offset % 512 or len(data) % 512):
+            offset, data = self._sector_aligned(offset, data)
         end = offset + len(data)
         c0, c1 = offset // cs, -(-end // cs)
         tables = self._tables(c0, c1)
@@ -361,6 +387,8 @@ class GuestWriter:
         for k in fill_idx:
             buf = fills[int(k)]
             buf[lo[k]:hi[k]] = data[g[k] * cs + lo[k] - offset:g[k] * cs + hi[k] - offset]
+            if self.cipher is not None:
+                buf = self.cipher.encrypt(buf, int(dest[k]) // 512)
             fileio.pwrite(self.data_fd, buf, int(dest[k]))
         # --- new entries
         new_ent = (dest.astype(np.uint64) | COPIED)
@@ -425,7 +453,11 @@ class GuestWriter:
             host = int(hosts[s])
             for p in range(0, n, PIECE):
                 m = min(PIECE, n - p)
-                write_piece(self.data_fd, host + p, data, src + p, src + p + m)
+                if self.cipher is not None:
+                    enc = self.cipher.encrypt(data[src + p:src + p + m], (host + p) // 512)
+                    fileio.pwrite(self.data_fd, enc, host + p)
+                else:
+                    write_piece(self.data_fd, host + p, data, src + p, src + p + m)
                 pending += m
                 if big and pending >= PIECE:
                     # let the device work while we go on: the flush then waits less

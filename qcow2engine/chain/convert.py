@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import InvalidImageError, InvalidRequestError, JobCancelled
+from ..errors import InvalidImageError, InvalidRequestError, JobCancelled, UnsupportedFeatureError
 from ..format import entries as E
 from ..host import fileio
 from ..jobs import CANCELLED, COMPLETED, OpResult, check_cancel
@@ -164,7 +164,12 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
     if backing:
         o.backing_file, o.backing_fmt = backing, backing_fmt
     from ..image.create import create_from_options
+    if compress and o.encrypt:
+        raise UnsupportedFeatureError("Compression is not supported with encryption")
     create_from_options(dst, o)
+    if o.encrypt.get("key-secret"):          # the new encrypted target opens with its secret
+        from ..host.secrets import DEFAULT
+        DEFAULT.set_key_secret(dst, o.encrypt["key-secret"])
     target = open_chain(dst, "qcow2", writable=True)
     target.sync = False                  # a fresh file: one flush at the end is enough
     outcome = COMPLETED

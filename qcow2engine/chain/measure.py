@@ -101,6 +101,17 @@ def measure(chain=None, size: int | None = None, options=None, out_fmt: str = "q
         raise Qcow2Error("The image size is too large (try using a larger cluster size)")
     full = prealloc_size(vsize, cs, order, o.extended_l2)
     req = data_size(chain, cs) if chain is not None else 0
+    from ..image.create import luks_params
+    luks = luks_params(o)
+    if luks is not None:          # the LUKS header area, in whole clusters
+        if not luks["key_secret"]:
+            from ..errors import CreateError
+            raise CreateError("Parameter 'encrypt.key-secret' is required for cipher")
+        from ..host.secrets import DEFAULT
+        DEFAULT.get(luks["key_secret"])
+        from ..image.luks import area_size
+        extra = _div_up(area_size(luks["key_len"]), cs) * cs
+        full += extra
     out = {"required": full - _div_up(vsize, cs) * cs + req, "fully-allocated": full}
     top = getattr(chain.layers[0], "image", None) if chain is not None else None
     if top is not None and o.compat != "0.10":

@@ -49,12 +49,35 @@ def close_all(closers) -> None:
     if err is not None:
         raise err
 
+def unlock_image(f, path: str, secrets=None, top: str | None = None, depth: int = 0) -> None:
+    """Give an encrypted (LUKS) image its data cipher, from the secret named for it
+    (secrets: a host.secrets.Secrets, the process-wide default when None)."""
+    if getattr(f, "cipher", None) is not None:
+        return
+    from ..format import constants as C
+    if f.header.crypt_method != C.CRYPT_LUKS:
+        raise UnsupportedFeatureError("'%s' uses the legacy AES encryption, which is not "
+                                      "supported; only LUKS" % path)
+    if secrets is None:
+        from ..host.secrets import DEFAULT as secrets
+    from ..image.luks import unlock, UnlockError
+    key = secrets.passphrase_for(path, top, depth)
+    try:
+        f.cipher = unlock(f, key)
+    except UnlockError as e:
+        from ..host.secrets import open_failed
+        raise UnlockError(open_failed(path, top, depth, str(e))) from None
+
+
 class Session:
     """Open images, once per inode, under one lock policy.  Use as a context manager, or
     call close(); files are handed out with a use count (`release` gives one back)."""
 
-    def __init__(self, *, force_share: bool = False):
+    def __init__(self, *, force_share: bool = False, secrets=None):
         self.force_share = force_share
+        if secrets is None:
+            from ..host.secrets import DEFAULT as secrets
+        self.secrets = secrets            # a secrets.Secrets: ids -> bytes, image -> key id
         self._files: dict = {}            # (dev, ino) -> [file, uses]
 
     # ------------------------------------------------------------ files
@@ -89,6 +112,9 @@ class Session:
             raise UnsupportedFeatureError("Unknown driver '%s'" % fmt)
         self._files[key] = [f, 1]
         return f
+
+    def _unlock(self, f, path: str, top: str | None = None, depth: int = 0) -> None:
+        unlock_image(f, path, self.secrets, top, depth)
 
     @staticmethod
     def _repair_if_dirty(f, path: str) -> None:
@@ -127,7 +153,8 @@ class Session:
     def walk_chain(self, path: str, fmt: str | None = None, *, backing: bool = True,
                    for_io: bool = True, writable: bool = False):
         """Open an image and (with backing) every image below it.  Returns (files, warnings).
-        Only the top image is opened writable.  With for_io, encrypted images are refused."""
+        Only the top image is opened writable.  With for_io, encrypted (LUKS) images are unlocked with
+        their secret (secrets.Secrets)."""
         files = []
         warnings = []
         seen = set()
@@ -153,8 +180,7 @@ class Session:
                 files.append(f)
                 is_qcow2 = isinstance(f, Qcow2Image)
                 if for_io and is_qcow2 and f.encrypted:
-                    raise UnsupportedFeatureError(
-                        "'%s' is encrypted; reading encrypted images is not supported" % cur_path)
+                    self._unlock(f, cur_path, path, len(files) - 1)
                 if not backing or not is_qcow2 or not f.backing_file:
                     break
                 name = f.backing_file
@@ -181,7 +207,7 @@ class Session:
     def open_chain(self, path: str, fmt: str | None = None, *, backing: bool = True,
                    for_io: bool = True, writable: bool = False, snapshot: str | None = None):
         """An image and its whole backing chain as a Chain (relative names resolved per
-        image).  With for_io (the default) encrypted layers are refused.  snapshot ("NAME",
+        image).  With for_io (the default) encrypted layers are unlocked.  snapshot ("NAME",
         "snapshot.name=NAME" or "snapshot.id=ID"): the read-only guest view of that
         internal snapshot of the top image.  Closing the chain gives its files back."""
         from .view import make_chain
@@ -211,9 +237,10 @@ def walk_chain(path: str, fmt: str | None = None, *, backing: bool = True,
 
 def open_chain(path: str, fmt: str | None = None, *, backing: bool = True,
                force_share: bool = False, for_io: bool = True, writable: bool = False,
-               snapshot: str | None = None):
-    """An image and its backing chain in a session of its own (closing the chain ends it)."""
-    s = Session(force_share=force_share)
+               snapshot: str | None = None, secrets=None):
+    """An image and its backing chain in a session of its own (closing the chain ends it).
+    secrets: a host.secrets.Secrets for encrypted layers (default: the process-wide one)."""
+    s = Session(force_share=force_share, secrets=secrets)
     chain = s.open_chain(path, fmt, backing=backing, for_io=for_io, writable=writable,
                          snapshot=snapshot)
     chain.owns_session = True

@@ -205,8 +205,8 @@ def _subparsers(parser):
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 # options qemu-img 7.2 takes on these verbs that change nothing here (every write of the
-# engine is crash-safe whatever the cache mode; --object defines secrets for encrypted
-# images, which are read only by `info`/`check`)
+# engine is crash-safe whatever the cache mode); --object defines secrets (secret,id=ID,
+# data=PASS|file=PATH) for LUKS-encrypted images, named by encrypt.key-secret=ID
 COMMON = {
     "amend": ("--object", "--image-opts", "-t", "--force"),
     "check": ("--object", "--image-opts", "-T"),
@@ -221,6 +221,9 @@ COMMON = {
     "snapshot": ("--object", "--image-opts"),
     "rebase": ("--object", "--image-opts", "-U"),
     "resize": ("--object", "--image-opts"),
+    "io": ("--object", "--image-opts"),
+    "dd": ("--object",),
+    "bench": ("--object", "--image-opts"),
 }
 _COMMON_SPEC = {
     "--object": dict(dest="objects", action="append", default=[]),
@@ -254,6 +257,12 @@ def _check_common(args) -> None:
             raise UsageError("Invalid %s option: %s" % (what, v))
     if getattr(args, "target_is_zero", False) and not args.no_create:
         raise UsageError("--target-is-zero requires use of -n flag")
+    from ..host import secrets as S
+    S.DEFAULT.secrets.clear()           # one command's secrets (main() may run many times)
+    S.DEFAULT.key_secrets.clear()
+    S.DEFAULT.chain_keys.clear()
+    for spec in getattr(args, "objects", None) or ():
+        S.DEFAULT.add_object(spec)
     opts = getattr(args, "image_opts", False)
     if opts and getattr(args, "fmt", None):
         raise UsageError("--image-opts and --format are mutually exclusive")
@@ -334,6 +343,14 @@ def _image_spec(name: str, image_opts: bool = False):
     if not path:
         raise InvalidImageError("Could not open '%s': A block device must be specified for "
                                 "\"file\"" % name)
+    for k in [k for k in opts if k.endswith("encrypt.key-secret")]:
+        depth, rest = 0, k
+        while rest.startswith("backing."):       # backing.encrypt.key-secret: a backing file's
+            depth, rest = depth + 1, rest[8:]
+        if rest != "encrypt.key-secret":
+            continue
+        from ..host.secrets import DEFAULT
+        DEFAULT.set_key_secret(path, opts.pop(k), depth)
     snap = None
     for k in ("snapshot.name", "snapshot.id"):
         if k in opts:
@@ -754,6 +771,9 @@ def cmd_snapshot(args) -> int:
         return 1
     f = open_file(args.filename, args.fmt, force_share=args.force_share, writable=writing)
     try:
+        if f.format == "qcow2" and f.encrypted:      # qemu-img opens it with its key
+            from ..chain.session import unlock_image
+            unlock_image(f, args.filename)
         if f.format == "raw":
             raise SnapshotError("Format driver 'raw' does not support internal snapshots")
         from ..image import snapshots as S

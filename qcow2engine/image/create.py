@@ -16,7 +16,7 @@ from ..host import fileio
 from ..errors import CreateError, InvalidImageError, InvalidRequestError, Qcow2Error
 from ..units import parse_size as _parse_size
 from ..format import constants as C
-from ..format.header import Extension, Header, build_extensions, build_feature_table, build_header
+from ..format.header import CryptoExtension, Extension, Header, build_extensions, build_feature_table, build_header
 
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
@@ -36,7 +36,13 @@ class CreateOptions:
     preallocation: str = "off"
     backing_file: str | None = None
     backing_fmt: str | None = None
+    encrypt: dict = dataclasses.field(default_factory=dict)   # encrypt.* options, as given
     given: tuple = ()
+
+
+# the encrypt.* options qemu-img 7.2 takes for LUKS, in the order its "Formatting" line shows
+ENCRYPT_KEYS = ("format", "key-secret", "cipher-alg", "cipher-mode", "ivgen-alg",
+                "ivgen-hash-alg", "hash-alg", "iter-time")
 
 
 def parse_size(text: str) -> int:
@@ -100,13 +106,58 @@ def parse_options(spec, base: CreateOptions | None = None) -> CreateOptions:
             o.backing_file = v
         elif k == "backing_fmt":
             o.backing_fmt = v
-        elif k in ("encryption", "encrypt.format"):
-            raise CreateError("Creating encrypted images is not supported")
+        elif k == "encryption":
+            if _bool(k, v):
+                raise CreateError("Creating images with the legacy AES encryption is not "
+                                  "supported; use encrypt.format=luks")
+        elif k.startswith("encrypt.") and k[8:].replace("_", "-") in ENCRYPT_KEYS:
+            o.encrypt = dict(o.encrypt)
+            o.encrypt[k[8:].replace("_", "-")] = v
         else:
             raise CreateError("Invalid parameter '%s'" % k)
         given.append(k)
     o.given = tuple(given)
     return o
+
+
+def luks_params(o: CreateOptions) -> dict | None:
+    """The LUKS parameters of encrypt.* options (None: no encryption); CreateError for what
+    this engine does not make (only AES-XTS with plain64/plain sector numbers)."""
+    e = o.encrypt
+    if not e:
+        return None
+    fmt = e.get("format")
+    if fmt is None:
+        raise CreateError("Parameter 'encrypt.format' is required with encrypt.* options")
+    if fmt == "aes":
+        raise CreateError("Creating images with the legacy AES encryption is not supported; "
+                          "use encrypt.format=luks")
+    if fmt != "luks":
+        raise CreateError("Invalid parameter 'encrypt.format': '%s'" % fmt)
+    alg = e.get("cipher-alg", "aes-256")
+    if alg not in ("aes-128", "aes-256"):
+        raise CreateError("LUKS cipher algorithm '%s' is not supported (aes-128, aes-256)" % alg)
+    if e.get("cipher-mode", "xts") != "xts":
+        raise CreateError("LUKS cipher mode '%s' is not supported (xts)" % e["cipher-mode"])
+    ivgen = e.get("ivgen-alg", "plain64")
+    if ivgen not in ("plain64", "plain"):
+        raise CreateError("LUKS IV generator '%s' is not supported (plain64, plain)" % ivgen)
+    if "ivgen-hash-alg" in e:
+        raise CreateError("encrypt.ivgen-hash-alg is only used with the essiv IV generator, "
+                          "which is not supported")
+    from .luks import HASHES
+    hname = e.get("hash-alg", "sha256")
+    if hname not in HASHES:
+        raise CreateError("Invalid parameter 'encrypt.hash-alg': '%s'" % hname)
+    try:
+        iter_time = int(e.get("iter-time", "2000"))
+    except ValueError:
+        raise CreateError("Parameter 'encrypt.iter-time' expects a number") from None
+    if iter_time <= 0:
+        raise CreateError("Parameter 'encrypt.iter-time' must be positive")
+    return {"key_len": 64 if alg == "aes-256" else 32, "hname": hname, "ivgen": ivgen,
+            "iter_time": iter_time, "key_secret": e.get("key-secret")}
+
 
 
 def _split_opts(spec: str) -> list:
@@ -132,7 +183,8 @@ def formatting_line(path: str, o: CreateOptions, fmt: str = "qcow2") -> str:
     """The "Formatting ..." line qemu-img create prints (the size as given)."""
     if fmt in RAW_FORMATS:
         return "Formatting '%s', fmt=%s size=%d" % (path, fmt, o.size)
-    parts = ["cluster_size=%d" % o.cluster_size, "extended_l2=%s" % ("on" if o.extended_l2 else "off")]
+    parts = ["encrypt.%s=%s" % (k, o.encrypt[k]) for k in ENCRYPT_KEYS if k in o.encrypt]
+    parts += ["cluster_size=%d" % o.cluster_size, "extended_l2=%s" % ("on" if o.extended_l2 else "off")]
     if "preallocation" in o.given:
         parts.append("preallocation=%s" % o.preallocation)
     parts.append("compression_type=%s" % o.compression_type)
@@ -200,7 +252,7 @@ def validate(o: CreateOptions) -> None:
 
 
 def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | None = None,
-                    reftable: tuple = (None, 1)) -> bytes:
+                    reftable: tuple = (None, 1), crypto: tuple | None = None) -> bytes:
     cs = o.cluster_size
     v3 = o.compat != "0.10"
     incompat = 0
@@ -212,7 +264,7 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
         incompat |= C.INCOMPAT_EXTL2
     hdr = Header(version=3 if v3 else 2, backing_file_offset=0, backing_file_size=0,
                  cluster_bits=cs.bit_length() - 1, size=o.size if size is None else size,
-                 crypt_method=0,
+                 crypt_method=C.CRYPT_LUKS if crypto else C.CRYPT_NONE,
                  l1_size=l1_size, l1_table_offset=l1_offset,
                  refcount_table_offset=cs if reftable[0] is None else reftable[0],
                  refcount_table_clusters=reftable[1], nb_snapshots=0, snapshots_offset=0,
@@ -224,6 +276,9 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
                  compression_type=1 if o.compression_type == "zstd" else 0,
                  extra_header=b"\0" * 7)
     exts = []
+    if crypto:        # the full disk encryption header: offset and length of the LUKS area
+        exts.append(Extension(C.EXT_CRYPTO, CryptoExtension.build(
+            dict(offset=crypto[0], length=crypto[1]))))
     if o.backing_fmt:
         exts.append(Extension(C.EXT_BACKING_FORMAT, o.backing_fmt.encode()))
     if o.data_file:
@@ -254,6 +309,7 @@ def create_qcow2(path: str, o: CreateOptions) -> None:
     # Build the image under a temporary name and rename it into place: a crash leaves the
     # old file (or none), never a half-written image.  An existing image (or data file)
     # that another process uses is refused before anything is touched.
+    luks = _luks_area(path, o)
     guard = _guard(path)
     if o.data_file:
         dpath = o.data_file if os.path.isabs(o.data_file) else \
@@ -274,7 +330,7 @@ def create_qcow2(path: str, o: CreateOptions) -> None:
     path = os.path.join(os.path.dirname(final) or ".",
                         ".%s.qcow2engine-%d.tmp" % (os.path.basename(final), os.getpid()))
     try:
-        _build_qcow2(path, o, l1_size)
+        _build_qcow2(path, o, l1_size, luks)
         os.rename(path, final)
         dfd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -306,7 +362,30 @@ def _guard(path: str):
     return guard
 
 
-def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
+def _luks_area(path: str, o: CreateOptions):
+    """The LUKS header area of a new encrypted image (None without encryption): the
+    passphrase from the secret named by encrypt.key-secret (secrets.DEFAULT)."""
+    p = luks_params(o)
+    if p is None:
+        return None
+    if o.data_file:
+        raise CreateError("%s: Encryption is not supported with an external data file" % path)
+    if o.preallocation != "off":
+        raise CreateError("%s: Preallocation is not supported with encryption" % path)
+    if not p["key_secret"]:
+        raise CreateError("%s: Parameter 'encrypt.key-secret' is required for cipher" % path)
+    from ..host.secrets import DEFAULT, SecretError
+    try:
+        passphrase = DEFAULT.get(p["key_secret"])
+    except SecretError as e:
+        raise CreateError("%s: %s" % (path, e)) from None
+    from .luks import build_header
+    area, _ = build_header(passphrase, key_len=p["key_len"], hname=p["hname"],
+                           ivgen=p["ivgen"], iter_time=p["iter_time"])
+    return area
+
+
+def _build_qcow2(path: str, o: CreateOptions, l1_size: int, luks: bytes | None = None) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         from ..host.locking import lock_for_write
@@ -314,7 +393,7 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
         if l1_size and (o.data_file_raw or o.preallocation != "off"):
             _build_preallocated(fd, o, l1_size)
         else:
-            _build_empty(fd, path, o, l1_size)
+            _build_empty(fd, path, o, l1_size, luks)
         fileio.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -322,8 +401,10 @@ def _build_qcow2(path: str, o: CreateOptions, l1_size: int) -> None:
     os.close(fd)
 
 
-def _build_empty(fd: int, path: str, o: CreateOptions, l1_size: int) -> None:
-    """Header, refcount table, one refcount block, an empty L1 table."""
+def _build_empty(fd: int, path: str, o: CreateOptions, l1_size: int,
+                 luks: bytes | None = None) -> None:
+    """Header, refcount table, one refcount block, an empty L1 table (and, encrypted, the
+    LUKS header area in the clusters after it)."""
     from ..format.entries import encode_refblock, to_be64
     from .qcow2 import Qcow2Image
     cs = o.cluster_size
@@ -338,10 +419,18 @@ def _build_empty(fd: int, path: str, o: CreateOptions, l1_size: int) -> None:
     l1_off = 0
     if l1_size:
         l1_off = int(meta.allocate(-(-l1_size * 8 // cs), contiguous=True)[0]) * cs
+    crypto = None
+    if luks is not None:
+        crypto = (int(meta.allocate(-(-len(luks) // cs), contiguous=True)[0]) * cs, len(luks))
     meta.commit()
     if l1_size:
         fileio.pwrite(fd, bytes(l1_size * 8), l1_off)
-    fileio.pwrite(fd, _header_cluster(o, l1_size, l1_off), 0)
+    if crypto:
+        fileio.pwrite(fd, luks, crypto[0])
+        end = crypto[0] + -(-len(luks) // cs) * cs
+        if os.fstat(fd).st_size < end:
+            fileio.ftruncate(fd, end)
+    fileio.pwrite(fd, _header_cluster(o, l1_size, l1_off, crypto=crypto), 0)
 
 
 PREALLOC_BATCH = 32 << 20     # bytes of L2 tables or refcount blocks per write

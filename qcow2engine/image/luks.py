@@ -76,3 +76,232 @@ def luks_info(img) -> dict:
         slots.append(s)
     d["slots"] = slots
     return d
+
+
+# ---------------------------------------------------------------- decryption and encryption
+# LUKS1 (the on-disk format specification, version 1.2.x): the passphrase is stretched with
+# PBKDF2 and the key slot's salt; that key decrypts the slot's key material (sectors numbered
+# from 0); the material is the master key split into `stripes` stripes by the anti-forensic
+# splitter (merged back with the hash's diffusion); PBKDF2 of the master key with the digest
+# salt must equal the header's digest.  qcow2 data is encrypted per 512-byte sector with the
+# master key, the sector number being the HOST offset / 512 (docs/interop/qcow2.rst).
+
+import hashlib
+import os as _os
+
+import numpy as _np
+
+from ..errors import UnsupportedFeatureError
+
+SECTOR = 512
+HASHES = ("sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
+
+
+class UnlockError(InvalidImageError):
+    """No key slot opens with the given passphrase."""
+
+
+def _aes_ecb(key: bytes, decrypt: bool):
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    c = Cipher(algorithms.AES(key), modes.ECB())
+    return c.decryptor() if decrypt else c.encryptor()
+
+
+class SectorCipher:
+    """AES in XTS mode with plain64 (or plain) sector numbers, for whole 512-byte sectors,
+    done with two AES-ECB passes over a whole buffer and the tweaks computed with numpy."""
+
+    def __init__(self, key: bytes, ivgen: str = "plain64"):
+        if len(key) not in (32, 64):
+            raise UnsupportedFeatureError("Unsupported AES-XTS key size %d" % len(key))
+        half = len(key) // 2
+        self.k1, self.k2 = key[:half], key[half:]
+        self.plain32 = ivgen == "plain"
+        self._tweak = _aes_ecb(self.k2, decrypt=False)
+
+    def _tweaks(self, first: int, n: int):
+        sec = _np.arange(first, first + n, dtype=_np.uint64)
+        if self.plain32:
+            sec &= _np.uint64(0xFFFFFFFF)
+        iv = _np.zeros((n, 2), "<u8")
+        iv[:, 0] = sec
+        t = _np.frombuffer(self._tweak.update(iv.tobytes()), "<u8").reshape(n, 2)
+        out = _np.empty((n, SECTOR // 16, 2), _np.uint64)
+        lo = t[:, 0].astype(_np.uint64)
+        hi = t[:, 1].astype(_np.uint64)
+        one, s63, poly = _np.uint64(1), _np.uint64(63), _np.uint64(0x87)
+        for j in range(SECTOR // 16):
+            out[:, j, 0] = lo
+            out[:, j, 1] = hi
+            carry = hi >> s63
+            hi = (hi << one) | (lo >> s63)
+            lo = (lo << one) ^ (carry * poly)
+        return out
+
+    def _run(self, data, first_sector: int, decrypt: bool):
+        buf = _np.frombuffer(memoryview(data).cast("B"), _np.uint8)
+        if len(buf) % SECTOR:
+            raise ValueError("encrypted I/O must be in whole 512-byte sectors")
+        n = len(buf) // SECTOR
+        out = _np.empty(len(buf), _np.uint8)
+        step = 8192                        # sectors per pass (4 MiB)
+        ecb = _aes_ecb(self.k1, decrypt)
+        for s in range(0, n, step):
+            m = min(step, n - s)
+            t = self._tweaks(first_sector + s, m)
+            blk = buf[s * SECTOR:(s + m) * SECTOR].view("<u8").reshape(m, SECTOR // 16, 2)
+            x = (blk ^ t).tobytes()
+            y = _np.frombuffer(ecb.update(x), "<u8").reshape(m, SECTOR // 16, 2)
+            out[s * SECTOR:(s + m) * SECTOR] = (y ^ t).view(_np.uint8).reshape(-1)
+        return out
+
+    def decrypt(self, data, first_sector: int):
+        return self._run(data, first_sector, True)
+
+    def encrypt(self, data, first_sector: int):
+        return self._run(data, first_sector, False)
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def _diffuse(buf: bytes, hname: str) -> bytes:
+    ds = hashlib.new(hname).digest_size
+    out = []
+    for i in range(0, len(buf), ds):
+        block = buf[i:i + ds]
+        out.append(hashlib.new(hname, (i // ds).to_bytes(4, "big") + block).digest()[:len(block)])
+    return b"".join(out)
+
+
+def af_merge(material: bytes, key_len: int, stripes: int, hname: str) -> bytes:
+    d = bytes(key_len)
+    for i in range(stripes - 1):
+        d = _diffuse(_xor(d, material[i * key_len:(i + 1) * key_len]), hname)
+    return _xor(d, material[(stripes - 1) * key_len:stripes * key_len])
+
+
+def af_split(key: bytes, stripes: int, hname: str) -> bytes:
+    n = len(key)
+    parts = []
+    d = bytes(n)
+    for _ in range(stripes - 1):
+        s = _os.urandom(n)
+        parts.append(s)
+        d = _diffuse(_xor(d, s), hname)
+    parts.append(_xor(d, key))
+    return b"".join(parts)
+
+
+def _check_cipher(h) -> tuple:
+    """(key bytes, ivgen) of a header whose cipher this engine handles."""
+    name, mode = _cstr(h.cipher_name), _cstr(h.cipher_mode)
+    hname = _cstr(h.hash_spec)
+    if name != "aes" or mode not in ("xts-plain64", "xts-plain") or h.key_bytes not in (32, 64):
+        raise UnsupportedFeatureError("Unsupported LUKS cipher %s-%s (key of %d bytes); only "
+                                      "aes-xts-plain64 is supported" % (name, mode, h.key_bytes))
+    if hname not in HASHES:
+        raise UnsupportedFeatureError("Unsupported LUKS hash algorithm '%s'" % hname)
+    return h.key_bytes, mode.split("-", 1)[1]
+
+
+def read_header(img):
+    ext = img.crypto_ext
+    if ext is None:
+        raise InvalidImageError("Missing CRYPTO header for crypt method 2")
+    try:
+        return LuksHeader.parse(img.pread(LUKS_HEADER_SIZE, ext.offset))
+    except (StreamError, ConstructError):
+        raise InvalidImageError("Invalid LUKS header in the encryption header extension") from None
+
+
+def unlock(img, passphrase: bytes) -> SectorCipher:
+    """The data cipher of a LUKS-encrypted qcow2 image, from its passphrase."""
+    h = read_header(img)
+    if h.version != 1:
+        raise UnsupportedFeatureError("Unsupported LUKS version %d" % h.version)
+    key_len, ivgen = _check_cipher(h)
+    hname = _cstr(h.hash_spec)
+    base = img.crypto_ext.offset
+    hlen = img.crypto_ext.length
+    for ks in h.key_slots:
+        if ks.active != LUKS_KEY_ENABLED:
+            continue
+        if not (1 <= ks.stripes <= 1 << 20) or ks.iterations < 1:
+            raise InvalidImageError("LUKS key slot has an invalid stripe or iteration count")
+        size = -(-key_len * ks.stripes // SECTOR) * SECTOR
+        koff = ks.key_material_offset * SECTOR
+        if koff + size > hlen:
+            raise InvalidImageError("LUKS key material lies outside the encryption header")
+        slot_key = hashlib.pbkdf2_hmac(hname, passphrase, ks.salt, ks.iterations, key_len)
+        material = SectorCipher(slot_key, ivgen).decrypt(img.pread(size, base + koff), 0)
+        mk = af_merge(material.tobytes(), key_len, ks.stripes, hname)
+        digest = hashlib.pbkdf2_hmac(hname, mk, h.mk_digest_salt, h.mk_digest_iter, 20)
+        if digest == h.mk_digest:
+            return SectorCipher(mk, ivgen)
+    raise UnlockError("Invalid password, cannot unlock any keyslot")
+
+
+def _iterations_for(hname: str, key_len: int, millis: int) -> int:
+    """PBKDF2 iterations that take about millis milliseconds here (as QEMU measures)."""
+    import time
+    n = 1 << 14
+    while True:
+        t = time.perf_counter()
+        hashlib.pbkdf2_hmac(hname, b"qcow2engine", b"\0" * 32, n, key_len)
+        dt = time.perf_counter() - t
+        if dt >= 0.05 or n >= 1 << 26:
+            break
+        n *= 4
+    return max(1000, int(n * millis / 1000.0 / dt))
+
+
+STRIPES = 4000
+KEY_MATERIAL_ALIGN = 4096
+
+
+def area_size(key_len: int) -> int:
+    """Bytes of a LUKS1 header area made here: the header, then 8 key slots of material."""
+    mat_size = -(-key_len * STRIPES // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN
+    return -(-LUKS_HEADER_SIZE // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN + 8 * mat_size
+
+
+def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
+                 ivgen: str = "plain64", iter_time: int = 2000):
+    """A new LUKS1 header (the whole encryption area as bytes, its length a multiple of
+    512) and the data cipher.  Slot 0 holds the passphrase; the other seven are empty."""
+    import uuid
+    from construct import Container
+    mk = _os.urandom(key_len)
+    iters = _iterations_for(hname, key_len, iter_time)
+    mk_iters = max(1000, iters // 8)
+    mk_salt = _os.urandom(32)
+    digest = hashlib.pbkdf2_hmac(hname, mk, mk_salt, mk_iters, 20)
+    mat_size = -(-key_len * STRIPES // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN
+    first = -(-LUKS_HEADER_SIZE // KEY_MATERIAL_ALIGN) * KEY_MATERIAL_ALIGN
+    total = area_size(key_len)
+    slots = []
+    slot_salt = _os.urandom(32)
+    for i in range(8):
+        slots.append(Container(active=LUKS_KEY_ENABLED if i == 0 else 0x0000DEAD,
+                               iterations=iters if i == 0 else 0,
+                               salt=slot_salt if i == 0 else bytes(32),
+                               key_material_offset=(first + i * mat_size) // SECTOR,
+                               stripes=STRIPES))
+
+    def pad(s: str) -> bytes:
+        return s.encode().ljust(32, b"\0")
+    hdr = LuksHeader.build(Container(
+        version=1, cipher_name=pad("aes"), cipher_mode=pad("xts-" + ivgen), hash_spec=pad(hname),
+        payload_offset=total // SECTOR, key_bytes=key_len, mk_digest=digest,
+        mk_digest_salt=mk_salt, mk_digest_iter=mk_iters,
+        uuid=str(uuid.uuid4()).encode().ljust(40, b"\0"), key_slots=slots))
+    area = bytearray(total)
+    area[:len(hdr)] = hdr
+    slot_key = hashlib.pbkdf2_hmac(hname, passphrase, slot_salt, iters, key_len)
+    material = af_split(mk, STRIPES, hname)
+    material += bytes(-(-len(material) // SECTOR) * SECTOR - len(material))
+    enc = SectorCipher(slot_key, ivgen).encrypt(material, 0).tobytes()
+    area[first:first + len(enc)] = enc
+    return bytes(area), SectorCipher(mk, ivgen)

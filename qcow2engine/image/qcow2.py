@@ -76,6 +76,7 @@ class Qcow2Image:
         self._bitmaps = None
         self._allocator = None
         self.data_fd = None
+        self.cipher = None             # LUKS images: the data cipher, once unlocked
         try:
             self._load()
             self.locked = bool(lock)

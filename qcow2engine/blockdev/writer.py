@@ -276,7 +276,15 @@ class GuestWriter:
         if not len(new) or self.img.has_data_file:
             return
         ent = np.concatenate([t[1][0::2] if self.ext else t[1] for t in tables])
-        hit = np.intersect1d(new, E.referenced_clusters(ent[ent != 0], self.bits))
+        comp = (ent & COMPRESSED) != 0
+        lo, hi = int(new.min()), int(new.max())
+        # a range test over every entry first (cheap, vectorised): the new clusters are few
+        # and close together; only candidates are compared exactly
+        c = (ent[~comp] & OFF).astype(np.int64) >> self.bits
+        cand = c[(c >= lo) & (c <= hi)]
+        if comp.any():
+            cand = np.concatenate([cand, E.referenced_clusters(ent[comp], self.bits)])
+        hit = np.intersect1d(new, cand) if len(cand) else cand
         if len(hit):
             self.img.forget_tables()          # the in-memory allocation is dropped
             self._corrupt("Preventing invalid allocation of the cluster at offset %#x: an "

@@ -246,12 +246,12 @@ def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None,
                     buf = np.zeros(min(c + SPAN, b) - c, np.uint8)
                     chain.read_into(buf, c, zeroed=True)
                     target.write(c, buf)
-            for a, b in zip(ex.starts[~data].tolist() if not target_is_zero else (),
-                            ex.ends[~data].tolist()):
-                tx = target.extents(a, b)
-                nz = ~zero_kinds[tx.kinds]
-                for ta, tb in zip(tx.starts[nz].tolist(), tx.ends[nz].tolist()):
-                    target.write_zeroes(ta, tb - ta, unmap=True)
+            if not target_is_zero:
+                for a, b in zip(ex.starts[~data].tolist(), ex.ends[~data].tolist()):
+                    tx = target.extents(a, b)
+                    nz = ~zero_kinds[tx.kinds]
+                    for ta, tb in zip(tx.starts[nz].tolist(), tx.ends[nz].tolist()):
+                        target.write_zeroes(ta, tb - ta, unmap=True)
             done = int(ex.ends[-1])
             if progress:
                 progress(done, size)

@@ -37,18 +37,15 @@ def add_parsers(sub, size_type) -> None:
     s.add_argument("filename")
 
 
-class _BitmapAction:
-    """argparse action factory: each of --add/--remove/... appends (name, value) to
-    args.actions, in the order given."""
+def _bitmap_action(kind):
+    """An argparse action class: --add/--remove/... append (kind, value) to args.actions,
+    in the order given."""
+    import argparse
 
-    @staticmethod
-    def make(kind):
-        import argparse
-
-        class A(argparse.Action):
-            def __call__(self, parser, ns, values, option_string=None):
-                ns.actions = (ns.actions or []) + [(kind, values)]
-        return A
+    class A(argparse.Action):
+        def __call__(self, parser, ns, values, option_string=None):
+            ns.actions = (ns.actions or []) + [(kind, values)]
+    return A
 
 
 def add_bitmap_parser(sub, size_type) -> None:
@@ -56,8 +53,8 @@ def add_bitmap_parser(sub, size_type) -> None:
                                       "persistent dirty bitmaps")
     s.set_defaults(actions=[])
     for kind in ("add", "remove", "clear", "enable", "disable"):
-        s.add_argument("--" + kind, nargs=0, action=_BitmapAction.make(kind))
-    s.add_argument("--merge", action=_BitmapAction.make("merge"))
+        s.add_argument("--" + kind, nargs=0, action=_bitmap_action(kind))
+    s.add_argument("--merge", action=_bitmap_action("merge"))
     s.add_argument("-b", dest="source_file")
     s.add_argument("-F", dest="source_fmt")
     s.add_argument("-g", dest="granularity", type=size_type)

@@ -190,6 +190,19 @@ def fix_copied_flags(img) -> int:
     return fixed
 
 
+def snapshot_l1_problem(img, sn, limit: int) -> str | None:
+    """Why the L1 table of snapshot entry sn cannot be one (too large; not cluster aligned,
+    on the header or past limit, the file's end in bytes), or None."""
+    cs = img.cluster_size
+    off, n = sn.l1_table_offset, sn.l1_size
+    if n * 8 > C.MAX_L1_SIZE_BYTES:
+        return "has an L1 table of %d entries" % n
+    if n and (off % cs or off < cs or off + 8 * n > limit):
+        return "has an L1 table (offset %#x) that is not cluster aligned, overlaps the " \
+               "header or lies past the end of the file" % off
+    return None
+
+
 def refuse_damaged_metadata(img) -> None:
     """Before anything is allocated, shared or freed in img: refuse an image whose active
     L1 table, refcount table or snapshot table overlaps other metadata, or whose snapshot
@@ -209,14 +222,11 @@ def refuse_damaged_metadata(img) -> None:
         why = "the snapshot table at %#x overlaps the header or lies past the end of the " \
               "file" % h.snapshots_offset
     for i, sn in enumerate(snaps if why is None else ()):
-        off, n = sn.l1_table_offset, sn.l1_size
         if img.version >= 3 and len(sn.extra_data) < 16:
             why = "snapshot table entry %d is incomplete" % i
-        elif n * 8 > C.MAX_L1_SIZE_BYTES:
-            why = "snapshot table entry %d has an L1 table of %d entries" % (i, n)
-        elif n and (off % cs or off < cs or off + 8 * n > size):
-            why = "the L1 table of snapshot table entry %d (offset %#x) is not cluster " \
-                  "aligned, overlaps the header or lies past the end of the file" % (i, off)
+        else:
+            bad = snapshot_l1_problem(img, sn, size)
+            why = None if bad is None else "snapshot table entry %d %s" % (i, bad)
         if why:
             break
     if why is None:

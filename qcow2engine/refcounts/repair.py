@@ -142,16 +142,15 @@ def _fix_snapshot_table(img: Qcow2Image) -> int:
 
 
 def _bogus_l1(img: Qcow2Image, alloc, sn, limit: int) -> bool:
+    """The write gate's test (references.snapshot_l1_problem), an unaligned offset even of
+    an empty table, and an L1 table lying on other metadata."""
+    from ..image.references import snapshot_l1_problem
     cs = img.cluster_size
     off, n = sn.l1_table_offset, sn.l1_size
-    if n * 8 > C.MAX_L1_SIZE_BYTES or off % cs:
+    if off % cs or snapshot_l1_problem(img, sn, limit) is not None:
         return True
-    if not n:
-        return False
-    if off < cs or off + 8 * n > limit:
-        return True
-    return alloc.overlap(off // cs, -(-8 * n // cs),
-                         ignore={"inactive_l1", "snapshot_table"}) is not None
+    return bool(n) and alloc.overlap(off // cs, -(-8 * n // cs),
+                                     ignore={"inactive_l1", "snapshot_table"}) is not None
 
 
 def _drop_wild_entries(img: Qcow2Image) -> int:

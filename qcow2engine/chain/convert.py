@@ -221,6 +221,20 @@ def convert_to_qcow2(chain, dst: str, options=None, *, compress: bool = False,
     return OpResult("convert", outcome, (dst,), bytes_copied=done, target=dst)
 
 
+def copy_extent_data(chain, ex, target, shift: int = 0, skip_zeros: bool = False):
+    """Write the ranges of the window ex that hold data in chain to target, at their guest
+    offset less shift, SPAN bytes a read; skip_zeros leaves out all-zero pieces (a fresh
+    target reads zeros there).  Returns the data mask of ex."""
+    data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO) | (ex.kinds == E.INVALID)
+    for a, b in zip(ex.starts[data].tolist(), ex.ends[data].tolist()):
+        for c in range(a, b, SPAN):
+            buf = np.zeros(min(c + SPAN, b) - c, np.uint8)
+            chain.read_into(buf, c, zeroed=True)
+            if not skip_zeros or buf.any():
+                target.write(c - shift, buf)
+    return data
+
+
 def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None,
                        target_is_zero: bool = False) -> OpResult:
     """`convert -n`: copy the guest view of chain into the existing qcow2 image dst (at
@@ -240,12 +254,7 @@ def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None,
             if cancel is not None and cancel.is_set():
                 outcome = CANCELLED
                 break
-            data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO) | (ex.kinds == E.INVALID)
-            for a, b in zip(ex.starts[data].tolist(), ex.ends[data].tolist()):
-                for c in range(a, b, SPAN):
-                    buf = np.zeros(min(c + SPAN, b) - c, np.uint8)
-                    chain.read_into(buf, c, zeroed=True)
-                    target.write(c, buf)
+            data = copy_extent_data(chain, ex, target)
             if not target_is_zero:
                 for a, b in zip(ex.starts[~data].tolist(), ex.ends[~data].tolist()):
                     tx = target.extents(a, b)

@@ -6,7 +6,6 @@ import time
 
 from ..errors import InvalidRequestError
 
-CHUNK = 16 << 20
 
 
 def add_parsers(sub, size_type) -> None:
@@ -152,16 +151,9 @@ def cmd_dd(args) -> int:
 def _copy_range(chain, start: int, out, n: int) -> None:
     """Guest bytes [start, start+n) of chain to [0, n) of the new image out: only the
     ranges that hold data are read and written (out reads zeros elsewhere)."""
-    import numpy as np
-    from ..format import entries as E
+    from ..chain.convert import copy_extent_data
     for ex in chain.iter_extents(start, start + n):
-        data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO) | (ex.kinds == E.INVALID)
-        for a, b in zip(ex.starts[data].tolist(), ex.ends[data].tolist()):
-            for c in range(a, b, CHUNK):
-                buf = np.zeros(min(c + CHUNK, b) - c, np.uint8)
-                chain.read_into(buf, c, zeroed=True)
-                if buf.any():
-                    out.write(c - start, buf)
+        copy_extent_data(chain, ex, out, shift=start, skip_zeros=True)
 
 
 def cmd_bench(args) -> int:

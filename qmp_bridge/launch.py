@@ -97,8 +97,16 @@ class QemuProcess:
             raise QMPError("QEMU already started")
         try:
             self._spawn()
-            self.qmp = QMPSession.attach(self.socket_path, timeout=self.timeout,
-                                         connect_timeout=10.0, name=self.name)
+            try:
+                self.qmp = QMPSession.attach(self.socket_path, timeout=self.timeout,
+                                             connect_timeout=10.0, name=self.name)
+            except QMPError:
+                # a negotiation cut short on a loaded machine: QEMU, still running, takes
+                # a new client on the same socket; one more try
+                if self.proc.poll() is not None:
+                    raise
+                self.qmp = QMPSession.attach(self.socket_path, timeout=self.timeout,
+                                             connect_timeout=10.0, name=self.name)
         except BaseException as e:
             rc = self.proc.poll() if self.proc is not None else None
             tail = self.log()[-2000:]

@@ -186,3 +186,42 @@ def par(thunks: Iterable[Callable[[], Any]]) -> list:
     """Run independent (read-only) tool invocations concurrently; their results in order."""
     futs = [_POOL.submit(t) for t in thunks]
     return [f.result() for f in futs]
+
+
+class QemuIoHolder:
+    """A real qemu-io holding IMG open (with its locks) until the block ends: `with
+    QemuIoHolder(img) as h:`. It waits until another process sees the lock, and fails with
+    qemu-io's own stderr if qemu-io exits instead (a bare timeout once hid why)."""
+
+    def __init__(self, img: str | os.PathLike, *, readonly: bool = False,
+                 fmt: str = "qcow2", timeout: float = 60.0) -> None:
+        self.img, self.readonly, self.fmt, self.timeout = str(img), readonly, fmt, timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "QemuIoHolder":
+        import time
+        from qcow2engine.host.locking import held_by_other
+        self._err = tempfile.TemporaryFile()
+        argv = ["qemu-io"] + (["-r"] if self.readonly else []) + [
+            "-f", self.fmt, "-c", "sleep 600000", self.img]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        deadline = time.monotonic() + self.timeout
+        while not held_by_other(self.img):
+            if self.proc.poll() is not None:
+                self._err.seek(0)
+                msg = self._err.read().decode(errors="replace")
+                self.__exit__(None, None, None)
+                raise AssertionError(f"qemu-io exited {self.proc.returncode}: {msg!r}")
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise AssertionError(f"qemu-io took no lock on {self.img} in {self.timeout} s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+        self._err.close()

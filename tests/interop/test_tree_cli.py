@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from qcow2engine.cli.main import main
-from tests.helpers.qemu import guest_bytes, qemu_img, qemu_img_info, qemu_io
+from tests.helpers.qemu import QemuIoHolder, guest_bytes, qemu_img, qemu_img_info, qemu_io
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -1000,18 +1000,10 @@ def test_image_in_use_by_qemu(env):
     env.quiet_ok("snapshot-create-as", "m", "a", "--disk-only")
     active = env.active()["vda"]
     before = env.world()
-    qio = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 20000", active],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            r = qemu_img("info", active)
-            if r.rc != 0:
-                assert "lock" in r.err, r
-                break
-            assert time.monotonic() < deadline, "qemu-io never took its locks"
-            time.sleep(0.05)
+    with QemuIoHolder(active):
+        # QEMU's own tool sees the lock too
+        r = qemu_img("info", active)
+        assert r.rc != 0 and "lock" in r.err, r
         for args in (("snapshot-create-as", "m", "b"), ("snapshot-create-as", "m", "b",
                                                         "--disk-only"),
                      ("snapshot-revert", "m", "a"), ("snapshot-delete", "m", "a")):
@@ -1028,26 +1020,12 @@ def test_image_in_use_by_qemu(env):
         assert env.quiet_ok("snapshot-info", "m", "a").startswith("Name:           a\n")
         assert env.quiet_ok("snapshot-list", "m", "--tree") == "a\n\n\n"
         assert env.world() == before
-    finally:
-        qio.kill()
-        qio.wait()
     # a QEMU that only reads a frozen base (vdb's, below its overlay) also holds the machine
     base = env.snap("a")["disks"]["vdb"]["file"]
-    qio = subprocess.Popen(["qemu-io", "-r", "-f", "qcow2", "-c", "sleep 20000", base],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    try:
-        from qcow2engine.host.locking import held_by_other
-        deadline = time.monotonic() + 10
-        while not held_by_other(base):
-            assert time.monotonic() < deadline, "qemu-io never took its locks"
-            time.sleep(0.05)
+    with QemuIoHolder(base, readonly=True):
         err = env.fail("snapshot-revert", "m", "a", match="in use")
         assert base in err
         assert env.world() == before
-    finally:
-        qio.kill()
-        qio.wait()
     env.quiet_ok("snapshot-create-as", "m", "b")
     assert env.names() == ["a", "b"]
 

@@ -160,7 +160,7 @@ class Qcow2Layer(Layer):
             if img.extended_l2:
                 kk, hh = E.classify_extended_l2(ent, img.has_data_file, unit)
             else:
-                kk, hh = E.classify_standard_l2(ent, img.has_data_file)
+                kk, hh = E.classify_standard_l2(ent, img.has_data_file, cs)
             s, k, h = rle(kk, hh, unit, c0 * cs)
         # clip the last run implicitly through end; clip the first explicitly
         keep = s < end

@@ -317,10 +317,30 @@ def _store(writer, img, chain, base: int, buf: np.ndarray, compress: bool, min_s
                 e = min(base + (int(grp[-1]) + 1) * cs, base + len(buf))
                 writer.write_zeroes(s, e - s)
         nz = alloc & ~zero_alloc
-    if not nz.any():
-        return
+    partial = []
+    if img.extended_l2 and min_sparse > 0 and not top_only and not compress:
+        # as qemu-img: zero detection at max(subcluster, -S) granularity, and a cluster with
+        # data in only some of its blocks gets only those subclusters allocated
+        g = max(img.subcluster_size, 1 << (min_sparse.bit_length() - 1))
+        if g < cs:
+            per = cs // g
+            bm = padded.view(np.uint64).reshape(n * per, g // 8).any(axis=1).reshape(n, per)
+            full = bm.all(axis=1)
+            for k in np.flatnonzero(nz & ~full).tolist():
+                edges = np.flatnonzero(np.diff(np.concatenate([[0], bm[k].astype(np.int8), [0]])))
+                for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+                    lo = k * cs + a * g
+                    hi = min(k * cs + b * g, len(buf))
+                    if hi > lo:
+                        partial.append((lo, hi))
+            nz = nz & full
     if not compress:
-        writer.write_clusters(base, padded[:len(buf)], nz)
+        if nz.any():
+            writer.write_clusters(base, padded[:len(buf)], nz)
+        for lo, hi in partial:
+            writer.write(base + lo, padded[lo:hi])
+        return
+    if not nz.any():
         return
     idx = np.flatnonzero(nz)
     zstd = img.header.compression_type == 1

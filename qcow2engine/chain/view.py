@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..blockdev.layers import Layer, Qcow2Layer, RawLayer
-from ..errors import CorruptImageError, InvalidImageError, SnapshotError
+from ..errors import CorruptImageError, InvalidImageError, Qcow2Error, SnapshotError
 from ..format import entries as E
 
 from ..image.raw import RawFile
@@ -268,17 +268,29 @@ class Chain:
         for s, e in zip(np.asarray(holes_s).tolist(), np.asarray(holes_e).tolist()):
             out[s - base:e - base] = 0
 
+    # salvage(offset, length, message): set (convert --salvage) to read what cannot be read
+    # as zeros and report it instead of failing
+    salvage = None
+
     def read_extents_into(self, out: np.ndarray, base: int, ex: Extents, data_only=None) -> None:
         """Fill out[s-base:e-base] for every extent holding data (zeros stay untouched)."""
         kinds = ex.kinds
         bad = np.flatnonzero(kinds == E.INVALID)
-        if len(bad):
-            i = int(bad[0])
-            raise CorruptImageError("Invalid L2 entry for guest offset %#x in %s"
-                                    % (int(ex.starts[i]), self.layers[int(ex.depth[i])].path))
+        for i in bad.tolist():
+            msg = "Invalid L2 entry for guest offset %#x in %s" % (
+                int(ex.starts[i]), self.layers[int(ex.depth[i])].path)
+            self._unreadable(out, base, int(ex.starts[i]), int(ex.ends[i]),
+                             CorruptImageError(msg))
         for i in np.flatnonzero(kinds == E.NORMAL).tolist():
             s = int(ex.starts[i]); e = int(ex.ends[i])
-            self.layers[int(ex.depth[i])].read_data_into(out[s - base:e - base], int(ex.hosts[i]))
+            layer = self.layers[int(ex.depth[i])]
+            if self.salvage is None:
+                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]))
+                continue
+            try:
+                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]))
+            except (OSError, Qcow2Error) as err:
+                self._unreadable(out, base, s, e, err)
         comp = np.flatnonzero(kinds == E.COMPRESSED)
         if not len(comp):
             return
@@ -287,11 +299,33 @@ class Chain:
             cs = layer.image.cluster_size
             sel = comp[ex.depth[comp] == d]
             descs, first = np.unique(ex.hosts[sel], return_index=True)
-            data = dict(zip(descs.tolist(), layer.read_compressed_many(descs.tolist())))
+            descs = descs.tolist()
+            try:
+                data = dict(zip(descs, layer.read_compressed_many(descs)))
+            except (OSError, Qcow2Error, ValueError):
+                if self.salvage is None:
+                    raise
+                data = {}
+                for desc in descs:            # salvage: find the clusters that fail
+                    try:
+                        data[desc] = layer.read_compressed_many([desc])[0]
+                    except (OSError, Qcow2Error, ValueError) as err:
+                        data[desc] = err
             for i in sel.tolist():
                 s = int(ex.starts[i]); e = int(ex.ends[i])
                 cstart = s - s % cs
-                out[s - base:e - base] = np.frombuffer(data[int(ex.hosts[i])], np.uint8)[s - cstart:e - cstart]
+                got = data[int(ex.hosts[i])]
+                if isinstance(got, Exception):
+                    self._unreadable(out, base, s, e, got)
+                    continue
+                out[s - base:e - base] = np.frombuffer(got, np.uint8)[s - cstart:e - cstart]
+
+    def _unreadable(self, out: np.ndarray, base: int, s: int, e: int, err: Exception) -> None:
+        """[s, e) cannot be read: raise err, or with salvage set read it as zeros and say so."""
+        if self.salvage is None:
+            raise err
+        out[s - base:e - base] = 0
+        self.salvage(s, e - s, getattr(err, "strerror", None) or str(err))
 
 
 def make_chain(files: list, warnings: list, session, *, path: str,

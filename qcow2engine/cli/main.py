@@ -104,8 +104,8 @@ def build_parser():
     s.add_argument("-F", dest="backing_fmt")
     s.add_argument("--bitmaps", action="store_true")
     s.add_argument("--skip-broken-bitmaps", dest="skip_broken", action="store_true")
-    s.add_argument("filename")
-    s.add_argument("output")
+    s.add_argument("--salvage", action="store_true")
+    s.add_argument("files", nargs="*")      # SOURCE... OUTPUT (several sources concatenate)
 
     s = sub.add_parser("create", help="create a new image")
     s.add_argument("-f", dest="fmt", default="raw")
@@ -277,6 +277,8 @@ def _check_common(args) -> None:
             setattr(args, fattr, drv)
         if snap and hasattr(args, "snapshot"):
             args.snapshot = snap
+    if len(getattr(args, "sources", ())) > 1:
+        args.sources = [args.filename] + [_image_spec(n, opts)[0] for n in args.sources[1:]]
     out = getattr(args, "output", None)
     if args.cmd == "convert" and out is not None:
         if out == "null-co://":
@@ -386,6 +388,11 @@ def parse_verb_args(parser, argv):
         if size is None:
             sp.error("the following arguments are required: size")
         args.size = size
+    if verb == "convert":
+        if len(args.files) < 2:
+            raise UsageError("Must specify image file name")
+        args.sources, args.output = args.files[:-1], args.files[-1]
+        args.filename = args.sources[0]
     args.cmd = verb
     return args
 
@@ -426,7 +433,7 @@ def main(argv=None) -> int:
         return 2 if args.cmd == "compare" else 1
     except Qcow2Error as e:
         _err(str(e))
-        return getattr(args, "_error_code", 1)
+        return getattr(e, "exit_code", None) or getattr(args, "_error_code", 1)
     except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")
@@ -592,8 +599,38 @@ def cmd_convert(args) -> int:
     if args.backing and not args.backing_fmt:
         _err("Use of backing file requires explicit backing format")
         return 1
+    sources = getattr(args, "sources", [args.filename])
+    if len(sources) > 1:
+        if args.snapshot:
+            _err("No support for concatenating multiple snapshot")
+            return 1
+        if args.bitmaps:
+            _err("Copying bitmaps only possible with single source")
+            return 1
+        if args.backing:
+            _err("Having a backing file for the target makes no sense when concatenating "
+                 "multiple input images")
+            return 1
     from ..chain.session import open_chain
-    chain = open_chain(args.filename, args.fmt, force_share=args.force_share, snapshot=args.snapshot)
+    chains = []
+    try:
+        for name in sources:
+            chains.append(open_chain(name, args.fmt, force_share=args.force_share,
+                                     snapshot=args.snapshot))
+    except BaseException:
+        for c in chains:
+            c.close()
+        raise
+    if len(chains) == 1:
+        chain = chains[0]
+    else:
+        from ..chain.concat import ConcatChain
+        chain = ConcatChain(chains)
+    if args.salvage:
+        def salvaged(offset, length, msg):
+            sys.stderr.write("%s: warning: error while reading offset %d: %s (%d bytes read "
+                             "as zeros)\n" % (PROG, offset, msg, length))
+        chain.salvage = salvaged
     try:
         progress = _progress(args, "convert")
         if args.out_fmt == "raw":

@@ -33,8 +33,10 @@ def to_be64(arr: np.ndarray) -> bytes:
     return np.asarray(arr, dtype=np.uint64).astype(">u8").tobytes()
 
 
-def classify_standard_l2(entries: np.ndarray, has_data_file: bool):
-    """Kinds and host offsets for standard (64-bit) L2 entries, one per cluster."""
+def classify_standard_l2(entries: np.ndarray, has_data_file: bool, cluster_size: int = 512):
+    """Kinds and host offsets for standard (64-bit) L2 entries, one per cluster.  A host
+    offset that is not cluster_size-aligned makes the entry INVALID (QEMU refuses to read
+    it: "Cluster allocation offset ... unaligned")."""
     e = entries
     off = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
     compressed = (e & np.uint64(C.QCOW_OFLAG_COMPRESSED)) != 0
@@ -46,13 +48,15 @@ def classify_standard_l2(entries: np.ndarray, has_data_file: bool):
     kind[allocated] = NORMAL
     kind[zero & ~allocated] = ZERO_PLAIN
     kind[zero & allocated] = ZERO_ALLOC
+    kind[allocated & ((off & np.int64(cluster_size - 1)) != 0)] = INVALID
     kind[compressed] = COMPRESSED
     host = np.where(compressed, e.astype(np.int64) & np.int64(0x3FFFFFFFFFFFFFFF), off)
     return kind, host
 
 
 def classify_extended_l2(entries: np.ndarray, has_data_file: bool, subcluster_size: int):
-    """Kinds and host offsets for extended L2 entries (pairs of u64), 32 per cluster."""
+    """Kinds and host offsets for extended L2 entries (pairs of u64), 32 per cluster; an
+    unaligned host cluster offset makes its allocated subclusters INVALID."""
     e = entries[0::2]
     bitmap = entries[1::2]
     off = (e & np.uint64(C.L2E_OFFSET_MASK)).astype(np.int64)
@@ -71,6 +75,8 @@ def classify_extended_l2(entries: np.ndarray, has_data_file: bool, subcluster_si
     kind[~alloc_c & zbits] = ZERO_PLAIN
     kind[abits & zbits] = INVALID
     kind[~alloc_c & abits] = INVALID
+    misaligned = allocated & ((off & np.int64(32 * subcluster_size - 1)) != 0)
+    kind[misaligned] = INVALID
     kind[compressed] = COMPRESSED
     sub = np.arange(32, dtype=np.int64) * subcluster_size
     host = off[:, None] + sub

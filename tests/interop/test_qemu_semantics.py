@@ -300,3 +300,157 @@ def test_preallocated_extended_l2_over_a_backing_file_reads_the_backing(tmp_path
     assert_same_guest(tmp_path / "e.qcow2", tmp_path / "b.qcow2")
     assert file_sha256(tmp_path / "e.qcow2") == file_sha256(tmp_path / "q.qcow2")
     assert_clean(tmp_path / "e.qcow2")
+
+
+# ---------------------------------------------------------------- convert of several sources
+def _sources(d):
+    """A raw disk, a qcow2 disk with a backing file (data and a zero cluster), a compressed
+    one: three sizes, none a multiple of a cluster."""
+    qemu_img("create", "-q", "-f", "raw", d / "r.raw", "1000k", check=True)
+    qemu_io(d / "r.raw", "write -P 0x01 0 4k", "write -P 0x02 990k 10k", fmt="raw")
+    _create(d / "b.qcow2", "1536k")
+    qemu_io(d / "b.qcow2", "write -P 0x03 0 1536k")
+    _create(d / "q.qcow2", "1536k", backing="b.qcow2")
+    qemu_io(d / "q.qcow2", "write -P 0x04 64k 64k", "write -z 512k 64k")
+    _create(d / "c0.qcow2", "700k")
+    qemu_io(d / "c0.qcow2", "write -P 0x05 100k 300k")
+    qemu_img("convert", "-q", "-c", "-O", "qcow2", "c0.qcow2", "c.qcow2", cwd=d, check=True)
+
+
+def _data_ranges(img):
+    """The guest ranges that hold data, merged (host placement aside)."""
+    out = []
+    for m in _map(img):
+        if m["data"]:
+            if out and out[-1][1] == m["start"]:
+                out[-1][1] += m["length"]
+            else:
+                out.append([m["start"], m["start"] + m["length"]])
+    return out
+
+
+@pytest.mark.parametrize("args", [
+    ["-O", "qcow2"], ["-O", "raw"], ["-O", "qcow2", "-c"],
+    ["-O", "qcow2", "-o", "cluster_size=16384,extended_l2=on"],
+])
+def test_convert_concatenates_several_sources_like_qemu(tmp_path, args):
+    e, q = _twins(tmp_path, _sources)
+    srcs = ["r.raw", "q.qcow2", "c.qcow2", "r.raw"]
+    out = "out." + args[1]
+    _ok("convert", *args, *srcs, out, cwd=e)
+    qemu_img("convert", *args, *srcs, out, cwd=q, check=True)
+    fmt = args[1]
+    assert qemu_img("info", "--output=json", e / out, check=True).out.count('"virtual-size"')
+    sizes = [json.loads(qemu_img("info", "--output=json", p, check=True).out)["virtual-size"]
+             for p in (e / out, q / out)]
+    assert sizes[0] == sizes[1] == 1000 * 1024 * 2 + 1536 * 1024 + 700 * 1024
+    assert_same_guest(e / out, q / out, "-f", fmt, "-F", fmt)
+    if fmt == "qcow2":
+        assert_clean(e / out)
+        if "-c" not in args:
+            # allocation follows the data as qemu-img's does
+            assert _data_ranges(e / out) == _data_ranges(q / out)
+
+
+def test_convert_concatenates_into_an_existing_image(tmp_path):
+    def build(d):
+        _sources(d)
+        _create(d / "t.qcow2", "8M")
+        qemu_io(d / "t.qcow2", "write -P 0x99 0 8M")
+    e, q = _twins(tmp_path, build)
+    for side, run in ((e, lambda *a: _ok(*a, cwd=e)),
+                      (q, lambda *a: qemu_img(*a, cwd=q, check=True))):
+        run("convert", "-n", "-O", "qcow2", "q.qcow2", "r.raw", "t.qcow2")
+    assert_same_guest(e / "t.qcow2", q / "t.qcow2")
+    assert_clean(e / "t.qcow2")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["r.raw"], "Must specify image file name"),
+    (["-l", "s", "r.raw", "q.qcow2", "o.raw"], "No support for concatenating multiple snapshot"),
+    (["--bitmaps", "-O", "qcow2", "q.qcow2", "q.qcow2", "o.qcow2"],
+     "Copying bitmaps only possible with single source"),
+    (["-B", "b.qcow2", "-F", "qcow2", "-O", "qcow2", "q.qcow2", "q.qcow2", "o.qcow2"],
+     "Having a backing file for the target makes no sense"),
+    (["r.raw", "missing.qcow2", "o.raw"], "missing.qcow2"),
+])
+def test_convert_of_several_sources_refusals_match_qemu(tmp_path, args, message):
+    e, q = _twins(tmp_path, _sources)
+    before = {p.name: file_sha256(p) for p in e.iterdir()}
+    rc, _, err = engine("convert", *args, cwd=e, catch_exit=True)
+    r = qemu_img("convert", *args, cwd=q)
+    assert rc == r.rc == 1, (err, r.err)
+    assert message in err and message in r.err, (err, r.err)
+    assert {p.name: file_sha256(p) for p in e.iterdir()} == before
+
+
+# ---------------------------------------------------------------- unreadable clusters, --salvage
+def _l2_entry_offset(path, guest_cluster):
+    with open(path, "rb") as f:
+        h = f.read(104)
+        cluster_bits = struct.unpack(">I", h[20:24])[0]
+        l1 = struct.unpack(">Q", h[40:48])[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+    assert guest_cluster < (1 << cluster_bits) // 8
+    return l2 + 8 * guest_cluster
+
+
+def _damage(d):
+    """bad.qcow2: cluster 1's L2 entry unaligned (QEMU: "Cluster allocation offset ...
+    unaligned", EIO); comp.qcow2: a compressed cluster whose deflate stream is garbage."""
+    _create(d / "bad.qcow2", "1M")
+    qemu_io(d / "bad.qcow2", "write -P 0x11 0 192k", "write -P 0x22 512k 64k")
+    at = _l2_entry_offset(d / "bad.qcow2", 1)
+    with open(d / "bad.qcow2", "r+b") as f:
+        f.seek(at)
+        e = struct.unpack(">Q", f.read(8))[0]
+        f.seek(at)
+        f.write(struct.pack(">Q", e | 0x200))
+    _create(d / "c0.qcow2", "1M")
+    qemu_io(d / "c0.qcow2", "write -P 0x33 0 256k")
+    qemu_img("convert", "-q", "-c", "-O", "qcow2", "c0.qcow2", "comp.qcow2", cwd=d, check=True)
+    m = [x for x in _map(d / "comp.qcow2") if x["data"]]
+    # the second compressed cluster's bytes: its L2 entry holds the host offset
+    with open(d / "comp.qcow2", "rb") as f:
+        f.seek(_l2_entry_offset(d / "comp.qcow2", 1))
+        desc = struct.unpack(">Q", f.read(8))[0]
+    assert m and desc >> 62 == 1
+    host = desc & ((1 << (62 - 8)) - 1)
+    with open(d / "comp.qcow2", "r+b") as f:
+        f.seek(host + 4)
+        f.write(b"\xff" * 48)
+
+
+@pytest.mark.parametrize("img", ["bad.qcow2", "comp.qcow2"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_convert_salvage_reads_what_fails_as_zeros_like_qemu(tmp_path, img, fmt):
+    e, q = _twins(tmp_path, _damage)
+    # without --salvage both fail and say where
+    rc, _, err = engine("convert", "-O", fmt, img, "o", cwd=e, catch_exit=True)
+    assert rc == qemu_img("convert", "-O", fmt, img, "o", cwd=q).rc == 1, err
+    assert err.count("\n") == 1
+    _ok("convert", "--salvage", "-O", fmt, img, "s", cwd=e)
+    r = qemu_img("convert", "--salvage", "-O", fmt, img, "s", cwd=q, check=True)
+    assert "warning: error while reading offset 65536" in r.err
+    assert_same_guest(e / "s", q / "s", "-f", fmt, "-F", fmt)
+    # the unreadable cluster reads as zeros, the rest is there
+    g = qemu_io(e / "s", "read -P 0 64k 64k", "read -P 0x%s 0 64k"
+                % ("11" if img == "bad.qcow2" else "33"), fmt=fmt)
+    assert "Pattern verification failed" not in g.out, g.out
+    rc, _, err = engine("convert", "--salvage", "-O", fmt, img, "s2", cwd=e, catch_exit=True)
+    assert rc == 0 and "warning: error while reading offset 65536" in err, err
+
+
+def test_unaligned_data_cluster_fails_like_qemu(tmp_path):
+    """QEMU treats an unaligned data cluster offset as corruption on every read path; the
+    engine did read the bytes at the unaligned offset."""
+    e, q = _twins(tmp_path, _damage)
+    for verb, code in ((["map", "bad.qcow2"], 1), (["compare", "bad.qcow2", "bad.qcow2"], 3),
+                       (["convert", "bad.qcow2", "o.raw"], 1)):
+        rc, _, err = engine(*verb, cwd=e, catch_exit=True)
+        assert (rc, qemu_img(*verb, cwd=q).rc) == (code, code), (verb, err)
+        assert err.count("\n") == 1
+    r = engine("io", "-c", "read 64k 64k", "bad.qcow2", cwd=e, catch_exit=True)
+    assert "Invalid L2 entry" in r[1] + r[2], r
+    assert "0x10000" in r[1] + r[2]

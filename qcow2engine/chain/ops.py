@@ -180,8 +180,18 @@ def resize_chain(chain: Chain, size: int, *, shrink: bool = False) -> None:
     f = chain.top.file
     if f.format == "qcow2":
         backing = chain.layers[1].size if len(chain.layers) > 1 else 0
-        resize_qcow2(f, size, shrink=shrink, backing_size=backing,
-                     write_zeroes=chain.write_zeroes)
+        if backing <= f.size or size <= f.size:
+            resize_qcow2(f, size, shrink=shrink)
+            return
+        # the zeros that hide the longer backing file are no guest write: QEMU's dirty
+        # bitmaps do not see them, ours do not either
+        writer = chain.writer()
+        saved, writer.bitmaps = writer.bitmaps, None
+        try:
+            resize_qcow2(f, size, shrink=shrink, backing_size=backing,
+                         write_zeroes=chain.write_zeroes)
+        finally:
+            writer.bitmaps = saved
     else:
         resize_raw(f, size, shrink=shrink)
 

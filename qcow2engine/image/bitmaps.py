@@ -345,3 +345,80 @@ def tracker(img):
         _check_image(img)
         t = img._bitmap_tracker = WriteTracker(img)
     return t
+
+
+# ---------------------------------------------------------------- resize
+MAX_TABLE_SIZE = 0x8000000            # entries, as QEMU limits a bitmap table
+
+
+def begin_resize(img, new_size: int) -> bool:
+    """Before img's size changes (QEMU resizes its bitmaps with the image): refuse an
+    inconsistent bitmap, as QEMU does, then mark every bitmap "in use" on disk, so that a
+    crash before finish_resize leaves them inconsistent (QEMU accepts an in-use bitmap
+    whose table does not fit the size), never wrong.  False: nothing to do."""
+    if not img.bitmaps:
+        return False
+    _check_image(img)
+    for b in img.bitmaps:
+        if b.flags & C.BME_FLAG_IN_USE:
+            raise BitmapError("Bitmap '%s' is inconsistent and cannot be used" % b.name)
+        if -(-(-(-new_size // b.granularity)) // (img.cluster_size * 8)) > MAX_TABLE_SIZE:
+            raise BitmapError("Too much space will be occupied by the bitmap '%s'. Use "
+                              "larger granularity" % b.name)
+    _set_flags(img, [(i, b.flags | C.BME_FLAG_IN_USE) for i, b in enumerate(img.bitmaps)])
+    return True
+
+
+def finish_resize(img, old_size: int) -> None:
+    """After the size changed: each bitmap's table sized for the new size (new granules
+    clean; on a shrink the entries past the end dropped and the bits past the end cleared),
+    the directory switched to the new tables, "in use" cleared, the old tables freed."""
+    cs = img.cluster_size
+    per = cs * 8
+    alloc = img.allocator
+    entries, gone, writes = [], [], []
+    for b in img.bitmaps:
+        table = _table(img, b)
+        n = _table_size(img, b.granularity)
+        new = np.zeros(n, np.uint64)
+        k = min(n, len(table))
+        new[:k] = table[:k]
+        dropped = table[k:] & np.uint64(MASK)
+        gone.append((dropped[dropped != 0]).astype(np.int64) // cs)
+        granules = -(-img.size // b.granularity)
+        last, used = (granules - 1) // per, (granules - 1) % per + 1
+        if img.size < old_size and n and used < per and int(new[last]):
+            bits = _bits_of(img, b, new, last)
+            if bits[used:].any():
+                bits[used:] = False
+                e = int(new[last])
+                if e & MASK:
+                    off = e & MASK              # in use: rewritten in place
+                else:                           # all ones: a data cluster of its own now
+                    off = int(alloc.allocate(1)[0]) * cs
+                    new[last] = np.uint64(off)
+                writes.append((off, np.packbits(bits, bitorder="little")))
+        if n == b.bitmap_table_size and np.array_equal(new, table):
+            entries.append(b)
+            continue
+        off = alloc.allocate_bytes(8 * n) if n else 0
+        entries.append(BitmapEntry(off, n, b.flags, b.type, b.granularity_bits, b.name,
+                                   b.extra_data))
+        writes.append((off, new.astype(">u8").tobytes()
+                       + bytes(-(8 * n) % cs)))
+        if b.bitmap_table_size:
+            a = b.bitmap_table_offset // cs
+            gone.append(np.arange(a, a + -(-8 * b.bitmap_table_size // cs), dtype=np.int64))
+    alloc.commit()
+    if writes:
+        alloc.refuse_overlap([o // cs for o, _ in writes])
+        for off, data in writes:
+            fileio.pwrite(img.fd, data, off)
+        alloc.flush()
+    if any(x is not y for x, y in zip(entries, img.bitmaps)):
+        _switch_directory(img, entries)
+    _set_flags(img, [(i, b.flags & ~C.BME_FLAG_IN_USE) for i, b in enumerate(img.bitmaps)])
+    c = np.concatenate(gone) if gone else np.zeros(0, np.int64)
+    if len(c):
+        alloc.free(c)
+        alloc.commit()

@@ -45,11 +45,20 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False, backing_si
         return
     if img.version < 3 and img.snapshots:
         raise ResizeError("Can't resize a v2 image which has snapshots")
-    if img.bitmaps:
-        raise ResizeError("Resizing an image with persistent dirty bitmaps is not supported "
-                          "(remove them with 'bitmap --remove' first)")
     if size < img.size and not shrink:
         raise ResizeError("Use the --shrink option to perform a shrink operation.")
+    cs = img.cluster_size
+    if -(-size // (img.l2_entries * cs)) * 8 > C.MAX_L1_SIZE_BYTES:
+        raise ResizeError("The image size is too large for file format 'qcow2'")
+    from . import bitmaps
+    old_size = img.size
+    with_bitmaps = bitmaps.begin_resize(img, size)
+    _resize_qcow2(img, size, backing_size, write_zeroes)
+    if with_bitmaps:
+        bitmaps.finish_resize(img, old_size)
+
+
+def _resize_qcow2(img: Qcow2Image, size: int, backing_size: int, write_zeroes) -> None:
     cs = img.cluster_size
     per_l2 = img.l2_entries
     need_l1 = -(-size // (per_l2 * cs))

@@ -275,6 +275,16 @@ def b_bitmap(d: Path) -> Path:
     return img
 
 
+def b_shrink_bitmaps(d: Path) -> Path:
+    # persistent bitmaps (one of 512-byte granularity, whose table shrinks) resized with
+    # the image: marked in use, tables replaced, in use cleared
+    img = b_shrink(d)
+    run("qemu-img", "bitmap", "--add", "-g", "512", img.name, "fine", cwd=d)
+    run("qemu-img", "bitmap", "--add", img.name, "b0", cwd=d)
+    qemu_io(img.name, "write -P 0xa5 5M 64k", "write -P 0xa6 7M 512k", cwd=d)
+    return img
+
+
 def b_shrink_512(d: Path) -> Path:
     # 512-byte clusters: the shrink unhooks refcount blocks left empty and cuts the file
     img = create_image(d, "img.qcow2", 1 * MiB, opts="cluster_size=512,refcount_bits=64")
@@ -357,6 +367,9 @@ SCENARIOS = [
     Scenario("write_bitmap", b_bitmap, op_write(3 * MiB + 100, D1), m_write(3 * MiB + 100, D1)),
     Scenario("resize_grow_over_backing", b_grow_over_backing, op_resize(3 * MiB),
              m_resize(3 * MiB), kind="resize"),
+    Scenario("resize_shrink_bitmaps", b_shrink_bitmaps, op_resize(6 * MiB + 4 * KiB,
+                                                                  shrink=True),
+             m_resize(6 * MiB + 4 * KiB), kind="resize"),
     Scenario("resize_shrink_512", b_shrink_512, op_resize(256 * KiB, shrink=True),
              m_resize(256 * KiB), kind="resize"),
     Scenario("create_prealloc_metadata_512", b_empty,

@@ -132,12 +132,63 @@ def test_a_crash_mid_session_leaves_the_bitmap_in_use(twins, tmp_path):
     assert_clean(e)
 
 
-def test_resize_with_bitmaps_is_refused(twins):
+def test_resize_resizes_the_bitmaps_like_qemu(twins, tmp_path):
+    """QEMU resizes persistent bitmaps with the image: granules past a shrink are gone (and
+    stay clean when the image grows again), a grow adds clean granules, and a table that
+    needs more entries moves to new clusters."""
+    e, q = twins
+    for img in (e, q):
+        qemu_img("bitmap", "--add", img, "on", check=True)
+        qemu_img("bitmap", "--add", "-g", "512", img, "fine", check=True)
+        qemu_img("bitmap", "--add", "-g", "4M", "--disable", img, "off", check=True)
+        qemu_io(img, "write 0 64k", "write 31M 2M", "write 63M 1M")
+        qemu_img("bitmap", "--merge", "on", img, "off", check=True)
+    steps = [["--shrink", "32M"], ["128M"], ["1G"], ["1G"], ["--shrink", "40000k"], ["70M"]]
+    for st in steps:
+        _ok("resize", *st[:-1], e, st[-1])
+        qemu_img("resize", *st[:-1], q, st[-1], check=True)
+        for name in ("on", "fine", "off"):
+            assert dirty(e, name, tmp_path) == dirty(q, name, tmp_path), (st, name)
+        assert info_bitmaps(e) == info_bitmaps(q)
+        assert_clean(e)
+    assert dirty(e, "fine", tmp_path) == [(0, 65536), (31 * MiB, 32 * MiB)]
+    # bits still go on being set after the resize
+    _ok("io", "-c", "write 69M 4k", e)
+    qemu_io(q, "write 69M 4k")
+    assert dirty(e, "fine", tmp_path) == dirty(q, "fine", tmp_path)
+    assert_clean(e)
+
+
+def test_resize_over_a_longer_backing_leaves_the_new_zeros_clean(tmp_path):
+    for n in ("e", "q"):
+        d = tmp_path / n
+        d.mkdir()
+        qemu_img("create", "-q", "-f", "qcow2", d / "b.qcow2", "8M", check=True)
+        qemu_io(d / "b.qcow2", "write -P 7 0 8M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2",
+                 d / "top.qcow2", "4M", check=True, cwd=d)
+        qemu_img("bitmap", "--add", d / "top.qcow2", "on", check=True)
+    _ok("resize", tmp_path / "e" / "top.qcow2", "8M")
+    qemu_img("resize", tmp_path / "q" / "top.qcow2", "8M", check=True)
+    for n in ("e", "q"):
+        assert dirty(tmp_path / n / "top.qcow2", "on", tmp_path) == []
+        qemu_io(tmp_path / n / "top.qcow2", "read -P 0 4M 4M", "read -P 7 0 4M")
+    assert_clean(tmp_path / "e" / "top.qcow2")
+
+
+def test_resize_refuses_an_inconsistent_bitmap(twins, tmp_path):
     e, _ = twins
     qemu_img("bitmap", "--add", e, "on", check=True)
+    code = ("import os, qcow2engine\n"
+            "c = qcow2engine.open_chain(%r, writable=True)\n"
+            "c.write(8 << 20, b'x' * 4096)\n"
+            "os._exit(9)\n" % str(e))
+    assert subprocess.run([os.sys.executable, "-c", code]).returncode == 9
     before = open(e, "rb").read()
     rc, _, err = engine("resize", e, "128M", catch_exit=True)
-    assert rc == 1 and "persistent dirty bitmaps" in err
+    r = qemu_img("resize", e, "128M")
+    assert rc == r.rc == 1
+    assert err.strip().split(": ", 1)[1] == r.err.splitlines()[0].split(": ", 1)[1]
     assert open(e, "rb").read() == before
 
 

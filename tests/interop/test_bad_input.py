@@ -18,7 +18,7 @@ COMMANDS = {
     "check": (["check", "--output=json"], {0, 1, 2, 3, 63}),
     "map": (["map", "--output=json"], {0, 1}),
     "convert": (["convert", "-O", "raw"], {0, 1}),
-    "compare": (["compare"], {0, 1, 2, 4}),
+    "compare": (["compare"], {0, 1, 2, 3, 4}),     # 3: block status failed (qemu-img too)
 }
 
 

@@ -53,10 +53,13 @@ class GuestMachine:
     def snap(self, name, **kw):
         """Create a snapshot while the writers run; per disk the bounds of its m."""
         low = self.last()
-        mark = self.serial.mark()
         r = self.m.create_snapshot(name, **kw)
         assert r.completed
-        self.serial.wait_seqs(self.disks, 1, since=mark)   # the first line after it
+        # the first line printed once it is done: the writer was at most LAG writes past it
+        # when the snapshot completed (a mark taken before would let a slow snapshot's writes
+        # run past the bound)
+        mark = self.serial.mark()
+        self.serial.wait_seqs(self.disks, 1, since=mark)
         high = {d: v[0] + guest.LAG for d, v in self.serial.seqs(mark).items()}
         return low, high
 

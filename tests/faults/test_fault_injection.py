@@ -37,7 +37,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from tests.helpers.faultinject import (KILL_EXIT_CODE, inject, injection_points, run_injected,
+from tests.helpers.faultinject import (KILL_EXIT_CODE, inject, injection_points,
+                                       power_loss_points, run_injected,
                                        run_killed, run_killed_script)
 from tests.helpers.images import create_image, read_header, set_refcount
 from tests.helpers.qemu import guest_bytes_or_error, qemu_img, qemu_img_check, qemu_io, run
@@ -48,6 +49,10 @@ MiB = 1024 * KiB
 # Caps on injection points per scenario and mode (see injection_points).
 FIRST = int(os.environ.get("QCOW2ENGINE_FI_FIRST", "40"))
 SAMPLE = int(os.environ.get("QCOW2ENGINE_FI_SAMPLE", "12"))
+# power-loss modes: the flushes (where the most writes are pending), a few other calls, and
+# the point after the last call (see power_loss_points)
+LOSE_FLUSHES = int(os.environ.get("QCOW2ENGINE_FI_LOSE_FLUSHES", "12"))
+LOSE_OTHERS = int(os.environ.get("QCOW2ENGINE_FI_LOSE_OTHERS", "4"))
 
 
 # ==========================================================================
@@ -609,6 +614,23 @@ def test_fault_injection(fi_root, name, mode):
     assert not failures, (f"{name}: {len(failures)} failure(s) over {len(prep.points)} "
                           f"injection points of {len(prep.calls)} calls:\n"
                           + "\n".join(failures[:25]))
+
+
+@pytest.mark.parametrize("mode", ["lose-all", "lose-some"])
+@pytest.mark.parametrize("name", [s.name for s in SCENARIOS])
+def test_power_loss(fi_root, name, mode):
+    """A power cut with a volatile device cache (tests/helpers/faultinject.py, lose-*):
+    every write since a file's last completed flush is lost (lose-all) or a seeded subset
+    of them (lose-some).  Old or new, never corrupt; and once the operation has returned,
+    the power going loses nothing of it (one point past the last call)."""
+    sc = BY_NAME[name]
+    prep = _prepare(sc, fi_root)
+    n = len(prep.calls)
+    failures: list[str] = []
+    for i in power_loss_points(prep.calls, LOSE_FLUSHES, LOSE_OTHERS):
+        failures += _run_point(sc, prep, fi_root, i, mode)
+    assert not failures, (f"{name}: {len(failures)} failure(s) over the power-loss points "
+                          f"of {n} calls:\n" + "\n".join(failures[:25]))
 
 
 def _kill_points(n: int, k: int = 6) -> list[int]:

@@ -22,6 +22,15 @@ all of them together) fail:
     death would, while leaving the descriptor number valid so that a later
     ``os.close`` by a half-dead engine object cannot close an unrelated file.
 
+``kind="lose-all"`` / ``kind="lose-some"``
+    a power failure with a volatile device write cache: like "crash", and then every write
+    (pwrite, copy_range, ftruncate, fallocate) made to a file since that file's last
+    completed fsync/fdatasync is undone ("lose-all"), or a seeded random subset of them is
+    ("lose-some": the device wrote the others back, in any order; of two or more, the
+    newest is always kept and the oldest always lost).  Completed flushes
+    are the only durability.  ``fail_at`` one past the last call means the power goes
+    after the operation returned: what it left unflushed is lost.
+
 ``kind="kill"``
     the call does ``os._exit(137)``.  Only meaningful in a child process:
     see :func:`run_killed` (fork) and :func:`run_killed_script` (a fresh
@@ -63,7 +72,7 @@ __all__ = [
     "FILEIO_MODULE", "FILEIO_FUNCS", "KILL_EXIT_CODE", "SimulatedCrash", "Call",
     "Injector", "inject", "count_calls", "trace_calls", "injection_points",
     "run_killed", "run_killed_script", "drop_fds", "open_fds_under",
-    "exception_chain", "Outcome", "run_injected",
+    "exception_chain", "Outcome", "run_injected", "power_loss_points",
 ]
 
 FILEIO_MODULE = "qcow2engine.host.fileio"
@@ -206,15 +215,130 @@ def drop_fds(fds: Iterable[int]) -> list[int]:
     return dropped
 
 
+@dataclass
+class _Write:
+    """One write-side call on a file, with the bytes of [lo, hi) before and after it."""
+    path: str
+    name: str
+    lo: int
+    hi: int
+    size_before: int
+    before: bytes
+    size_after: int = 0
+    after: bytes = b""
+    mode: int = 0                # fallocate's mode
+
+
+def _pread_path(path: str, lo: int, hi: int) -> bytes:
+    if hi <= lo:
+        return b""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = bytearray()
+        while len(out) < hi - lo:
+            b = os.pread(fd, hi - lo - len(out), lo + len(out))
+            if not b:
+                break
+            out += b
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+class DeviceCache:
+    """A disk's volatile write cache, per file: the writes since its last completed flush.
+    :meth:`lose` puts the files back as the device could have left them at a power cut."""
+
+    def __init__(self, seed: Any = 0) -> None:
+        self.pending: dict[str, list[_Write]] = {}
+        self.rng = random.Random(f"device-cache:{seed}")
+
+    def before(self, call: Call) -> "_Write | str | None":
+        path = call.path
+        if not path:
+            return None
+        if call.name in ("fsync", "fdatasync"):
+            return path
+        size = os.fstat(call.fd).st_size
+        if call.name in ("pwrite", "copy_range", "fallocate"):
+            if call.offset is None or call.length is None:
+                return None
+            lo, hi = call.offset, call.offset + call.length
+        elif call.name == "ftruncate":
+            lo, hi = min(size, call.offset), max(size, call.offset)
+        else:
+            return None
+        w = _Write(path, call.name, lo, hi, size, _pread_path(path, lo, min(hi, size)))
+        if call.name == "fallocate":
+            try:
+                w.mode = int(call.extra.split("=", 1)[1], 0)
+            except (IndexError, ValueError):
+                w.mode = 0
+        return w
+
+    def after(self, rec: "_Write | str") -> None:
+        if isinstance(rec, str):              # a completed flush: all before it is durable
+            self.pending.pop(rec, None)
+            return
+        rec.size_after = os.stat(rec.path).st_size
+        if rec.name in ("pwrite", "copy_range"):      # exactly the bytes this call set
+            rec.after = _pread_path(rec.path, rec.lo, min(rec.hi, rec.size_after))
+        self.pending.setdefault(rec.path, []).append(rec)
+
+    def lose(self, some: bool) -> dict[str, int]:
+        """Undo every pending write (some=False) or a random subset of them; returns how
+        many were undone per file."""
+        lost = {}
+        for path, recs in self.pending.items():
+            keep = [some and self.rng.random() < 0.5 for _ in recs]
+            if some and len(recs) > 1:
+                # the adversary's order: the newest write reached the platter, the oldest
+                # did not (a later write that depends on an earlier one without a flush
+                # between them is then caught every time)
+                keep[0], keep[-1] = False, True
+            if all(keep) or not os.path.exists(path):
+                continue
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                for r in reversed(recs):          # back to the state of the last flush
+                    if os.fstat(fd).st_size != r.size_before:
+                        os.ftruncate(fd, r.size_before)
+                    if r.before:
+                        os.pwrite(fd, r.before, r.lo)
+                for r, k in zip(recs, keep):      # then what the device did write back
+                    if not k:
+                        continue
+                    if r.name == "ftruncate":
+                        os.ftruncate(fd, r.size_after)
+                    elif r.name == "fallocate":
+                        if r.mode & 0x12:                 # punch hole / zero range: zeros
+                            end = min(r.hi, os.fstat(fd).st_size) if r.mode & 0x1 else r.hi
+                            if end > r.lo:
+                                os.pwrite(fd, bytes(end - r.lo), r.lo)
+                        elif not r.mode & 0x1 and os.fstat(fd).st_size < r.hi:
+                            os.ftruncate(fd, r.hi)        # plain allocation extends the file
+                    elif r.after:
+                        os.pwrite(fd, r.after, r.lo)
+            finally:
+                os.close(fd)
+            lost[path] = keep.count(False)
+        self.pending.clear()
+        return lost
+
+
 class Injector:
     """Wraps the fileio functions; see :func:`inject`."""
 
     def __init__(self, fail_at: int | None, kind: str = "error", *,
                  module: ModuleType | str | None = None,
                  paths: Iterable[str | os.PathLike] | None = None,
-                 err: int = errno.EIO, watch_os: bool = True) -> None:
-        if kind not in ("error", "crash", "kill"):
+                 err: int = errno.EIO, watch_os: bool = True, seed: Any = None) -> None:
+        if kind not in ("error", "crash", "kill", "lose-all", "lose-some"):
             raise ValueError(f"unknown kind {kind!r}")
+        self.cache = DeviceCache(seed=fail_at if seed is None else seed) \
+            if kind.startswith("lose") else None
+        self.lose_some = kind == "lose-some"
+        self.lost: dict[str, int] = {}       # path -> writes undone (lose-* modes)
         if isinstance(module, str) or module is None:
             module = importlib.import_module(module or FILEIO_MODULE)
         self.module: ModuleType = module
@@ -293,7 +417,7 @@ class Injector:
         self.triggered = call
         if self.kind == "kill":
             os._exit(KILL_EXIT_CODE)
-        if self.kind == "crash":
+        if self.kind == "crash" or self.cache is not None:
             self.crashed = True
             raise SimulatedCrash(f"simulated crash at fileio call {call}")
         raise OSError(self.err, f"{os.strerror(self.err)} (injected at fileio call {call})")
@@ -311,10 +435,16 @@ class Injector:
                 if self.fail_at is not None and call.index == self.fail_at:
                     self._fail(call)
             self._local.depth = depth + 1
+            rec = None
+            if self.cache is not None and call.fd is not None and self._in_scope_fd(call.fd):
+                rec = self.cache.before(call)
             try:
-                return orig(*args, **kwargs)
+                out = orig(*args, **kwargs)
             finally:
                 self._local.depth = depth
+            if rec is not None:
+                self.cache.after(rec)
+            return out
         wrapper.__name__ = name
         wrapper.__wrapped__ = orig
         return wrapper
@@ -371,14 +501,24 @@ class Injector:
         self._saved_os.clear()
         self._active = False
         if self.crashed:
+            if self.cache is not None:
+                self.lost = self.cache.lose(self.lose_some)
             self.drop()
         return None          # never swallow the exception
+
+    def power_off(self) -> None:
+        """The power goes now (lose-* kinds, after the operation returned): what is not
+        flushed is lost, the files are dropped."""
+        self.crashed = True
+        if self.cache is not None:
+            self.lost = self.cache.lose(self.lose_some)
+        self.drop()
 
 
 def inject(fail_at: int | None, kind: str = "error", *,
            module: ModuleType | str | None = None,
            paths: Iterable[str | os.PathLike] | None = None,
-           err: int = errno.EIO, watch_os: bool = True) -> Injector:
+           err: int = errno.EIO, watch_os: bool = True, seed: Any = None) -> Injector:
     """Context manager: make the ``fail_at``-th fileio call (0-based,
     counting pwrite/fsync/ftruncate/fallocate together) fail.
 
@@ -388,7 +528,8 @@ def inject(fail_at: int | None, kind: str = "error", *,
     and fds passed to fileio calls are.  The yielded :class:`Injector`
     records ``calls``, ``triggered``, ``crashed``, ``bypasses``, ``dropped``.
     """
-    return Injector(fail_at, kind, module=module, paths=paths, err=err, watch_os=watch_os)
+    return Injector(fail_at, kind, module=module, paths=paths, err=err, watch_os=watch_os,
+                    seed=seed)
 
 
 def trace_calls(fn: Callable[[], Any], *, module: ModuleType | str | None = None,
@@ -430,11 +571,18 @@ def run_injected(op: Callable[[], Any], fail_at: int, kind: str, *, paths,
     any_eio_must_surface), fds left open after an error, writes that bypassed fileio."""
     exc: BaseException | None = None
     result = None
+    lose = kind.startswith("lose")
     with inject(fail_at, kind, paths=paths) as inj:
         try:
             result = op()
         except (SimulatedCrash, Exception) as e:     # noqa: BLE001 - judged below
             exc = e
+    if lose and fail_at >= baseline and exc is None:
+        gc.collect()                     # the operation's objects closed their files
+        inj.power_off()
+        succeeded = not (reported_failure and reported_failure(result))
+        probs = [f"writes bypassing fileio: {inj.bypasses[:3]}"] if inj.bypasses else []
+        return Outcome(inj, succeeded, probs)
     chain = list(exception_chain(exc))
     desc = [repr(x) for x in chain]
     injected = any(isinstance(x, OSError) and x.errno == errno.EIO for x in chain)
@@ -446,7 +594,7 @@ def run_injected(op: Callable[[], Any], fail_at: int, kind: str, *, paths,
     if inj.triggered is None:
         probs.append(f"only {inj.count} fileio calls this time (baseline {baseline})"
                      + (f", raising {desc[0]}" if desc else ""))
-    elif kind == "crash":
+    elif kind == "crash" or lose:
         if not desc:
             probs.append("the SimulatedCrash was swallowed: the operation returned normally")
             succeeded = True
@@ -479,6 +627,21 @@ def injection_points(n: int, first: int = 40, sample: int = 20, seed: int = 0) -
     rest = range(first, n - 1)
     picked = random.Random(f"{seed}:{n}").sample(rest, min(sample, len(rest)))
     return sorted(set(range(first)) | set(picked) | {n - 1})
+
+
+def power_loss_points(calls: Sequence[Call], flushes: int = 12, others: int = 4,
+                      seed: int = 0) -> list[int]:
+    """Where to cut the power for an operation that made ``calls``: at its flushes (the
+    moments with the most writes pending; a deterministic sample of ``flushes`` of them,
+    the last always), at ``others`` other calls, and one past the last call (after the
+    operation returned)."""
+    n = len(calls)
+    rng = random.Random(f"power:{seed}:{n}")
+    fl = [c.index for c in calls if c.name in ("fsync", "fdatasync")]
+    pick = set(fl if len(fl) <= flushes else rng.sample(fl[:-1], flushes - 1) + fl[-1:])
+    rest = [c.index for c in calls if c.index not in set(fl)]
+    pick |= set(rng.sample(rest, min(others, len(rest))))
+    return sorted(pick | {n})
 
 
 # --------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def _store_read(path: Path) -> bytes:
 
 
 def _store_update(fio, path: Path, payload: bytes, *, buggy: bool = False,
-                  leak_on_error: bool = False, bypass: bool = False) -> None:
+                  leak_on_error: bool = False, bypass: bool = False,
+                  noflush: bool = False) -> None:
     """7 calls: ftruncate, pwrite record, fallocate, fsync, pwrite header,
     fsync, and (in finally) pwrite close marker.  ``buggy`` switches the
     header before the record is written (not crash safe)."""
@@ -81,7 +82,8 @@ def _store_update(fio, path: Path, payload: bytes, *, buggy: bool = False,
         else:
             fio.pwrite(fd, rec, REC_OFF)
         fio.fallocate(fd, 0, REC_OFF, 4096)
-        fio.fsync(fd)
+        if not noflush:
+            fio.fsync(fd)      # noflush: ordered only by luck (a process crash keeps order)
         if bypass:
             os.pwrite(fd, struct.pack(">Q", REC_OFF), 0)
         elif not buggy:
@@ -202,6 +204,44 @@ class TestFramework:
         assert bad[False] == []
         # header switched (call 1) before the record is written (call 2)
         assert ("crash", 2) in bad[True] and ("error", 2) in bad[True]
+
+    def test_device_cache_modes_find_a_missing_flush(self, tmp_path):
+        """lose-all / lose-some undo what was written since the file's last flush: the
+        stand-in without its barrier between record and header passes the process-crash
+        loop but breaks when the device writes the header back and not the record; with
+        the barrier every point (and the power going after it returned) is old or new,
+        new once it returned."""
+        fio = _standin_module()
+        _store_init(tmp_path / "c")
+        found = {False: set(), True: set()}
+        for noflush in (False, True):
+            n = count_calls(lambda: _store_update(fio, tmp_path / "c", b"new",
+                                                  noflush=noflush), module=fio)
+            for mode in ("crash", "lose-all", "lose-some"):
+                for i in range(n + 1):
+                    for seed in range(8 if mode == "lose-some" else 1):
+                        p = tmp_path / f"d{noflush}{mode}{i}-{seed}"
+                        _store_init(p)
+                        done = False
+                        with inject(i, mode, module=fio, paths=[p], seed=seed) as inj:
+                            try:
+                                _store_update(fio, p, b"new", noflush=noflush)
+                                done = True
+                            except (OSError, SimulatedCrash):
+                                pass
+                        if done and mode != "crash":
+                            inj.power_off()
+                        _cleanup(inj)
+                        try:
+                            got = _store_read(p)
+                        except struct.error:
+                            got = None
+                        if got not in (b"old", b"new") or (done and got != b"new"):
+                            found[noflush].add(mode)
+                        if mode == "lose-all" and i < n and inj.lost:
+                            assert all(v > 0 for v in inj.lost.values())
+        assert found[False] == set()
+        assert "lose-some" in found[True] and "crash" not in found[True]
 
     def test_leak_and_bypass_detection(self, tmp_path):
         fio = _standin_module()

@@ -795,7 +795,7 @@ def cmd_amend(args) -> int:
     if not args.options:
         _err("Must specify options (-o)")
         return 1
-    amend(args.filename, ",".join(args.options))
+    amend(args.filename, ",".join(args.options), force=args.force)
     return 0
 
 

@@ -115,6 +115,7 @@ class SectorCipher:
         if len(key) not in (32, 64):
             raise UnsupportedFeatureError("Unsupported AES-XTS key size %d" % len(key))
         half = len(key) // 2
+        self.master_key = key
         self.k1, self.k2 = key[:half], key[half:]
         self.plain32 = ivgen == "plain"
         self._tweak = _aes_ecb(self.k2, decrypt=False)
@@ -222,25 +223,161 @@ def unlock(img, passphrase: bytes) -> SectorCipher:
     if h.version != 1:
         raise UnsupportedFeatureError("Unsupported LUKS version %d" % h.version)
     key_len, ivgen = _check_cipher(h)
-    hname = _cstr(h.hash_spec)
-    base = img.crypto_ext.offset
-    hlen = img.crypto_ext.length
     for ks in h.key_slots:
-        if ks.active != LUKS_KEY_ENABLED:
-            continue
-        if not (1 <= ks.stripes <= 1 << 20) or ks.iterations < 1:
-            raise InvalidImageError("LUKS key slot has an invalid stripe or iteration count")
-        size = -(-key_len * ks.stripes // SECTOR) * SECTOR
-        koff = ks.key_material_offset * SECTOR
-        if koff + size > hlen:
-            raise InvalidImageError("LUKS key material lies outside the encryption header")
-        slot_key = hashlib.pbkdf2_hmac(hname, passphrase, ks.salt, ks.iterations, key_len)
-        material = SectorCipher(slot_key, ivgen).decrypt(img.pread(size, base + koff), 0)
-        mk = af_merge(material.tobytes(), key_len, ks.stripes, hname)
-        digest = hashlib.pbkdf2_hmac(hname, mk, h.mk_digest_salt, h.mk_digest_iter, 20)
-        if digest == h.mk_digest:
+        mk = open_slot(img, h, ks, passphrase)
+        if mk is not None:
             return SectorCipher(mk, ivgen)
     raise UnlockError("Invalid password, cannot unlock any keyslot")
+
+
+def _material_extent(img, h, ks) -> tuple:
+    """(file offset, size) of a key slot's material, checked to lie in the header area."""
+    if not (1 <= ks.stripes <= 1 << 20):
+        raise InvalidImageError("LUKS key slot has an invalid stripe count")
+    size = -(-h.key_bytes * ks.stripes // SECTOR) * SECTOR
+    koff = ks.key_material_offset * SECTOR
+    if koff + size > img.crypto_ext.length:
+        raise InvalidImageError("LUKS key material lies outside the encryption header")
+    return img.crypto_ext.offset + koff, size
+
+
+def open_slot(img, h, ks, passphrase: bytes):
+    """The master key, when the active key slot ks opens with passphrase; else None."""
+    if ks.active != LUKS_KEY_ENABLED:
+        return None
+    key_len, ivgen = _check_cipher(h)
+    hname = _cstr(h.hash_spec)
+    if ks.iterations < 1:
+        raise InvalidImageError("LUKS key slot has an invalid stripe or iteration count")
+    off, size = _material_extent(img, h, ks)
+    slot_key = hashlib.pbkdf2_hmac(hname, passphrase, ks.salt, ks.iterations, key_len)
+    material = SectorCipher(slot_key, ivgen).decrypt(img.pread(size, off), 0)
+    mk = af_merge(material.tobytes(), key_len, ks.stripes, hname)
+    digest = hashlib.pbkdf2_hmac(hname, mk, h.mk_digest_salt, h.mk_digest_iter, 20)
+    return mk if digest == h.mk_digest else None
+
+
+# ---------------------------------------------------------------- key slot management
+# `amend -o encrypt.state=active|inactive,...` as qemu-img 7.2 (its refusals and words).
+# Crash safety: a new slot's material is written and flushed before its header entry marks
+# it active (one 48-byte write inside one sector); an erased slot's entry is cleared and
+# flushed before its material is overwritten with random bytes.
+
+SLOTS_OFFSET = 208          # the key slot table inside the LUKS1 header
+SLOT_SIZE = 48
+AMEND_KEYS = ("state", "new-secret", "old-secret", "keyslot", "iter-time")
+
+
+def _parse_amend(opts: dict) -> dict:
+    from ..errors import AmendError
+    state = opts.get("state")
+    if state is None:
+        raise AmendError("Parameter 'state' is missing")
+    if state not in ("active", "inactive"):
+        raise AmendError("Parameter 'state' does not accept value '%s'" % state)
+    out = {"state": state, "new": opts.get("new-secret"), "old": opts.get("old-secret"),
+           "keyslot": None, "iter_time": 2000}
+    for k, dest in (("keyslot", "keyslot"), ("iter-time", "iter_time")):
+        if k in opts:
+            try:
+                v = int(opts[k], 0)
+            except ValueError:
+                raise AmendError("Parameter 'encrypt.%s' expects a number" % k) from None
+            out[dest] = v
+    if out["keyslot"] is not None and not 0 <= out["keyslot"] <= 7:
+        raise AmendError("Invalid keyslot %d specified, must be between 0 and 7"
+                         % (out["keyslot"] & 0xFFFFFFFF))
+    return out
+
+
+def _write_slot(img, i: int, ks) -> None:
+    from construct import Container
+    from ..host import fileio
+    raw = LuksKeySlot.build(Container(active=ks.active, iterations=ks.iterations, salt=ks.salt,
+                                      key_material_offset=ks.key_material_offset,
+                                      stripes=ks.stripes))
+    fileio.pwrite(img.fd, raw, img.crypto_ext.offset + SLOTS_OFFSET + i * SLOT_SIZE)
+    fileio.fsync(img.fd)
+
+
+def amend_keyslots(img, opts: dict, secrets, *, force: bool = False) -> None:
+    """Add or erase LUKS key slots of img (opened writable and unlocked: img.cipher)."""
+    from ..errors import AmendError
+    from ..format import constants as C
+    from ..host import fileio
+    if img.header.crypt_method == C.CRYPT_NONE:
+        raise AmendError("Can't amend encryption options - encryption not present")
+    if img.header.crypt_method != C.CRYPT_LUKS:
+        raise AmendError("Only LUKS encryption options can be amended")
+    a = _parse_amend(opts)
+    h = read_header(img)
+    slots = list(h.key_slots)
+    active = [ks.active == LUKS_KEY_ENABLED for ks in slots]
+    if a["state"] == "active":
+        if a["old"] is not None:
+            raise AmendError("'old-secret' must not be given when activating keyslots")
+        if a["new"] is None:
+            raise AmendError("'new-secret' is required to activate a keyslot")
+        i = a["keyslot"]
+        if i is not None and active[i]:
+            raise AmendError("Refusing to overwrite active keyslot %d - please erase it first"
+                             % i)
+        if i is None:
+            if all(active):
+                raise AmendError("Can't add a keyslot - all keyslots are in use")
+            i = active.index(False)
+        passphrase = secrets.get(a["new"])
+        if a["iter_time"] <= 0:
+            raise AmendError("Parameter 'encrypt.iter-time' must be positive")
+        mk = img.cipher.master_key
+        key_len, ivgen = _check_cipher(h)
+        hname = _cstr(h.hash_spec)
+        ks = slots[i]
+        off, size = _material_extent(img, h, ks)
+        iters = _iterations_for(hname, key_len, a["iter_time"])
+        salt = _os.urandom(32)
+        slot_key = hashlib.pbkdf2_hmac(hname, passphrase, salt, iters, key_len)
+        material = af_split(mk, ks.stripes, hname)
+        material += bytes(size - len(material))
+        enc = SectorCipher(slot_key, ivgen).encrypt(material, 0)
+        fileio.pwrite(img.fd, enc, off)
+        fileio.fsync(img.fd)                 # the material first, then the slot marked active
+        ks.active, ks.iterations, ks.salt = LUKS_KEY_ENABLED, iters, salt
+        _write_slot(img, i, ks)
+        return
+    # erase
+    if a["new"] is not None:
+        raise AmendError("'new-secret' must not be given when erasing keyslots")
+    if a["keyslot"] is None and a["old"] is None:
+        raise AmendError("To erase keyslot(s), either explicit keyslot index or the password "
+                         "currently contained in them must be given")
+    old = secrets.get(a["old"]) if a["old"] is not None else None
+    if a["keyslot"] is not None:
+        i = a["keyslot"]
+        if old is not None and open_slot(img, h, slots[i], old) is None:
+            raise AmendError("Given keyslot %d doesn't contain the given old password for "
+                             "erase operation" % i)
+        if not active[i]:
+            raise AmendError("Given keyslot %d is already erased (inactive) " % i)
+        if sum(active) == 1 and not force:
+            raise AmendError("Attempt to erase the only active keyslot %d which will erase all "
+                             "the data in the image irreversibly - refusing operation" % i)
+        victims = [i]
+    else:
+        victims = [i for i, ks in enumerate(slots) if open_slot(img, h, ks, old) is not None]
+        if not victims:
+            raise AmendError("No keyslots match given (old) password for erase operation")
+        if len(victims) == sum(active) and not force:
+            raise AmendError("All the active keyslots match the (old) password that was given "
+                             "and erasing them will erase all the data in the image "
+                             "irreversibly - refusing operation")
+    for i in victims:
+        ks = slots[i]
+        off, size = _material_extent(img, h, ks)
+        ks.active, ks.iterations, ks.salt = 0x0000DEAD, 0, bytes(32)
+        _write_slot(img, i, ks)              # the header first: the slot is gone
+        fileio.pwrite(img.fd, _os.urandom(size), off)
+        fileio.fsync(img.fd)
 
 
 def _iterations_for(hname: str, key_len: int, millis: int) -> int:

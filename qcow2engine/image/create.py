@@ -148,17 +148,25 @@ def luks_params(o: CreateOptions) -> dict | None:
     if fmt != "luks":
         raise CreateError("Invalid parameter 'encrypt.format': '%s'" % fmt)
     alg = e.get("cipher-alg", "aes-256")
-    if alg not in ("aes-128", "aes-256"):
-        raise CreateError("LUKS cipher algorithm '%s' is not supported (aes-128, aes-256)" % alg)
-    if e.get("cipher-mode", "xts") != "xts":
-        raise CreateError("LUKS cipher mode '%s' is not supported (xts)" % e["cipher-mode"])
+    mode = e.get("cipher-mode", "xts")
+    if mode not in ("xts", "cbc"):
+        raise CreateError("LUKS cipher mode '%s' is not supported (xts, cbc)" % mode)
+    algs = ("aes-128", "aes-256") if mode == "xts" else ("aes-128", "aes-192", "aes-256")
+    if alg not in algs:
+        raise CreateError("LUKS cipher algorithm '%s' is not supported (%s)"
+                          % (alg, ", ".join(algs)))
     ivgen = e.get("ivgen-alg", "plain64")
-    if ivgen not in ("plain64", "plain"):
-        raise CreateError("LUKS IV generator '%s' is not supported (plain64, plain)" % ivgen)
-    if "ivgen-hash-alg" in e:
-        raise CreateError("encrypt.ivgen-hash-alg is only used with the essiv IV generator, "
-                          "which is not supported")
+    ivgens = ("plain64", "plain") if mode == "xts" else ("plain64", "plain", "essiv")
+    if ivgen not in ivgens:
+        raise CreateError("LUKS IV generator '%s' is not supported with %s (%s)"
+                          % (ivgen, mode, ", ".join(ivgens)))
     from .luks import HASHES
+    ivhash = None
+    if ivgen == "essiv":
+        ivhash = e.get("ivgen-hash-alg", "sha256")
+        if ivhash != "sha256":
+            raise CreateError("LUKS ESSIV hash algorithm '%s' is not supported (sha256)"
+                              % ivhash)
     hname = e.get("hash-alg", "sha256")
     if hname not in HASHES:
         raise CreateError("Invalid parameter 'encrypt.hash-alg': '%s'" % hname)
@@ -168,8 +176,9 @@ def luks_params(o: CreateOptions) -> dict | None:
         raise CreateError("Parameter 'encrypt.iter-time' expects a number") from None
     if iter_time <= 0:
         raise CreateError("Parameter 'encrypt.iter-time' must be positive")
-    return {"format": "luks", "key_len": 64 if alg == "aes-256" else 32, "hname": hname,
-            "ivgen": ivgen,
+    key_len = int(alg[4:]) // 8 * (2 if mode == "xts" else 1)
+    return {"format": "luks", "key_len": key_len, "hname": hname, "mode": mode,
+            "ivhash": ivhash, "ivgen": ivgen,
             "iter_time": iter_time, "key_secret": e.get("key-secret")}
 
 
@@ -410,7 +419,8 @@ def _luks_area(path: str, o: CreateOptions):
         return None
     from .luks import build_header
     area, _ = build_header(passphrase, key_len=p["key_len"], hname=p["hname"],
-                           ivgen=p["ivgen"], iter_time=p["iter_time"])
+                           ivgen=p["ivgen"], iter_time=p["iter_time"], mode=p["mode"],
+                           ivhash=p["ivhash"])
     return area
 
 

@@ -195,16 +195,106 @@ def af_split(key: bytes, stripes: int, hname: str) -> bytes:
     return b"".join(parts)
 
 
+class CbcCipher:
+    """AES in CBC mode per 512-byte sector, the IV from the sector number: plain64, plain
+    (32 bits) or essiv:HASH (the sector number encrypted with AES-ECB under HASH(key), the
+    ESSIV key length being the digest's).  Vectorised over many sectors: decryption is one
+    ECB pass and an XOR with the shifted ciphertext; encryption runs the chain one block
+    position at a time over every sector at once."""
+
+    guest_iv = False
+
+    def __init__(self, key: bytes, ivgen: str = "plain64", ivhash: str | None = None):
+        if len(key) not in (16, 24, 32):
+            raise UnsupportedFeatureError("Unsupported AES-CBC key size %d" % len(key))
+        self.master_key = key
+        self.plain32 = ivgen == "plain"
+        self._enc = _aes_ecb(key, decrypt=False)
+        self._dec = _aes_ecb(key, decrypt=True)
+        self._essiv = None
+        if ivgen == "essiv":
+            salt = hashlib.new(ivhash, key).digest()
+            if len(salt) not in (16, 24, 32):
+                raise UnsupportedFeatureError("Unsupported ESSIV hash algorithm '%s'" % ivhash)
+            self._essiv = _aes_ecb(salt, decrypt=False)
+
+    def _ivs(self, first: int, n: int):
+        sec = _np.arange(first, first + n, dtype=_np.uint64)
+        if self.plain32:
+            sec &= _np.uint64(0xFFFFFFFF)
+        iv = _np.zeros((n, 2), "<u8")
+        iv[:, 0] = sec
+        if self._essiv is not None:
+            iv = _np.frombuffer(self._essiv.update(iv.tobytes()), "<u8").reshape(n, 2)
+        return iv
+
+    @staticmethod
+    def _bytes(data):
+        buf = _np.frombuffer(memoryview(data).cast("B"), _np.uint8)
+        if len(buf) % SECTOR:
+            raise ValueError("encrypted I/O must be in whole 512-byte sectors")
+        return buf
+
+    def decrypt(self, data, first_sector: int):
+        buf = self._bytes(data)
+        n = len(buf) // SECTOR
+        out = _np.empty(len(buf), _np.uint8)
+        for s in range(0, n, 8192):
+            m = min(8192, n - s)
+            c = buf[s * SECTOR:(s + m) * SECTOR]
+            d = _np.frombuffer(self._dec.update(c.tobytes()), "<u8").reshape(m, SECTOR // 16, 2)
+            d = d.copy()
+            cb = c.view("<u8").reshape(m, SECTOR // 16, 2)
+            d[:, 1:] ^= cb[:, :-1]
+            d[:, 0] ^= self._ivs(first_sector + s, m)
+            out[s * SECTOR:(s + m) * SECTOR] = d.view(_np.uint8).reshape(-1)
+        return out
+
+    def encrypt(self, data, first_sector: int):
+        buf = self._bytes(data)
+        n = len(buf) // SECTOR
+        out = _np.empty(len(buf), _np.uint8)
+        for s in range(0, n, 8192):
+            m = min(8192, n - s)
+            p = buf[s * SECTOR:(s + m) * SECTOR].view("<u8").reshape(m, SECTOR // 16, 2)
+            c = _np.empty((m, SECTOR // 16, 2), "<u8")
+            prev = self._ivs(first_sector + s, m)
+            for j in range(SECTOR // 16):
+                x = _np.ascontiguousarray(p[:, j] ^ prev)
+                prev = _np.frombuffer(self._enc.update(x.tobytes()), "<u8").reshape(m, 2)
+                c[:, j] = prev
+            out[s * SECTOR:(s + m) * SECTOR] = c.view(_np.uint8).reshape(-1)
+        return out
+
+
+def make_cipher(key: bytes, mode: str = "xts", ivgen: str = "plain64", ivhash=None):
+    """The sector cipher of a LUKS cipher mode ("xts" or "cbc") and IV generator."""
+    if mode == "cbc":
+        return CbcCipher(key, ivgen, ivhash)
+    return SectorCipher(key, ivgen)
+
+
 def _check_cipher(h) -> tuple:
-    """(key bytes, ivgen) of a header whose cipher this engine handles."""
+    """(key bytes, cipher factory: key -> sector cipher) of a header whose cipher this
+    engine handles: aes-xts-plain64/plain, aes-cbc-plain64/plain/essiv:HASH."""
     name, mode = _cstr(h.cipher_name), _cstr(h.cipher_mode)
     hname = _cstr(h.hash_spec)
-    if name != "aes" or mode not in ("xts-plain64", "xts-plain") or h.key_bytes not in (32, 64):
+    cmode, _, ivspec = mode.partition("-")
+    ivgen, _, ivhash = ivspec.partition(":")
+    ok = name == "aes" and (
+        (cmode == "xts" and ivgen in ("plain64", "plain") and not ivhash
+         and h.key_bytes in (32, 64)) or
+        (cmode == "cbc" and h.key_bytes in (16, 24, 32) and
+         ((ivgen in ("plain64", "plain") and not ivhash) or
+          (ivgen == "essiv" and ivhash in HASHES and
+           hashlib.new(ivhash).digest_size in (16, 24, 32)))))
+    if not ok:
         raise UnsupportedFeatureError("Unsupported LUKS cipher %s-%s (key of %d bytes); only "
-                                      "aes-xts-plain64 is supported" % (name, mode, h.key_bytes))
+                                      "aes-xts-plain64/plain and aes-cbc-plain64/plain/essiv "
+                                      "are supported" % (name, mode, h.key_bytes))
     if hname not in HASHES:
         raise UnsupportedFeatureError("Unsupported LUKS hash algorithm '%s'" % hname)
-    return h.key_bytes, mode.split("-", 1)[1]
+    return h.key_bytes, lambda key: make_cipher(key, cmode, ivgen, ivhash or None)
 
 
 def read_header(img):
@@ -222,11 +312,11 @@ def unlock(img, passphrase: bytes) -> SectorCipher:
     h = read_header(img)
     if h.version != 1:
         raise UnsupportedFeatureError("Unsupported LUKS version %d" % h.version)
-    key_len, ivgen = _check_cipher(h)
+    key_len, cipher = _check_cipher(h)
     for ks in h.key_slots:
         mk = open_slot(img, h, ks, passphrase)
         if mk is not None:
-            return SectorCipher(mk, ivgen)
+            return cipher(mk)
     raise UnlockError("Invalid password, cannot unlock any keyslot")
 
 
@@ -245,13 +335,13 @@ def open_slot(img, h, ks, passphrase: bytes):
     """The master key, when the active key slot ks opens with passphrase; else None."""
     if ks.active != LUKS_KEY_ENABLED:
         return None
-    key_len, ivgen = _check_cipher(h)
+    key_len, cipher = _check_cipher(h)
     hname = _cstr(h.hash_spec)
     if ks.iterations < 1:
         raise InvalidImageError("LUKS key slot has an invalid stripe or iteration count")
     off, size = _material_extent(img, h, ks)
     slot_key = hashlib.pbkdf2_hmac(hname, passphrase, ks.salt, ks.iterations, key_len)
-    material = SectorCipher(slot_key, ivgen).decrypt(img.pread(size, off), 0)
+    material = cipher(slot_key).decrypt(img.pread(size, off), 0)
     mk = af_merge(material.tobytes(), key_len, ks.stripes, hname)
     digest = hashlib.pbkdf2_hmac(hname, mk, h.mk_digest_salt, h.mk_digest_iter, 20)
     return mk if digest == h.mk_digest else None
@@ -330,7 +420,7 @@ def amend_keyslots(img, opts: dict, secrets, *, force: bool = False) -> None:
         if a["iter_time"] <= 0:
             raise AmendError("Parameter 'encrypt.iter-time' must be positive")
         mk = img.cipher.master_key
-        key_len, ivgen = _check_cipher(h)
+        key_len, cipher = _check_cipher(h)
         hname = _cstr(h.hash_spec)
         ks = slots[i]
         off, size = _material_extent(img, h, ks)
@@ -339,7 +429,7 @@ def amend_keyslots(img, opts: dict, secrets, *, force: bool = False) -> None:
         slot_key = hashlib.pbkdf2_hmac(hname, passphrase, salt, iters, key_len)
         material = af_split(mk, ks.stripes, hname)
         material += bytes(size - len(material))
-        enc = SectorCipher(slot_key, ivgen).encrypt(material, 0)
+        enc = cipher(slot_key).encrypt(material, 0)
         fileio.pwrite(img.fd, enc, off)
         fileio.fsync(img.fd)                 # the material first, then the slot marked active
         ks.active, ks.iterations, ks.salt = LUKS_KEY_ENABLED, iters, salt
@@ -405,7 +495,8 @@ def area_size(key_len: int) -> int:
 
 
 def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
-                 ivgen: str = "plain64", iter_time: int = 2000):
+                 ivgen: str = "plain64", iter_time: int = 2000, mode: str = "xts",
+                 ivhash: str | None = None):
     """A new LUKS1 header (the whole encryption area as bytes, its length a multiple of
     512) and the data cipher.  Slot 0 holds the passphrase; the other seven are empty."""
     import uuid
@@ -430,7 +521,7 @@ def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
     def pad(s: str) -> bytes:
         return s.encode().ljust(32, b"\0")
     hdr = LuksHeader.build(Container(
-        version=1, cipher_name=pad("aes"), cipher_mode=pad("xts-" + ivgen), hash_spec=pad(hname),
+        version=1, cipher_name=pad("aes"), cipher_mode=pad("%s-%s%s" % (mode, ivgen, ":" + ivhash if ivhash else "")), hash_spec=pad(hname),
         payload_offset=total // SECTOR, key_bytes=key_len, mk_digest=digest,
         mk_digest_salt=mk_salt, mk_digest_iter=mk_iters,
         uuid=str(uuid.uuid4()).encode().ljust(40, b"\0"), key_slots=slots))
@@ -439,6 +530,6 @@ def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
     slot_key = hashlib.pbkdf2_hmac(hname, passphrase, slot_salt, iters, key_len)
     material = af_split(mk, STRIPES, hname)
     material += bytes(-(-len(material) // SECTOR) * SECTOR - len(material))
-    enc = SectorCipher(slot_key, ivgen).encrypt(material, 0).tobytes()
+    enc = make_cipher(slot_key, mode, ivgen, ivhash).encrypt(material, 0).tobytes()
     area[first:first + len(enc)] = enc
-    return bytes(area), SectorCipher(mk, ivgen)
+    return bytes(area), make_cipher(mk, mode, ivgen, ivhash)

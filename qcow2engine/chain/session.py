@@ -63,7 +63,7 @@ def unlock_image(f, path: str, secrets=None, top: str | None = None, depth: int 
         from ..errors import InvalidRequestError
         key = secrets.passphrase_for(path, top, depth)
         try:
-            f.cipher = aes_unlock(key)
+            f.cipher = aes_unlock(key, secrets.key_secret_for(path, top, depth) or "")
         except InvalidRequestError as e:
             from ..host.secrets import open_failed
             raise InvalidRequestError(open_failed(path, top, depth, str(e))) from None

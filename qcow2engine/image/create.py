@@ -413,7 +413,7 @@ def _luks_area(path: str, o: CreateOptions):
         from .qcowaes import qcow_key
         from ..errors import InvalidRequestError
         try:
-            qcow_key(passphrase)
+            qcow_key(passphrase, p["key_secret"])
         except InvalidRequestError as e:
             raise CreateError("%s: %s" % (path, e)) from None
         return None

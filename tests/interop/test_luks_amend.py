@@ -230,3 +230,55 @@ def test_with_other_options_and_api(base, tmp_path):
     assert rc == 1
     assert err == ("qcow2engine: Could not open '%s': Parameter 'encrypt.key-secret' is "
                    "required for cipher\n" % img)
+
+
+def _opens(path, passphrase):
+    from qcow2engine.image.luks import UnlockError, unlock
+    from qcow2engine.image.qcow2 import Qcow2Image
+    img = Qcow2Image(str(path))
+    try:
+        unlock(img, passphrase.encode())
+        return True
+    except UnlockError:
+        return False
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize("op", ["add", "erase"])
+def test_crash_at_every_write(base, tmp_path, op):
+    """A crash at any write or flush of an amend leaves the image opening with the old
+    passphrase, and the changed slot either as it was or as it should become: never a slot
+    marked active over material that does not open."""
+    from qcow2engine import api
+    from qcow2engine.host.secrets import Secrets
+    from tests.helpers.faultinject import count_calls, inject, SimulatedCrash
+    start = copy(base, tmp_path, "start.qcow2")
+    two = {"add": "", "erase": "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10"}
+    if two[op]:
+        assert ours_amend(start, two[op])[0] == 0
+    o = {"add": {"encrypt.state": "active", "encrypt.new-secret": "s1",
+                 "encrypt.iter-time": "10"},
+         "erase": {"encrypt.state": "inactive", "encrypt.keyslot": "1"}}[op]
+
+    def run_on(p):
+        sec = Secrets(dict(PASSES))
+        sec.set_key_secret(str(p), "s0")
+        api.amend(str(p), o, secrets=sec)
+
+    probe = copy(start, tmp_path, "probe.qcow2")
+    n = count_calls(lambda: run_on(probe), paths=[tmp_path])
+    assert n >= 4           # material, flush, slot, flush
+    seen = set()
+    for k in range(n):
+        p = copy(start, tmp_path, "c%d.qcow2" % k)
+        with pytest.raises(SimulatedCrash):
+            with inject(k, "crash", paths=[tmp_path]):
+                run_on(p)
+        assert _opens(p, PASSES["s0"]), k
+        state = slots(p)
+        assert state in ("10000000", "11000000"), (k, state)
+        # a slot marked active opens with its passphrase
+        assert _opens(p, PASSES["s1"]) == (state == "11000000"), k
+        seen.add(state)
+    assert seen == {"10000000", "11000000"} if op == "erase" else seen <= {"10000000", "11000000"}

@@ -155,6 +155,21 @@ def test_errors(qemu_image, tmp_path):
     rc, _, err = engine("io", "--image-opts", opts(qemu_image, "nope"), "-c", "read 0 512")
     assert rc == 1
     assert err == "qcow2engine: Could not open '%s': No secret with id 'nope'\n" % qemu_image
+    # QEMU takes the passphrase as UTF-8 text (no NUL)
+    for bad in (b"ab\xffc", b"ab\0cd"):
+        sf = tmp_path / "bad"
+        sf.write_bytes(bad)
+        obj = "secret,id=s9,file=%s" % sf
+        rc, _, err = engine("io", "--object", obj, "--image-opts", opts(qemu_image, "s9"),
+                            "-c", "read 0 512")
+        assert rc == 1 and err == ("qcow2engine: Could not open '%s': Data from secret s9 is "
+                                   "not valid UTF-8\n" % qemu_image)
+        q = qemu_img("create", "-f", "qcow2", "--object", obj, "-o",
+                     "encrypt.format=aes,encrypt.key-secret=s9", str(tmp_path / "b.qcow2"), "1M")
+        rc, out, err = engine("create", "-f", "qcow2", "--object", obj, "-o",
+                              "encrypt.format=aes,encrypt.key-secret=s9", tmp_path / "b.qcow2",
+                              "1M")
+        assert q.rc == rc == 1 and err == q.err.replace("qemu-img:", "qcow2engine:")
     # info and check need no key
     rc, out, err = engine("info", "--output=json", qemu_image)
     q = qemu_img("info", "--output=json", str(qemu_image))

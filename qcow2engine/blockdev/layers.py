@@ -256,7 +256,7 @@ class Qcow2Layer(Layer):
                 a = (host + p) // 512 * 512
                 b = -(-(host + p + m) // 512) * 512
                 raw = np.empty(b - a, np.uint8)
-                pread_into(img.fd, raw, a)
+                pread_into(img.data_fd_for_read(), raw, a)
                 plain = cipher.decrypt(raw, (a + shift) // 512)
                 out[p:p + m] = plain[host + p - a:host + p - a + m]
             return

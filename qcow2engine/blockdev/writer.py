@@ -52,8 +52,8 @@ class GuestWriter:
             if self.cipher is None:
                 raise UnsupportedFeatureError("'%s' is encrypted and was not unlocked"
                                               % self.img.path)
-            if self.img.has_data_file:
-                raise UnsupportedFeatureError("Encrypted images with an external data file "
+            if self.img.has_data_file and self.img.data_file_raw:
+                raise UnsupportedFeatureError("Encrypted images with a raw external data file "
                                               "are not supported")
             self.guest_iv = bool(getattr(self.cipher, "guest_iv", False))
         if not sync:

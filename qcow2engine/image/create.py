@@ -398,8 +398,9 @@ def _luks_area(path: str, o: CreateOptions):
         raise
     if p is None:
         return None
-    if o.data_file:
-        raise CreateError("%s: Encryption is not supported with an external data file" % path)
+    if o.data_file_raw:
+        raise CreateError("%s: Encryption is not supported with a raw external data file "
+                          "(data_file_raw)" % path)
     if o.preallocation != "off":
         raise CreateError("%s: Preallocation is not supported with encryption" % path)
     if not p["key_secret"]:

@@ -135,12 +135,19 @@ def resize(path: str, size: int, *, shrink: bool = False, fmt: str | None = None
         resize_chain(s.open_chain(path, fmt, writable=True), size, shrink=shrink)
 
 
-def amend(path: str, options) -> None:
-    """Change options of a qcow2 image in place (compat, lazy_refcounts, refcount_bits, size)."""
+def amend(path: str, options, *, force: bool = False, secrets=None) -> None:
+    """Change options of a qcow2 image in place (compat, lazy_refcounts, refcount_bits, size;
+    LUKS key slots with encrypt.state=active|inactive, encrypt.new-secret/old-secret/keyslot/
+    iter-time, the image's own secret and the named ones from secrets, a
+    host.secrets.Secrets, or the --object registry).  force: allow erasing the last key slot."""
     from .image.amend import amend_qcow2, parse_amend_options
     spec = parse_amend_options(options)
-    with Session() as s:
-        amend_qcow2(s.open_file(path, "qcow2", writable=True), spec)
+    with Session(secrets=secrets) as s:
+        f = s.open_file(path, "qcow2", writable=True)
+        if spec.encrypt_amend and f.encrypted:
+            from .chain.session import unlock_image
+            unlock_image(f, path, s.secrets)
+        amend_qcow2(f, spec, secrets=s.secrets, force=force)
 
 
 def rebase(path: str, backing: str | None, backing_fmt: str | None = None, *,

@@ -220,11 +220,11 @@ class Qcow2Layer(Layer):
         return (np.array(out_s, np.int64), np.array(out_k, np.uint8), np.array(out_h, np.int64))
 
     # ---------------------------------------------------------------- reading
-    def read_data(self, host: int, length: int) -> bytes:
+    def read_data(self, host: int, length: int, guest: int | None = None) -> bytes:
         img = self.image
         if img.encrypted:
             out = np.empty(length, np.uint8)
-            self.read_data_into(out, host)
+            self.read_data_into(out, host, guest)
             return out.tobytes()
         return pread_full(img.data_fd_for_read(), length, host)
 
@@ -233,14 +233,22 @@ class Qcow2Layer(Layer):
         they are encrypted)."""
         return None if self.image.encrypted else self.image.data_fd_for_read()
 
-    def read_data_into(self, out: np.ndarray, host: int) -> None:
+    def read_data_into(self, out: np.ndarray, host: int, guest: int | None = None) -> None:
+        """Fill out with the guest data at host offset host (guest: the guest offset it
+        maps, which legacy AES encryption numbers its sectors by)."""
         img = self.image
         if img.encrypted:
             cipher = getattr(img, "cipher", None)
             if cipher is None:
                 raise UnsupportedFeatureError("'%s' is encrypted and was not unlocked" % img.path)
             # whole sectors, decrypted in large passes; the sector number is the host
-            # offset / 512 (LUKS in qcow2)
+            # offset / 512 (LUKS in qcow2) or the guest offset / 512 (legacy AES: host and
+            # guest offsets agree modulo the cluster size, so the sectors line up)
+            shift = 0
+            if getattr(cipher, "guest_iv", False):
+                if guest is None:
+                    raise ValueError("legacy AES data needs its guest offset to be read")
+                shift = guest - host
             n = len(out)
             step = 32 << 20
             for p in range(0, n, step):
@@ -248,8 +256,8 @@ class Qcow2Layer(Layer):
                 a = (host + p) // 512 * 512
                 b = -(-(host + p + m) // 512) * 512
                 raw = np.empty(b - a, np.uint8)
-                pread_into(img.fd, raw, a)
-                plain = cipher.decrypt(raw, a // 512)
+                pread_into(img.data_fd_for_read(), raw, a)
+                plain = cipher.decrypt(raw, (a + shift) // 512)
                 out[p:p + m] = plain[host + p - a:host + p - a + m]
             return
         pread_into(img.data_fd_for_read(), out, host)
@@ -334,13 +342,13 @@ class RawLayer(Layer):
         starts = np.array(s, np.int64)
         return Runs(starts, np.array(k, np.uint8), starts.copy(), end)
 
-    def read_data(self, host: int, length: int) -> bytes:
+    def read_data(self, host: int, length: int, guest: int | None = None) -> bytes:
         return pread_full(self.fd, length, host)
 
     def data_fd(self) -> int | None:
         return self.fd
 
-    def read_data_into(self, out: np.ndarray, host: int) -> None:
+    def read_data_into(self, out: np.ndarray, host: int, guest: int | None = None) -> None:
         pread_into(self.fd, out, host)
 
     # guest writes on a raw layer are plain file writes

@@ -153,7 +153,7 @@ class ViewSource:
                     s, e = max(self._s[i], lo), min(self._e[i], hi)
                     if self._k[i] == E.NORMAL:
                         layers[self._d[i]].read_data_into(out[s - lo:e - lo],
-                                                          self._h[i] + s - self._s[i])
+                                                          self._h[i] + s - self._s[i], s)
                     else:
                         out[s - lo:e - lo] = 0
         if self.on_read:

@@ -42,17 +42,20 @@ class GuestWriter:
         self.layer = chain.layers[0]
         self.img = self.layer.image
         # LUKS images: data is encrypted per 512-byte sector (sector number: the host
-        # offset / 512) with the cipher the session unlocked; requests are widened to whole
-        # sectors (read-modify-write through the guest view)
+        # offset / 512; legacy AES: the guest offset / 512) with the cipher the session
+        # unlocked; requests are widened to whole sectors (read-modify-write through the
+        # guest view)
         self.cipher = None
+        self.guest_iv = False
         if self.img.encrypted:
             self.cipher = getattr(self.img, "cipher", None)
             if self.cipher is None:
                 raise UnsupportedFeatureError("'%s' is encrypted and was not unlocked"
                                               % self.img.path)
-            if self.img.has_data_file:
-                raise UnsupportedFeatureError("Encrypted images with an external data file "
+            if self.img.has_data_file and self.img.data_file_raw:
+                raise UnsupportedFeatureError("Encrypted images with a raw external data file "
                                               "are not supported")
+            self.guest_iv = bool(getattr(self.cipher, "guest_iv", False))
         if not sync:
             self.img.allocator.sync = False
         self.cs = self.img.cluster_size
@@ -391,12 +394,13 @@ class GuestWriter:
         dest = np.where(newc, new_host, host)
         direct = np.flatnonzero(~need_fill if sel is None else (~need_fill & sel))
         self._write_direct(dest[direct] + lo[direct], (g[direct] * cs + lo[direct]) - offset,
-                           hi[direct] - lo[direct], data)
+                           hi[direct] - lo[direct], data, offset)
         for k in fill_idx:
             buf = fills[int(k)]
             buf[lo[k]:hi[k]] = data[g[k] * cs + lo[k] - offset:g[k] * cs + hi[k] - offset]
             if self.cipher is not None:
-                buf = self.cipher.encrypt(buf, int(dest[k]) // 512)
+                at = int(g[k]) * cs if self.guest_iv else int(dest[k])
+                buf = self.cipher.encrypt(buf, at // 512)
             fileio.pwrite(self.data_fd, buf, int(dest[k]))
         # --- new entries
         new_ent = (dest.astype(np.uint64) | COPIED)
@@ -446,7 +450,9 @@ class GuestWriter:
                         (np.uint64(1) << np.minimum(n, np.uint64(63))) - np.uint64(1))
         return (ones << f) & ALL_ALLOC
 
-    def _write_direct(self, hosts, srcs, lens, data) -> None:
+    def _write_direct(self, hosts, srcs, lens, data, offset: int = 0) -> None:
+        """Write data[srcs[i]:srcs[i]+lens[i]] at hosts[i] (offset: the guest offset of
+        data[0], which legacy AES numbers its sectors by)."""
         if not len(hosts):
             return
         brk = np.ones(len(hosts), bool)
@@ -462,7 +468,8 @@ class GuestWriter:
             for p in range(0, n, PIECE):
                 m = min(PIECE, n - p)
                 if self.cipher is not None:
-                    enc = self.cipher.encrypt(data[src + p:src + p + m], (host + p) // 512)
+                    at = offset + src + p if self.guest_iv else host + p
+                    enc = self.cipher.encrypt(data[src + p:src + p + m], at // 512)
                     fileio.pwrite(self.data_fd, enc, host + p)
                 else:
                     write_piece(self.data_fd, host + p, data, src + p, src + p + m)

@@ -109,9 +109,9 @@ def measure(chain=None, size: int | None = None, options=None, out_fmt: str = "q
             raise CreateError("Parameter 'encrypt.key-secret' is required for cipher")
         from ..host.secrets import DEFAULT
         DEFAULT.get(luks["key_secret"])
-        from ..image.luks import area_size
-        extra = _div_up(area_size(luks["key_len"]), cs) * cs
-        full += extra
+        if luks["format"] == "luks":     # (legacy AES has no header area)
+            from ..image.luks import area_size
+            full += _div_up(area_size(luks["key_len"]), cs) * cs
     out = {"required": full - _div_up(vsize, cs) * cs + req, "fully-allocated": full}
     top = getattr(chain.layers[0], "image", None) if chain is not None else None
     if top is not None and o.compat != "0.10":

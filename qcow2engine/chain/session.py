@@ -50,16 +50,24 @@ def close_all(closers) -> None:
         raise err
 
 def unlock_image(f, path: str, secrets=None, top: str | None = None, depth: int = 0) -> None:
-    """Give an encrypted (LUKS) image its data cipher, from the secret named for it
+    """Give an encrypted (LUKS or legacy AES) image its data cipher, from the secret named for it
     (secrets: a host.secrets.Secrets, the process-wide default when None)."""
     if getattr(f, "cipher", None) is not None:
         return
     from ..format import constants as C
-    if f.header.crypt_method != C.CRYPT_LUKS:
-        raise UnsupportedFeatureError("'%s' uses the legacy AES encryption, which is not "
-                                      "supported; only LUKS" % path)
     if secrets is None:
         from ..host.secrets import DEFAULT as secrets
+    if f.header.crypt_method == C.CRYPT_AES:
+        # legacy AES: the key is the passphrase itself (no key check, as in QEMU)
+        from ..image.qcowaes import unlock as aes_unlock
+        from ..errors import InvalidRequestError
+        key = secrets.passphrase_for(path, top, depth)
+        try:
+            f.cipher = aes_unlock(key, secrets.key_secret_for(path, top, depth) or "")
+        except InvalidRequestError as e:
+            from ..host.secrets import open_failed
+            raise InvalidRequestError(open_failed(path, top, depth, str(e))) from None
+        return
     from ..image.luks import unlock, UnlockError
     key = secrets.passphrase_for(path, top, depth)
     try:

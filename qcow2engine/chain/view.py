@@ -285,10 +285,10 @@ class Chain:
             s = int(ex.starts[i]); e = int(ex.ends[i])
             layer = self.layers[int(ex.depth[i])]
             if self.salvage is None:
-                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]))
+                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]), s)
                 continue
             try:
-                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]))
+                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]), s)
             except (OSError, Qcow2Error) as err:
                 self._unreadable(out, base, s, e, err)
         comp = np.flatnonzero(kinds == E.COMPRESSED)

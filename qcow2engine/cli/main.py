@@ -277,7 +277,7 @@ def _check_common(args) -> None:
             setattr(args, fattr, drv)
         if snap and hasattr(args, "snapshot"):
             args.snapshot = snap
-    if getattr(args, "sources", None):
+    if getattr(args, "sources", None):      # the first source is args.filename, resolved
         args.sources = [args.filename] + [_image_spec(n, opts)[0] for n in args.sources[1:]]
     out = getattr(args, "output", None)
     if args.cmd == "convert" and out is not None:
@@ -795,7 +795,7 @@ def cmd_amend(args) -> int:
     if not args.options:
         _err("Must specify options (-o)")
         return 1
-    amend(args.filename, ",".join(args.options))
+    amend(args.filename, ",".join(args.options), force=args.force)
     return 0
 
 

@@ -21,18 +21,37 @@ from .metadata import switch_refcount_table, write_header_cluster, write_refcoun
 
 
 def parse_amend_options(options):
-    """The options of `amend -o` (only those that can change in place)."""
-    from .create import parse_options, CreateOptions
-    spec = parse_options(options, CreateOptions())
+    """The options of `amend -o` (only those that can change in place); the LUKS key slot
+    options (encrypt.state, encrypt.new-secret, encrypt.old-secret, encrypt.keyslot,
+    encrypt.iter-time) go to spec.encrypt_amend."""
+    from .create import parse_options, CreateOptions, _split_opts
+    from .luks import AMEND_KEYS
+    if isinstance(options, dict):
+        items = [(str(k), v) for k, v in options.items()]
+    else:
+        if not isinstance(options, str):
+            options = ",".join(options)
+        items = [tuple(p.split("=", 1)) if "=" in p else (p, "on") for p in _split_opts(options)]
+    rest, enc = {}, {}
+    for k, v in items:
+        if k.startswith("encrypt."):
+            if k[8:] not in AMEND_KEYS:
+                raise AmendError("Invalid parameter '%s'" % k)
+            enc[k[8:]] = str(v)
+        else:
+            rest[k] = v
+    spec = parse_options(rest, CreateOptions())
     allowed = {"compat", "lazy_refcounts", "refcount_bits", "size"}
     bad = [k for k in spec.given if k not in allowed]
     if bad:
         raise AmendError("Changing the option '%s' is not supported" % bad[0])
+    spec.encrypt_amend = enc
     return spec
 
 
-def amend_qcow2(img: Qcow2Image, spec) -> None:
-    """Change the options given in spec (parse_amend_options) of an image opened writable."""
+def amend_qcow2(img: Qcow2Image, spec, *, secrets=None, force: bool = False) -> None:
+    """Change the options given in spec (parse_amend_options) of an image opened writable
+    (and unlocked, for key slot changes: secrets holds the new and old secrets)."""
     if "size" in spec.given:
         from .resize import resize_qcow2
         resize_qcow2(img, spec.size, shrink=True)
@@ -59,6 +78,7 @@ def amend_qcow2(img: Qcow2Image, spec) -> None:
             else:
                 h.compatible_features &= ~C.COMPAT_LAZY_REFCOUNTS
             write_header_cluster(img)
+    amend_encryption(img, spec, secrets=secrets, force=force)
 
 
 def _upgrade(img: Qcow2Image) -> None:
@@ -156,3 +176,14 @@ def _change_refcount_order(img: Qcow2Image, order: int) -> None:
         list(range(old_rt[0] >> bits, (old_rt[0] >> bits) + old_rt[1]))
     meta.free(np.array(sorted(set(freed)), np.int64))
     meta.commit()
+
+
+def amend_encryption(img: Qcow2Image, spec, *, secrets=None, force: bool = False) -> None:
+    """The key slot part of spec (encrypt.state=...), after the other options."""
+    enc = getattr(spec, "encrypt_amend", None)
+    if not enc:
+        return
+    if secrets is None:
+        from ..host.secrets import DEFAULT as secrets
+    from .luks import amend_keyslots
+    amend_keyslots(img, enc, secrets, force=force)

@@ -37,7 +37,13 @@ class CreateOptions:
     backing_file: str | None = None
     backing_fmt: str | None = None
     encrypt: dict = dataclasses.field(default_factory=dict)   # encrypt.* options, as given
+    encryption: str | None = None      # the old `encryption=on|off` (legacy AES), as given
     given: tuple = ()
+
+    def encryption_method(self) -> str | None:
+        """"luks", "aes" or None, from the encrypt.* and encryption options."""
+        p = luks_params(self)
+        return p["format"] if p else None
 
 
 # the encrypt.* options qemu-img 7.2 takes for LUKS, in the order its "Formatting" line shows
@@ -107,9 +113,8 @@ def parse_options(spec, base: CreateOptions | None = None) -> CreateOptions:
         elif k == "backing_fmt":
             o.backing_fmt = v
         elif k == "encryption":
-            if _bool(k, v):
-                raise CreateError("Creating images with the legacy AES encryption is not "
-                                  "supported; use encrypt.format=luks")
+            _bool(k, v)
+            o.encryption = v
         elif k.startswith("encrypt.") and k[8:].replace("_", "-") in ENCRYPT_KEYS:
             o.encrypt = dict(o.encrypt)
             o.encrypt[k[8:].replace("_", "-")] = v
@@ -124,28 +129,44 @@ def luks_params(o: CreateOptions) -> dict | None:
     """The LUKS parameters of encrypt.* options (None: no encryption); CreateError for what
     this engine does not make (only AES-XTS with plain64/plain sector numbers)."""
     e = o.encrypt
+    if o.encryption is not None:
+        if "format" in e and _bool("encryption", o.encryption):
+            raise CreateError("'encrypt.format' and its alias 'encryption' can't be used at "
+                              "the same time")
+        elif _bool("encryption", o.encryption):
+            e = dict(e, format="aes")
     if not e:
         return None
     fmt = e.get("format")
     if fmt is None:
-        raise CreateError("Parameter 'encrypt.format' is required with encrypt.* options")
-    if fmt == "aes":
-        raise CreateError("Creating images with the legacy AES encryption is not supported; "
-                          "use encrypt.format=luks")
+        raise CreateError("Parameter 'encrypt.format' is missing")
+    if fmt == "aes":      # the legacy qcow2 AES encryption: a passphrase and nothing else
+        for k in ENCRYPT_KEYS:
+            if k not in ("format", "key-secret") and k in e:
+                raise CreateError("Parameter 'encrypt.%s' is unexpected" % k)
+        return {"format": "aes", "key_len": 16, "key_secret": e.get("key-secret")}
     if fmt != "luks":
         raise CreateError("Invalid parameter 'encrypt.format': '%s'" % fmt)
     alg = e.get("cipher-alg", "aes-256")
-    if alg not in ("aes-128", "aes-256"):
-        raise CreateError("LUKS cipher algorithm '%s' is not supported (aes-128, aes-256)" % alg)
-    if e.get("cipher-mode", "xts") != "xts":
-        raise CreateError("LUKS cipher mode '%s' is not supported (xts)" % e["cipher-mode"])
+    mode = e.get("cipher-mode", "xts")
+    if mode not in ("xts", "cbc"):
+        raise CreateError("LUKS cipher mode '%s' is not supported (xts, cbc)" % mode)
+    algs = ("aes-128", "aes-256") if mode == "xts" else ("aes-128", "aes-192", "aes-256")
+    if alg not in algs:
+        raise CreateError("LUKS cipher algorithm '%s' is not supported (%s)"
+                          % (alg, ", ".join(algs)))
     ivgen = e.get("ivgen-alg", "plain64")
-    if ivgen not in ("plain64", "plain"):
-        raise CreateError("LUKS IV generator '%s' is not supported (plain64, plain)" % ivgen)
-    if "ivgen-hash-alg" in e:
-        raise CreateError("encrypt.ivgen-hash-alg is only used with the essiv IV generator, "
-                          "which is not supported")
+    ivgens = ("plain64", "plain") if mode == "xts" else ("plain64", "plain", "essiv")
+    if ivgen not in ivgens:
+        raise CreateError("LUKS IV generator '%s' is not supported with %s (%s)"
+                          % (ivgen, mode, ", ".join(ivgens)))
     from .luks import HASHES
+    ivhash = None
+    if ivgen == "essiv":
+        ivhash = e.get("ivgen-hash-alg", "sha256")
+        if ivhash != "sha256":
+            raise CreateError("LUKS ESSIV hash algorithm '%s' is not supported (sha256)"
+                              % ivhash)
     hname = e.get("hash-alg", "sha256")
     if hname not in HASHES:
         raise CreateError("Invalid parameter 'encrypt.hash-alg': '%s'" % hname)
@@ -155,7 +176,9 @@ def luks_params(o: CreateOptions) -> dict | None:
         raise CreateError("Parameter 'encrypt.iter-time' expects a number") from None
     if iter_time <= 0:
         raise CreateError("Parameter 'encrypt.iter-time' must be positive")
-    return {"key_len": 64 if alg == "aes-256" else 32, "hname": hname, "ivgen": ivgen,
+    key_len = int(alg[4:]) // 8 * (2 if mode == "xts" else 1)
+    return {"format": "luks", "key_len": key_len, "hname": hname, "mode": mode,
+            "ivhash": ivhash, "ivgen": ivgen,
             "iter_time": iter_time, "key_secret": e.get("key-secret")}
 
 
@@ -183,7 +206,8 @@ def formatting_line(path: str, o: CreateOptions, fmt: str = "qcow2") -> str:
     """The "Formatting ..." line qemu-img create prints (the size as given)."""
     if fmt in RAW_FORMATS:
         return "Formatting '%s', fmt=%s size=%d" % (path, fmt, o.size)
-    parts = ["encrypt.%s=%s" % (k, o.encrypt[k]) for k in ENCRYPT_KEYS if k in o.encrypt]
+    parts = ["encryption=%s" % o.encryption] if o.encryption is not None else []
+    parts += ["encrypt.%s=%s" % (k, o.encrypt[k]) for k in ENCRYPT_KEYS if k in o.encrypt]
     parts += ["cluster_size=%d" % o.cluster_size, "extended_l2=%s" % ("on" if o.extended_l2 else "off")]
     if "preallocation" in o.given:
         parts.append("preallocation=%s" % o.preallocation)
@@ -264,7 +288,8 @@ def _header_cluster(o: CreateOptions, l1_size: int, l1_offset: int, size: int | 
         incompat |= C.INCOMPAT_EXTL2
     hdr = Header(version=3 if v3 else 2, backing_file_offset=0, backing_file_size=0,
                  cluster_bits=cs.bit_length() - 1, size=o.size if size is None else size,
-                 crypt_method=C.CRYPT_LUKS if crypto else C.CRYPT_NONE,
+                 crypt_method=C.CRYPT_LUKS if crypto else
+                 C.CRYPT_AES if o.encryption_method() == "aes" else C.CRYPT_NONE,
                  l1_size=l1_size, l1_table_offset=l1_offset,
                  refcount_table_offset=cs if reftable[0] is None else reftable[0],
                  refcount_table_clusters=reftable[1], nb_snapshots=0, snapshots_offset=0,
@@ -365,11 +390,17 @@ def _guard(path: str):
 def _luks_area(path: str, o: CreateOptions):
     """The LUKS header area of a new encrypted image (None without encryption): the
     passphrase from the secret named by encrypt.key-secret (secrets.DEFAULT)."""
-    p = luks_params(o)
+    try:
+        p = luks_params(o)
+    except CreateError as e:      # qemu-img names the image in these
+        if "is unexpected" in str(e) or "its alias" in str(e) or "is missing" in str(e):
+            raise CreateError("%s: %s" % (path, e)) from None
+        raise
     if p is None:
         return None
-    if o.data_file:
-        raise CreateError("%s: Encryption is not supported with an external data file" % path)
+    if o.data_file_raw:
+        raise CreateError("%s: Encryption is not supported with a raw external data file "
+                          "(data_file_raw)" % path)
     if o.preallocation != "off":
         raise CreateError("%s: Preallocation is not supported with encryption" % path)
     if not p["key_secret"]:
@@ -379,9 +410,18 @@ def _luks_area(path: str, o: CreateOptions):
         passphrase = DEFAULT.get(p["key_secret"])
     except SecretError as e:
         raise CreateError("%s: %s" % (path, e)) from None
+    if p["format"] == "aes":     # no header area: the passphrase is the key
+        from .qcowaes import qcow_key
+        from ..errors import InvalidRequestError
+        try:
+            qcow_key(passphrase, p["key_secret"])
+        except InvalidRequestError as e:
+            raise CreateError("%s: %s" % (path, e)) from None
+        return None
     from .luks import build_header
     area, _ = build_header(passphrase, key_len=p["key_len"], hname=p["hname"],
-                           ivgen=p["ivgen"], iter_time=p["iter_time"])
+                           ivgen=p["ivgen"], iter_time=p["iter_time"], mode=p["mode"],
+                           ivhash=p["ivhash"])
     return area
 
 

@@ -115,6 +115,7 @@ class SectorCipher:
         if len(key) not in (32, 64):
             raise UnsupportedFeatureError("Unsupported AES-XTS key size %d" % len(key))
         half = len(key) // 2
+        self.master_key = key
         self.k1, self.k2 = key[:half], key[half:]
         self.plain32 = ivgen == "plain"
         self._tweak = _aes_ecb(self.k2, decrypt=False)
@@ -194,16 +195,106 @@ def af_split(key: bytes, stripes: int, hname: str) -> bytes:
     return b"".join(parts)
 
 
+class CbcCipher:
+    """AES in CBC mode per 512-byte sector, the IV from the sector number: plain64, plain
+    (32 bits) or essiv:HASH (the sector number encrypted with AES-ECB under HASH(key), the
+    ESSIV key length being the digest's).  Vectorised over many sectors: decryption is one
+    ECB pass and an XOR with the shifted ciphertext; encryption runs the chain one block
+    position at a time over every sector at once."""
+
+    guest_iv = False
+
+    def __init__(self, key: bytes, ivgen: str = "plain64", ivhash: str | None = None):
+        if len(key) not in (16, 24, 32):
+            raise UnsupportedFeatureError("Unsupported AES-CBC key size %d" % len(key))
+        self.master_key = key
+        self.plain32 = ivgen == "plain"
+        self._enc = _aes_ecb(key, decrypt=False)
+        self._dec = _aes_ecb(key, decrypt=True)
+        self._essiv = None
+        if ivgen == "essiv":
+            salt = hashlib.new(ivhash, key).digest()
+            if len(salt) not in (16, 24, 32):
+                raise UnsupportedFeatureError("Unsupported ESSIV hash algorithm '%s'" % ivhash)
+            self._essiv = _aes_ecb(salt, decrypt=False)
+
+    def _ivs(self, first: int, n: int):
+        sec = _np.arange(first, first + n, dtype=_np.uint64)
+        if self.plain32:
+            sec &= _np.uint64(0xFFFFFFFF)
+        iv = _np.zeros((n, 2), "<u8")
+        iv[:, 0] = sec
+        if self._essiv is not None:
+            iv = _np.frombuffer(self._essiv.update(iv.tobytes()), "<u8").reshape(n, 2)
+        return iv
+
+    @staticmethod
+    def _bytes(data):
+        buf = _np.frombuffer(memoryview(data).cast("B"), _np.uint8)
+        if len(buf) % SECTOR:
+            raise ValueError("encrypted I/O must be in whole 512-byte sectors")
+        return buf
+
+    def decrypt(self, data, first_sector: int):
+        buf = self._bytes(data)
+        n = len(buf) // SECTOR
+        out = _np.empty(len(buf), _np.uint8)
+        for s in range(0, n, 8192):
+            m = min(8192, n - s)
+            c = buf[s * SECTOR:(s + m) * SECTOR]
+            d = _np.frombuffer(self._dec.update(c.tobytes()), "<u8").reshape(m, SECTOR // 16, 2)
+            d = d.copy()
+            cb = c.view("<u8").reshape(m, SECTOR // 16, 2)
+            d[:, 1:] ^= cb[:, :-1]
+            d[:, 0] ^= self._ivs(first_sector + s, m)
+            out[s * SECTOR:(s + m) * SECTOR] = d.view(_np.uint8).reshape(-1)
+        return out
+
+    def encrypt(self, data, first_sector: int):
+        buf = self._bytes(data)
+        n = len(buf) // SECTOR
+        out = _np.empty(len(buf), _np.uint8)
+        for s in range(0, n, 8192):
+            m = min(8192, n - s)
+            p = buf[s * SECTOR:(s + m) * SECTOR].view("<u8").reshape(m, SECTOR // 16, 2)
+            c = _np.empty((m, SECTOR // 16, 2), "<u8")
+            prev = self._ivs(first_sector + s, m)
+            for j in range(SECTOR // 16):
+                x = _np.ascontiguousarray(p[:, j] ^ prev)
+                prev = _np.frombuffer(self._enc.update(x.tobytes()), "<u8").reshape(m, 2)
+                c[:, j] = prev
+            out[s * SECTOR:(s + m) * SECTOR] = c.view(_np.uint8).reshape(-1)
+        return out
+
+
+def make_cipher(key: bytes, mode: str = "xts", ivgen: str = "plain64", ivhash=None):
+    """The sector cipher of a LUKS cipher mode ("xts" or "cbc") and IV generator."""
+    if mode == "cbc":
+        return CbcCipher(key, ivgen, ivhash)
+    return SectorCipher(key, ivgen)
+
+
 def _check_cipher(h) -> tuple:
-    """(key bytes, ivgen) of a header whose cipher this engine handles."""
+    """(key bytes, cipher factory: key -> sector cipher) of a header whose cipher this
+    engine handles: aes-xts-plain64/plain, aes-cbc-plain64/plain/essiv:HASH."""
     name, mode = _cstr(h.cipher_name), _cstr(h.cipher_mode)
     hname = _cstr(h.hash_spec)
-    if name != "aes" or mode not in ("xts-plain64", "xts-plain") or h.key_bytes not in (32, 64):
+    cmode, _, ivspec = mode.partition("-")
+    ivgen, _, ivhash = ivspec.partition(":")
+    ok = name == "aes" and (
+        (cmode == "xts" and ivgen in ("plain64", "plain") and not ivhash
+         and h.key_bytes in (32, 64)) or
+        (cmode == "cbc" and h.key_bytes in (16, 24, 32) and
+         ((ivgen in ("plain64", "plain") and not ivhash) or
+          (ivgen == "essiv" and ivhash in HASHES and
+           hashlib.new(ivhash).digest_size in (16, 24, 32)))))
+    if not ok:
         raise UnsupportedFeatureError("Unsupported LUKS cipher %s-%s (key of %d bytes); only "
-                                      "aes-xts-plain64 is supported" % (name, mode, h.key_bytes))
+                                      "aes-xts-plain64/plain and aes-cbc-plain64/plain/essiv "
+                                      "are supported" % (name, mode, h.key_bytes))
     if hname not in HASHES:
         raise UnsupportedFeatureError("Unsupported LUKS hash algorithm '%s'" % hname)
-    return h.key_bytes, mode.split("-", 1)[1]
+    return h.key_bytes, lambda key: make_cipher(key, cmode, ivgen, ivhash or None)
 
 
 def read_header(img):
@@ -221,26 +312,162 @@ def unlock(img, passphrase: bytes) -> SectorCipher:
     h = read_header(img)
     if h.version != 1:
         raise UnsupportedFeatureError("Unsupported LUKS version %d" % h.version)
-    key_len, ivgen = _check_cipher(h)
-    hname = _cstr(h.hash_spec)
-    base = img.crypto_ext.offset
-    hlen = img.crypto_ext.length
+    key_len, cipher = _check_cipher(h)
     for ks in h.key_slots:
-        if ks.active != LUKS_KEY_ENABLED:
-            continue
-        if not (1 <= ks.stripes <= 1 << 20) or ks.iterations < 1:
-            raise InvalidImageError("LUKS key slot has an invalid stripe or iteration count")
-        size = -(-key_len * ks.stripes // SECTOR) * SECTOR
-        koff = ks.key_material_offset * SECTOR
-        if koff + size > hlen:
-            raise InvalidImageError("LUKS key material lies outside the encryption header")
-        slot_key = hashlib.pbkdf2_hmac(hname, passphrase, ks.salt, ks.iterations, key_len)
-        material = SectorCipher(slot_key, ivgen).decrypt(img.pread(size, base + koff), 0)
-        mk = af_merge(material.tobytes(), key_len, ks.stripes, hname)
-        digest = hashlib.pbkdf2_hmac(hname, mk, h.mk_digest_salt, h.mk_digest_iter, 20)
-        if digest == h.mk_digest:
-            return SectorCipher(mk, ivgen)
+        mk = open_slot(img, h, ks, passphrase)
+        if mk is not None:
+            return cipher(mk)
     raise UnlockError("Invalid password, cannot unlock any keyslot")
+
+
+def _material_extent(img, h, ks) -> tuple:
+    """(file offset, size) of a key slot's material, checked to lie in the header area."""
+    if not (1 <= ks.stripes <= 1 << 20):
+        raise InvalidImageError("LUKS key slot has an invalid stripe count")
+    size = -(-h.key_bytes * ks.stripes // SECTOR) * SECTOR
+    koff = ks.key_material_offset * SECTOR
+    if koff + size > img.crypto_ext.length:
+        raise InvalidImageError("LUKS key material lies outside the encryption header")
+    return img.crypto_ext.offset + koff, size
+
+
+def open_slot(img, h, ks, passphrase: bytes):
+    """The master key, when the active key slot ks opens with passphrase; else None."""
+    if ks.active != LUKS_KEY_ENABLED:
+        return None
+    key_len, cipher = _check_cipher(h)
+    hname = _cstr(h.hash_spec)
+    if ks.iterations < 1:
+        raise InvalidImageError("LUKS key slot has an invalid stripe or iteration count")
+    off, size = _material_extent(img, h, ks)
+    slot_key = hashlib.pbkdf2_hmac(hname, passphrase, ks.salt, ks.iterations, key_len)
+    material = cipher(slot_key).decrypt(img.pread(size, off), 0)
+    mk = af_merge(material.tobytes(), key_len, ks.stripes, hname)
+    digest = hashlib.pbkdf2_hmac(hname, mk, h.mk_digest_salt, h.mk_digest_iter, 20)
+    return mk if digest == h.mk_digest else None
+
+
+# ---------------------------------------------------------------- key slot management
+# `amend -o encrypt.state=active|inactive,...` as qemu-img 7.2 (its refusals and words).
+# Crash safety: a new slot's material is written and flushed before its header entry marks
+# it active (one 48-byte write inside one sector); an erased slot's entry is cleared and
+# flushed before its material is overwritten with random bytes.
+
+SLOTS_OFFSET = 208          # the key slot table inside the LUKS1 header
+SLOT_SIZE = 48
+AMEND_KEYS = ("state", "new-secret", "old-secret", "keyslot", "iter-time")
+
+
+def _parse_amend(opts: dict) -> dict:
+    from ..errors import AmendError
+    state = opts.get("state")
+    if state is None:
+        raise AmendError("Parameter 'state' is missing")
+    if state not in ("active", "inactive"):
+        raise AmendError("Parameter 'state' does not accept value '%s'" % state)
+    out = {"state": state, "new": opts.get("new-secret"), "old": opts.get("old-secret"),
+           "keyslot": None, "iter_time": 2000}
+    for k, dest in (("keyslot", "keyslot"), ("iter-time", "iter_time")):
+        if k in opts:
+            try:
+                v = int(opts[k], 0)
+            except ValueError:
+                raise AmendError("Parameter 'encrypt.%s' expects a number" % k) from None
+            out[dest] = v
+    if out["keyslot"] is not None and not 0 <= out["keyslot"] <= 7:
+        raise AmendError("Invalid keyslot %d specified, must be between 0 and 7"
+                         % (out["keyslot"] & 0xFFFFFFFF))
+    return out
+
+
+def _write_slot(img, i: int, ks) -> None:
+    from construct import Container
+    from ..host import fileio
+    raw = LuksKeySlot.build(Container(active=ks.active, iterations=ks.iterations, salt=ks.salt,
+                                      key_material_offset=ks.key_material_offset,
+                                      stripes=ks.stripes))
+    fileio.pwrite(img.fd, raw, img.crypto_ext.offset + SLOTS_OFFSET + i * SLOT_SIZE)
+    fileio.fsync(img.fd)
+
+
+def amend_keyslots(img, opts: dict, secrets, *, force: bool = False) -> None:
+    """Add or erase LUKS key slots of img (opened writable and unlocked: img.cipher)."""
+    from ..errors import AmendError
+    from ..format import constants as C
+    from ..host import fileio
+    if img.header.crypt_method == C.CRYPT_NONE:
+        raise AmendError("Can't amend encryption options - encryption not present")
+    if img.header.crypt_method != C.CRYPT_LUKS:
+        raise AmendError("Only LUKS encryption options can be amended")
+    a = _parse_amend(opts)
+    h = read_header(img)
+    slots = list(h.key_slots)
+    active = [ks.active == LUKS_KEY_ENABLED for ks in slots]
+    if a["state"] == "active":
+        if a["old"] is not None:
+            raise AmendError("'old-secret' must not be given when activating keyslots")
+        if a["new"] is None:
+            raise AmendError("'new-secret' is required to activate a keyslot")
+        i = a["keyslot"]
+        if i is not None and active[i]:
+            raise AmendError("Refusing to overwrite active keyslot %d - please erase it first"
+                             % i)
+        if i is None:
+            if all(active):
+                raise AmendError("Can't add a keyslot - all keyslots are in use")
+            i = active.index(False)
+        passphrase = secrets.get(a["new"])
+        if a["iter_time"] <= 0:
+            raise AmendError("Parameter 'encrypt.iter-time' must be positive")
+        mk = img.cipher.master_key
+        key_len, cipher = _check_cipher(h)
+        hname = _cstr(h.hash_spec)
+        ks = slots[i]
+        off, size = _material_extent(img, h, ks)
+        iters = _iterations_for(hname, key_len, a["iter_time"])
+        salt = _os.urandom(32)
+        slot_key = hashlib.pbkdf2_hmac(hname, passphrase, salt, iters, key_len)
+        material = af_split(mk, ks.stripes, hname)
+        material += bytes(size - len(material))
+        enc = cipher(slot_key).encrypt(material, 0)
+        fileio.pwrite(img.fd, enc, off)
+        fileio.fsync(img.fd)                 # the material first, then the slot marked active
+        ks.active, ks.iterations, ks.salt = LUKS_KEY_ENABLED, iters, salt
+        _write_slot(img, i, ks)
+        return
+    # erase
+    if a["new"] is not None:
+        raise AmendError("'new-secret' must not be given when erasing keyslots")
+    if a["keyslot"] is None and a["old"] is None:
+        raise AmendError("To erase keyslot(s), either explicit keyslot index or the password "
+                         "currently contained in them must be given")
+    old = secrets.get(a["old"]) if a["old"] is not None else None
+    if a["keyslot"] is not None:
+        i = a["keyslot"]
+        if old is not None and open_slot(img, h, slots[i], old) is None:
+            raise AmendError("Given keyslot %d doesn't contain the given old password for "
+                             "erase operation" % i)
+        if not active[i]:
+            raise AmendError("Given keyslot %d is already erased (inactive) " % i)
+        if sum(active) == 1 and not force:
+            raise AmendError("Attempt to erase the only active keyslot %d which will erase all "
+                             "the data in the image irreversibly - refusing operation" % i)
+        victims = [i]
+    else:
+        victims = [i for i, ks in enumerate(slots) if open_slot(img, h, ks, old) is not None]
+        if not victims:
+            raise AmendError("No keyslots match given (old) password for erase operation")
+        if len(victims) == sum(active) and not force:
+            raise AmendError("All the active keyslots match the (old) password that was given "
+                             "and erasing them will erase all the data in the image "
+                             "irreversibly - refusing operation")
+    for i in victims:
+        ks = slots[i]
+        off, size = _material_extent(img, h, ks)
+        ks.active, ks.iterations, ks.salt = 0x0000DEAD, 0, bytes(32)
+        _write_slot(img, i, ks)              # the header first: the slot is gone
+        fileio.pwrite(img.fd, _os.urandom(size), off)
+        fileio.fsync(img.fd)
 
 
 def _iterations_for(hname: str, key_len: int, millis: int) -> int:
@@ -268,7 +495,8 @@ def area_size(key_len: int) -> int:
 
 
 def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
-                 ivgen: str = "plain64", iter_time: int = 2000):
+                 ivgen: str = "plain64", iter_time: int = 2000, mode: str = "xts",
+                 ivhash: str | None = None):
     """A new LUKS1 header (the whole encryption area as bytes, its length a multiple of
     512) and the data cipher.  Slot 0 holds the passphrase; the other seven are empty."""
     import uuid
@@ -293,7 +521,7 @@ def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
     def pad(s: str) -> bytes:
         return s.encode().ljust(32, b"\0")
     hdr = LuksHeader.build(Container(
-        version=1, cipher_name=pad("aes"), cipher_mode=pad("xts-" + ivgen), hash_spec=pad(hname),
+        version=1, cipher_name=pad("aes"), cipher_mode=pad("%s-%s%s" % (mode, ivgen, ":" + ivhash if ivhash else "")), hash_spec=pad(hname),
         payload_offset=total // SECTOR, key_bytes=key_len, mk_digest=digest,
         mk_digest_salt=mk_salt, mk_digest_iter=mk_iters,
         uuid=str(uuid.uuid4()).encode().ljust(40, b"\0"), key_slots=slots))
@@ -302,6 +530,6 @@ def build_header(passphrase: bytes, *, key_len: int = 64, hname: str = "sha256",
     slot_key = hashlib.pbkdf2_hmac(hname, passphrase, slot_salt, iters, key_len)
     material = af_split(mk, STRIPES, hname)
     material += bytes(-(-len(material) // SECTOR) * SECTOR - len(material))
-    enc = SectorCipher(slot_key, ivgen).encrypt(material, 0).tobytes()
+    enc = make_cipher(slot_key, mode, ivgen, ivhash).encrypt(material, 0).tobytes()
     area[first:first + len(enc)] = enc
-    return bytes(area), SectorCipher(mk, ivgen)
+    return bytes(area), make_cipher(mk, mode, ivgen, ivhash)

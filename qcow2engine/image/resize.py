@@ -38,9 +38,9 @@ def resize_qcow2(img: Qcow2Image, size: int, *, shrink: bool = False, backing_si
     if size % 512:
         raise ResizeError("The new size must be a multiple of 512")
     if img.encrypted and getattr(img, "cipher", None) is None:
-        # LUKS images resize like any other once unlocked (new zeros go through the
-        # encrypting guest writer); legacy AES images are never unlocked here
-        raise ResizeError("Resizing encrypted images needs the image unlocked (LUKS only)")
+        # encrypted images resize like any other once unlocked (new zeros go through the
+        # encrypting guest writer)
+        raise ResizeError("Resizing encrypted images needs the image unlocked")
     if size == img.size:
         return
     if img.version < 3 and img.snapshots:

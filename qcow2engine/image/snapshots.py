@@ -50,11 +50,8 @@ def _check_writable(img: Qcow2Image) -> None:
     if img.has_data_file:
         raise SnapshotError("Internal snapshots are not supported on images with an external "
                             "data file")
-    if img.encrypted and img.header.crypt_method != C.CRYPT_LUKS:
-        # LUKS data does not depend on the guest offset (its sector numbers are host
-        # offsets): snapshots share encrypted clusters as they are
-        raise SnapshotError("Internal snapshots of images with the legacy AES encryption are "
-                            "not supported")
+    # encrypted data is shared by snapshots as it is: LUKS numbers its sectors by host
+    # offset, legacy AES by guest offset, and a snapshot keeps both
     refuse_damaged_metadata(img)
 
 

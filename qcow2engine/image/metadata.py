@@ -42,11 +42,21 @@ def _flush(img) -> None:
     fileio.fsync(img.fd)
 
 
+def _barrier(img) -> None:
+    """Before a header write switches to new state: whatever that state depends on (a
+    request's last L2/L1 writes, which wait for the next flush) is on disk first, or a
+    power cut could keep the switch and lose what it points at."""
+    a = getattr(img, "_allocator", None)
+    if a is not None:
+        a.barrier()
+
+
 def switch_l1(img, l1, offset: int, size: int | None = None) -> None:
     """Make the L1 table l1 (on disk at offset, flushed) active; with size, the virtual size
     changes in the same write."""
     h = img.header
     size = h.size if size is None else size
+    _barrier(img)
     fileio.pwrite(img.fd, struct.pack(">QIIQ", size, h.crypt_method, len(l1), offset), HDR_SIZE)
     _flush(img)
     h.size, h.l1_size, h.l1_table_offset = size, len(l1), offset
@@ -56,6 +66,7 @@ def switch_l1(img, l1, offset: int, size: int | None = None) -> None:
 
 def set_size(img, size: int) -> None:
     """Change only the virtual size (the L1 table is big enough for it)."""
+    _barrier(img)
     fileio.pwrite(img.fd, struct.pack(">Q", size), HDR_SIZE)
     _flush(img)
     img.header.size = img.size = size
@@ -66,6 +77,7 @@ def switch_refcount_table(img, offset: int, clusters: int, table, *,
     """Make the refcount table (on disk at offset, flushed, `clusters` long) active; with
     order, the refcount width changes in the same header write."""
     h = img.header
+    _barrier(img)
     if order is None:
         fileio.pwrite(img.fd, struct.pack(">QI", offset, clusters), HDR_REFTABLE)
     else:
@@ -81,6 +93,7 @@ def switch_refcount_table(img, offset: int, clusters: int, table, *,
 
 def switch_snapshot_table(img, snaps: list, offset: int, nbytes: int) -> None:
     """Make the snapshot table (on disk at offset, flushed, nbytes long) active."""
+    _barrier(img)
     fileio.pwrite(img.fd, struct.pack(">IQ", len(snaps), offset), HDR_SNAPSHOTS)
     _flush(img)
     h = img.header
@@ -96,6 +109,7 @@ def set_incompatible(img, bits: int, on: bool) -> None:
     if new == h.incompatible_features or img.version < 3:
         return
     h.incompatible_features = new
+    _barrier(img)
     fileio.pwrite(img.fd, struct.pack(">Q", new), HDR_INCOMPAT)
     _flush(img)
 
@@ -111,6 +125,7 @@ def clear_unknown_autoclear(img) -> None:
 
 def write_header(img) -> None:
     """Rewrite the fixed part of the header from img.header, then flush."""
+    _barrier(img)
     fileio.pwrite(img.fd, build_header(img.header)[:img.header.header_length
                                                    if img.version >= 3 else C.V2_HEADER_SIZE], 0)
     _flush(img)
@@ -133,6 +148,7 @@ def write_header_cluster(img) -> None:
     if len(data) > img.cluster_size:
         raise Qcow2Error("The header, its extensions and the backing file name do not fit in "
                          "the first cluster")
+    _barrier(img)
     fileio.pwrite(img.fd, data, 0)
     _flush(img)
 

@@ -151,6 +151,16 @@ def op_resize(size: int, shrink: bool = False) -> Callable[[Path], None]:
     return op
 
 
+def op_amend(options: str) -> Callable[[Path], None]:
+    def op(img: Path) -> None:
+        _engine().amend(str(img), options)
+    return op
+
+
+def m_same(old: bytes) -> bytes:
+    return old
+
+
 def m_write(offset: int, data: bytes) -> Callable[[bytes], bytes]:
     return lambda old: old[:offset] + data + old[offset + len(data):]
 
@@ -290,6 +300,25 @@ def b_shrink_bitmaps(d: Path) -> Path:
     return img
 
 
+def b_amend_zeros(d: Path) -> Path:
+    # 4k clusters with zero clusters, a snapshot: amend to compat=0.10 expands the zero
+    # clusters into data and rewrites the header; refcount_bits rewrites every block
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="cluster_size=4k")
+    qemu_io(img.name, "write -P 0x31 0 1M", "write -z 256k 64k", "write -z 2M 12k", cwd=d)
+    run("qemu-img", "snapshot", "-c", "s1", img.name, cwd=d)
+    qemu_io(img.name, "write -P 0x32 512k 64k", "write -z 3M 8k", cwd=d)
+    return img
+
+
+def b_amend_v2(d: Path) -> Path:
+    # a v2 image with a snapshot: amend to compat=1.1 completes the snapshot entries
+    img = create_image(d, "img.qcow2", 4 * MiB, opts="compat=0.10,cluster_size=4k")
+    qemu_io(img.name, "write -P 0x41 0 1M", cwd=d)
+    run("qemu-img", "snapshot", "-c", "s1", img.name, cwd=d)
+    qemu_io(img.name, "write -P 0x42 100k 20k", cwd=d)
+    return img
+
+
 def b_shrink_512(d: Path) -> Path:
     # 512-byte clusters: the shrink unhooks refcount blocks left empty and cuts the file
     img = create_image(d, "img.qcow2", 1 * MiB, opts="cluster_size=512,refcount_bits=64")
@@ -377,6 +406,14 @@ SCENARIOS = [
              m_resize(6 * MiB + 4 * KiB), kind="resize"),
     Scenario("resize_shrink_512", b_shrink_512, op_resize(256 * KiB, shrink=True),
              m_resize(256 * KiB), kind="resize"),
+    Scenario("amend_refcount_bits_64", b_amend_zeros, op_amend("refcount_bits=64"), m_same,
+             snapshots=("s1",)),
+    Scenario("amend_refcount_bits_4", b_amend_zeros, op_amend("refcount_bits=4"), m_same,
+             snapshots=("s1",)),
+    Scenario("amend_downgrade", b_amend_zeros, op_amend("compat=0.10"), m_same,
+             snapshots=("s1",)),
+    Scenario("amend_upgrade", b_amend_v2, op_amend("compat=1.1,lazy_refcounts=on"), m_same,
+             snapshots=("s1",)),
     Scenario("create_prealloc_metadata_512", b_empty,
              op_create(1 * MiB, "cluster_size=512,preallocation=metadata"),
              lambda old: bytes(1 * MiB), kind="create"),

@@ -27,7 +27,8 @@ all of them together) fail:
     (pwrite, copy_range, ftruncate, fallocate) made to a file since that file's last
     completed fsync/fdatasync is undone ("lose-all"), or a seeded random subset of them is
     ("lose-some": the device wrote the others back, in any order; of two or more, the
-    newest is always kept and the oldest always lost).  Completed flushes
+    newest is always kept and the oldest always lost; the file size is metadata journaled
+    in order, so it is the size after the newest write).  Completed flushes
     are the only durability.  ``fail_at`` one past the last call means the power goes
     after the operation returned: what it left unflushed is lost.
 
@@ -309,7 +310,7 @@ class DeviceCache:
                     if not k:
                         continue
                     if r.name == "ftruncate":
-                        os.ftruncate(fd, r.size_after)
+                        pass                      # sizes: below
                     elif r.name == "fallocate":
                         if r.mode & 0x12:                 # punch hole / zero range: zeros
                             end = min(r.hi, os.fstat(fd).st_size) if r.mode & 0x1 else r.hi
@@ -319,6 +320,10 @@ class DeviceCache:
                             os.ftruncate(fd, r.hi)        # plain allocation extends the file
                     elif r.after:
                         os.pwrite(fd, r.after, r.lo)
+                if some:
+                    # the file's size is file-system metadata, journaled in order: the
+                    # journal reached the newest write (which the adversary always keeps)
+                    os.ftruncate(fd, recs[-1].size_after)
             finally:
                 os.close(fd)
             lost[path] = keep.count(False)

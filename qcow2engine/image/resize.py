@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..host import fileio
-from ..errors import Qcow2Error, ResizeError
+from ..errors import ResizeError
 from ..format import constants as C
 from ..format.entries import referenced_clusters, to_be64
 from .qcow2 import Qcow2Image

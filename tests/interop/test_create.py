@@ -30,11 +30,21 @@ def _info(path, cwd):
     return d
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("opts", OPTION_SETS)
+def _cases():
+    """Every option set at every size, except that options which write or allocate every
+    byte of the disk (falloc, full, a raw data file that qemu-img compare then reads whole)
+    stop at 1G: the layout past 2 GiB is the metadata options' concern."""
+    for opts in OPTION_SETS:
+        for size in SIZES:
+            if "full" in opts and size != "100M":
+                continue
+            if ("falloc" in opts or "data_file_raw=on" in opts) and size == "3000M":
+                continue
+            yield opts, size
+
+
+@pytest.mark.parametrize("opts,size", list(_cases()))
 def test_create_like_qemu_img(tmp_path, opts, size):
-    if "full" in opts and size != "100M":
-        size = "100M"
     args = ["-f", "qcow2"] + (["-o", opts.replace("data.bin", "q.bin")] if opts else [])
     q = qemu_img("create", *args, "q.qcow2", size, cwd=tmp_path)
     assert q[0] == 0, q[2]

@@ -13,6 +13,9 @@ from ..image.raw import RawFile
 from .session import close_all
 
 
+SMALL_READ = 1 << 20        # reads up to this size try Chain._read_small first
+
+
 def _as_layer(f) -> Layer:
     return RawLayer(f) if isinstance(f, RawFile) else Qcow2Layer(f)
 
@@ -199,11 +202,41 @@ class Chain:
         end = min(offset + len(out), self.size)
         if not zeroed and end - offset < len(out):
             out[max(end - offset, 0):] = 0
+        if end - offset <= SMALL_READ and end > offset and self.salvage is None and \
+                self._read_small(out[:end - offset], offset, zeroed):
+            return
         if end > offset:
             for ex in self.iter_extents(offset, end):
                 if not zeroed:
                     self._zero_holes(out, offset, ex)
                 self.read_extents_into(out, offset, ex)
+
+    def _read_small(self, out: np.ndarray, offset: int, zeroed: bool) -> bool:
+        """A short read that one layer answers whole (the copy-on-write fill of a small
+        guest write, most often): found by walking the layers' runs, without the chain's
+        block-status machinery.  False: the range is mixed, or compressed, or invalid —
+        the general path reads it."""
+        end = offset + len(out)
+        for layer in self.layers:
+            if offset >= layer.size:
+                break                       # past a shorter backing file: zeros
+            if end > layer.size:
+                return False
+            r = layer.runs(offset, end)
+            if len(r) != 1:
+                return False
+            k = int(r.kinds[0])
+            if k == E.UNALLOC_PLAIN or k == E.UNALLOC_ALLOC:
+                continue
+            if k == E.NORMAL:
+                layer.read_data_into(out, int(r.hosts[0]) + offset - int(r.starts[0]), offset)
+                return True
+            if E.ZERO_KINDS[k]:
+                break
+            return False
+        if not zeroed:
+            out[:] = 0
+        return True
 
     def read_ranges_into(self, out: np.ndarray, base: int, starts, ends,
                          zeroed: bool = False, extents: Extents | None = None) -> None:

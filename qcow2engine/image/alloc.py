@@ -42,6 +42,7 @@ class Allocator:
         self.per_block = self.cs * 8 // img.refcount_bits
         self.max_ref = (1 << img.refcount_bits) - 1
         self.reftable = img.refcount_table.copy()
+        self._rt_version = 0             # bumped at every change of self.reftable
         # all refcounts loaded so far, in one flat array in the image's own width
         bits = img.refcount_bits
         self.dtype = np.uint8 if bits <= 8 else np.dtype("u%d" % (bits // 8))
@@ -104,6 +105,42 @@ class Allocator:
         return self.overlap_any(np.array([first], np.int64), np.array([count], np.int64),
                                 ignore)
 
+    def _metadata_index(self, ignore: frozenset):
+        """The metadata ranges merged into arrays sorted by start (starts, ends, rank into
+        names, prefix maximum of ends, names), kept until the metadata layout changes: the
+        key holds the header fields, the active L1 table's bytes, the refcount table's
+        version (every change of it in this allocator bumps it) and the snapshots' L1 tables (guest writes check each new cluster; rebuilding the ranges per
+        check cost more than the write)."""
+        img, h = self.img, self.img.header
+        snaps = img._snapshots
+        key = (ignore, h.l1_table_offset, h.l1_size, h.refcount_table_offset,
+               h.refcount_table_clusters, h.nb_snapshots, h.snapshots_offset,
+               getattr(img, "snapshot_table_size", 0),
+               img.l1_table.tobytes() if h.l1_size else b"", self._rt_version,
+               None if snaps is None else tuple((sn.l1_table_offset, sn.l1_size)
+                                                for sn in snaps))
+        cache = self.__dict__.setdefault("_meta_index", {})
+        got = cache.get(key)
+        if got is not None:
+            return got
+        names, starts, ends, ranks = [], [], [], []
+        for rank, (name, ms, mc) in enumerate(self._metadata_ranges(ignore)):
+            ms = np.asarray(ms, np.int64)
+            names.append(name)
+            starts.append(ms)
+            ends.append(ms + np.asarray(mc, np.int64))
+            ranks.append(np.full(len(ms), rank, np.int32))
+        ms = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        me = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        rk = np.concatenate(ranks) if ranks else np.zeros(0, np.int32)
+        order = np.argsort(ms, kind="stable")
+        ms, me, rk = ms[order], me[order], rk[order]
+        got = (ms, me, rk, np.maximum.accumulate(me) if len(me) else me, names)
+        if len(cache) > 8:
+            cache.clear()
+        cache[key] = got
+        return got
+
     def overlap_any(self, firsts, counts=None, ignore=()) -> str | None:
         """The name of the metadata any of the cluster ranges [firsts[i], +counts[i])
         overlaps (counts None: single clusters), or None."""
@@ -111,20 +148,22 @@ class Allocator:
         if not len(firsts):
             return None
         counts = np.ones(len(firsts), np.int64) if counts is None else np.asarray(counts, np.int64)
-        order = np.argsort(firsts, kind="stable")
-        f, e = firsts[order], (firsts + counts)[order]
-        end_max = np.maximum.accumulate(e)
-        for name, ms, mc in self._metadata_ranges(frozenset(ignore)):
-            ms = np.asarray(ms, np.int64)
-            if not len(ms):
-                continue
-            me = ms + np.asarray(mc, np.int64)
-            # any candidate range [f, e) with f < me and e > ms
-            k = np.searchsorted(f, me, side="left")      # candidates starting before me
-            hit = (k > 0) & (end_max[np.maximum(k - 1, 0)] > ms)
-            if hit.any():
-                return name
-        return None
+        ms, me, rk, pmax, names = self._metadata_index(frozenset(ignore))
+        if not len(ms):
+            return None
+        ends = firsts + counts
+        # metadata ranges starting before each candidate's end; one of them ends after its
+        # start exactly when their largest end does
+        k = np.searchsorted(ms, ends, side="left")
+        hit = (k > 0) & (pmax[np.maximum(k - 1, 0)] > firsts)
+        if not hit.any():
+            return None
+        best = None
+        for i in np.flatnonzero(hit).tolist():
+            j = np.flatnonzero((ms[:k[i]] < ends[i]) & (me[:k[i]] > firsts[i]))
+            r = int(rk[j].min())
+            best = r if best is None else min(best, r)
+        return names[best]
 
     def refuse_overlap(self, firsts, counts=None, ignore=(), what: str = "write") -> None:
         """Mark the image corrupt and raise if the clusters overlap metadata (QEMU's
@@ -358,6 +397,7 @@ class Allocator:
                     elsewhere.append(c)
         if not drop:
             return
+        self._rt_version += 1
         for rb in drop:
             self.reftable[rb] = 0
             self._block(rb)[:] = 0           # it counts nothing now (its own cluster is free)
@@ -397,7 +437,16 @@ class Allocator:
             return np.zeros(0, np.int64)
         got = []
         need = n
-        for s, length in self._free_runs(self.free_hint):
+        c = self.free_hint
+        per = self.per_block
+        if not contiguous and n <= 8 and (c + n - 1) // per == c // per:
+            # the common case (a guest write's cluster or two): the clusters at the hint are
+            # free; the same answer as the scan below, without it
+            lo = c - c // per * per
+            if not self._block(c // per)[lo:lo + n].any():
+                got = [np.arange(c, c + n, dtype=np.int64)]
+                need = 0
+        for s, length in (self._free_runs(self.free_hint) if need else ()):
             if length is None:
                 length = need
             if contiguous:
@@ -453,6 +502,7 @@ class Allocator:
             self.reftable = grown
             self._reftable_moved = True
         self.reftable[rb] = np.uint64(offset)
+        self._rt_version += 1
         self.reftable_dirty.add(rb)
 
     def commit(self, flush: bool = True) -> None:
@@ -501,6 +551,7 @@ class Allocator:
         table = np.zeros(new_rt[1] * self.cs // 8, np.uint64)
         table[:len(self.reftable)] = self.reftable
         self.reftable = table
+        self._rt_version += 1
         fileio.pwrite(self.fd, to_be64(table), new_rt[0])
         self.flush()
         metadata.switch_refcount_table(self.img, new_rt[0], new_rt[1], self.reftable)

@@ -85,7 +85,9 @@ def _pattern(text) -> int:
     return v
 
 
-def run_command(chain, line: str, out) -> bool:
+def run_command(chain, line: str, out, writethrough: bool = True) -> bool:
+    """Run one qemu-io command.  writethrough (qemu-io's default cache mode): a request
+    that writes is durable when it completes (a flush ends it), as qemu-io's are."""
     argv = shlex.split(line)
     if not argv:
         return True
@@ -105,6 +107,8 @@ def run_command(chain, line: str, out) -> bool:
                 pat = _pattern(opts["P"]) if "P" in opts else 0xCD
                 from ..blockdev.sources import PatternSource     # streamed, never built whole
                 chain.write(off, PatternSource(pat, length))
+            if writethrough:
+                chain.flush()
         except ValueError:
             out.write("write failed: Input/output error\n")
             return False
@@ -142,6 +146,8 @@ def run_command(chain, line: str, out) -> bool:
         t0 = time.monotonic()
         try:
             chain.discard(off, length)
+            if writethrough:
+                chain.flush()
         except ValueError:
             out.write("discard failed: Input/output error\n")
             return False
@@ -158,10 +164,11 @@ def cmd_io(args) -> int:
     chain = open_chain(args.filename, args.fmt, writable=not args.read_only,
                        force_share=args.force_share)
     ok = True
+    writethrough = getattr(args, "cache", None) in (None, "writethrough", "directsync")
     try:
         for line in args.commands:
             try:
-                ok &= run_command(chain, line, sys.stdout)
+                ok &= run_command(chain, line, sys.stdout, writethrough)
             except IoCommandError as e:
                 sys.stderr.write("%s\n" % e)
                 ok = False

@@ -221,7 +221,7 @@ COMMON = {
     "snapshot": ("--object", "--image-opts"),
     "rebase": ("--object", "--image-opts", "-U"),
     "resize": ("--object", "--image-opts"),
-    "io": ("--object", "--image-opts"),
+    "io": ("--object", "--image-opts", "-t"),
     "dd": ("--object",),
     "bench": ("--object", "--image-opts"),
 }

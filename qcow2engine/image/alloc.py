@@ -461,8 +461,10 @@ class Allocator:
                 break
         out = np.concatenate(got)
         self.refuse_overlap(out, ignore=ignore, what="a cluster")
-        if not contiguous and len(out) and out[0] == self.free_hint:
-            self.free_hint = int(out[-1]) + 1
+        if not contiguous and len(out):
+            # the runs were taken in order from the hint, each one whole but the last:
+            # every cluster before the last one taken is in use
+            self.free_hint = max(self.free_hint, int(out[-1]) + 1)
         self.change(out, +1)
         return out
 

@@ -235,17 +235,65 @@ def copy_extent_data(chain, ex, target, shift: int = 0, skip_zeros: bool = False
     return data
 
 
+def _copy_compressed(chain, ex, target, pool, size: int):
+    """`convert -n -c`: the target clusters that the window's data touches, each written
+    whole (from the source's view) as a compressed cluster.  Returns the data mask of ex
+    and the cluster-aligned spans written."""
+    img = target.layers[0].image
+    cs = img.cluster_size
+    data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO) | (ex.kinds == E.INVALID)
+    spans = []
+    for a, b in zip(ex.starts[data].tolist(), ex.ends[data].tolist()):
+        a, b = a // cs * cs, min(-(-b // cs) * cs, size)
+        if spans and a <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+    writer = target.writer()
+    step = max(cs, SPAN // cs * cs)
+    for a, b in spans:
+        if b % cs:
+            # the source ends inside this target cluster: the rest of it keeps the target's
+            # data, so that part is an ordinary write (qemu-img fails here: EINVAL)
+            t = b // cs * cs
+            buf = np.zeros(b - max(t, a), np.uint8)
+            chain.read_into(buf, max(t, a), zeroed=True)
+            target.write(max(t, a), buf)
+            b = max(t, a)
+        for c in range(a, b, step):
+            buf = np.zeros(min(c + step, b) - c, np.uint8)
+            chain.read_into(buf, c, zeroed=True)
+            _store(writer, img, chain, c, buf, True, 0, False, pool)
+    return data, spans
+
+
+def _minus(a: int, b: int, spans) -> list:
+    """[a, b) less the (sorted) spans."""
+    out = []
+    for s, e in spans:
+        if e <= a or s >= b:
+            continue
+        if s > a:
+            out.append((a, s))
+        a = max(a, e)
+    if a < b:
+        out.append((a, b))
+    return out
+
+
 def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None,
-                       target_is_zero: bool = False) -> OpResult:
+                       target_is_zero: bool = False, compress: bool = False) -> OpResult:
     """`convert -n`: copy the guest view of chain into the existing qcow2 image dst (at
     least as large): data where the source has data, zeros where the source reads zeros
     and dst may not (dst's other ranges already read zeros and are left alone; with
-    target_is_zero, the caller vouches that all of dst does)."""
+    target_is_zero, the caller vouches that all of dst does).  compress (`-c`): the
+    clusters written are stored compressed."""
     from .session import open_chain
     target = open_chain(dst, "qcow2", writable=True)
     size = chain.size
     done = 0
     outcome = COMPLETED
+    pool = ThreadPoolExecutor(max_workers=2) if compress else None
     try:
         if target.size < size:
             raise InvalidRequestError("output file is smaller than input file")
@@ -254,9 +302,15 @@ def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None,
             if cancel is not None and cancel.is_set():
                 outcome = CANCELLED
                 break
-            data = copy_extent_data(chain, ex, target)
+            spans = []
+            if compress:
+                data, spans = _copy_compressed(chain, ex, target, pool, size)
+            else:
+                data = copy_extent_data(chain, ex, target)
             if not target_is_zero:
-                for a, b in zip(ex.starts[~data].tolist(), ex.ends[~data].tolist()):
+                holes = [r for a, b in zip(ex.starts[~data].tolist(), ex.ends[~data].tolist())
+                         for r in _minus(a, b, spans)]
+                for a, b in holes:
                     tx = target.extents(a, b)
                     nz = ~zero_kinds[tx.kinds]
                     for ta, tb in zip(tx.starts[nz].tolist(), tx.ends[nz].tolist()):
@@ -266,6 +320,8 @@ def convert_into_qcow2(chain, dst: str, *, progress=None, cancel=None,
                 progress(done, size)
         target.flush()
     finally:
+        if pool is not None:
+            pool.shutdown()
         target.close()
     return OpResult("convert", outcome, (dst,), bytes_copied=done, target=dst)
 

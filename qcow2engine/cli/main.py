@@ -618,9 +618,6 @@ def cmd_convert(args) -> int:
     if args.bitmaps and args.out_fmt != "qcow2":
         _err("Format driver '%s' does not support bitmaps" % args.out_fmt)
         return 1
-    if args.no_create and args.compress:
-        _err("Compressed writes into an existing image (-c with -n) are not supported")
-        return 1
     if args.backing and not args.backing_fmt:
         _err("Use of backing file requires explicit backing format")
         return 1
@@ -664,7 +661,7 @@ def cmd_convert(args) -> int:
         elif args.no_create:
             from ..chain.convert import convert_into_qcow2
             convert_into_qcow2(chain, args.output, progress=progress,
-                               target_is_zero=args.target_is_zero)
+                               target_is_zero=args.target_is_zero, compress=args.compress)
         else:
             convert_to_qcow2(chain, args.output, ",".join(args.options) or None,
                              compress=args.compress, backing=args.backing,

@@ -19,6 +19,12 @@ CHUNK = 8 << 20         # raw target: bytes per read task
 SPAN = 16 << 20         # qcow2 target: guest bytes per write request
 
 
+def data_mask(kinds: np.ndarray) -> np.ndarray:
+    """The extents that hold data to copy: data that is not a known hole, and invalid
+    entries (reading them raises, or with --salvage gives zeros and a warning)."""
+    return E.DATA_KINDS[kinds] & (kinds != E.DATA_ZERO) | (kinds == E.INVALID)
+
+
 def _write_nonzero(fd: int, buf: np.ndarray, offset: int, block: int) -> None:
     """Write buf at offset, leaving holes for block-aligned runs of zeros."""
     n = len(buf)
@@ -116,9 +122,7 @@ def convert_to_raw(chain, dst: str, *, min_sparse: int = 4096, progress=None,
 
 def _chunk_tasks(ex, write_zeros: bool):
     """Split a window of extents into chunk tasks (base, length, sub-extents) with data."""
-    data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO)
-    if (ex.kinds == E.INVALID).any():
-        data |= ex.kinds == E.INVALID
+    data = data_mask(ex.kinds)
     idx = np.flatnonzero(data) if not write_zeros else np.arange(len(ex))
     i = 0
     from .view import Extents
@@ -225,7 +229,7 @@ def copy_extent_data(chain, ex, target, shift: int = 0, skip_zeros: bool = False
     """Write the ranges of the window ex that hold data in chain to target, at their guest
     offset less shift, SPAN bytes a read; skip_zeros leaves out all-zero pieces (a fresh
     target reads zeros there).  Returns the data mask of ex."""
-    data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO) | (ex.kinds == E.INVALID)
+    data = data_mask(ex.kinds)
     for a, b in zip(ex.starts[data].tolist(), ex.ends[data].tolist()):
         for c in range(a, b, SPAN):
             buf = np.zeros(min(c + SPAN, b) - c, np.uint8)
@@ -241,7 +245,7 @@ def _copy_compressed(chain, ex, target, pool, size: int):
     and the cluster-aligned spans written."""
     img = target.layers[0].image
     cs = img.cluster_size
-    data = E.DATA_KINDS[ex.kinds] & (ex.kinds != E.DATA_ZERO) | (ex.kinds == E.INVALID)
+    data = data_mask(ex.kinds)
     spans = []
     for a, b in zip(ex.starts[data].tolist(), ex.ends[data].tolist()):
         a, b = a // cs * cs, min(-(-b // cs) * cs, size)
@@ -336,7 +340,7 @@ def _spans_to_copy(chain, span: int, top_only: bool) -> list:
         if top_only:
             sel = ex.depth == 0
         else:
-            sel = (E.DATA_KINDS[k] & (k != E.DATA_ZERO)) | (k == E.INVALID)
+            sel = data_mask(k)
         if sel.any():
             first = ex.starts[sel] // span
             n = (ex.ends[sel] - 1) // span - first + 1          # spans each extent touches

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.faultinject import (KILL_EXIT_CODE, inject, injection_points,
-                                       power_loss_points, run_injected,
+                                       power_loss_failures, run_injected,
                                        run_killed, run_killed_script)
 from tests.helpers.images import create_image, read_header, set_refcount
 from tests.helpers.qemu import guest_bytes_or_error, qemu_img, qemu_img_check, qemu_io, run
@@ -662,12 +662,10 @@ def test_power_loss(fi_root, name, mode):
     the power going loses nothing of it (one point past the last call)."""
     sc = BY_NAME[name]
     prep = _prepare(sc, fi_root)
-    n = len(prep.calls)
-    failures: list[str] = []
-    for i in power_loss_points(prep.calls, LOSE_FLUSHES, LOSE_OTHERS):
-        failures += _run_point(sc, prep, fi_root, i, mode)
-    assert not failures, (f"{name}: {len(failures)} failure(s) over the power-loss points "
-                          f"of {n} calls:\n" + "\n".join(failures[:25]))
+    points, failures = power_loss_failures(
+        prep.calls, lambda i: _run_point(sc, prep, fi_root, i, mode), LOSE_FLUSHES, LOSE_OTHERS)
+    assert not failures, (f"{name}: {len(failures)} failure(s) over {len(points)} power-loss "
+                          f"points of {len(prep.calls)} calls:\n" + "\n".join(failures[:25]))
 
 
 def _kill_points(n: int, k: int = 6) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Callable
 
 import pytest
 
-from tests.helpers.faultinject import inject, power_loss_points, run_injected
+from tests.helpers.faultinject import inject, power_loss_failures, run_injected
 from tests.helpers.files import tree_hashes
 from tests.helpers.images import VARIANTS_BY_NAME, l2_entry_file_offset, read_header
 from tests.helpers.qemu import (guest_bytes_or_error, qemu_img, qemu_img_check, qemu_img_info,
@@ -326,10 +326,8 @@ def test_power_loss_snapshot_ops(root, name, mode):
     flushes, a few other calls and after it returned: old or new, never corrupt."""
     sc = BY_NAME[name]
     prep = _prepare(sc, root)
-    points = power_loss_points(prep.calls, 10, 3)
-    failures: list[str] = []
-    for i in points:
-        failures += _run_point(sc, prep, root, i, mode)
+    points, failures = power_loss_failures(
+        prep.calls, lambda i: _run_point(sc, prep, root, i, mode), 10, 3)
     assert not failures, (f"{name}: {len(failures)} failure(s) over {len(points)} power-loss "
                           f"points of {prep.ncalls} calls:\n" + "\n".join(failures[:30]))
 

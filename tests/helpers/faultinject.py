@@ -73,7 +73,7 @@ __all__ = [
     "FILEIO_MODULE", "FILEIO_FUNCS", "KILL_EXIT_CODE", "SimulatedCrash", "Call",
     "Injector", "inject", "count_calls", "trace_calls", "injection_points",
     "run_killed", "run_killed_script", "drop_fds", "open_fds_under",
-    "exception_chain", "Outcome", "run_injected", "power_loss_points",
+    "exception_chain", "Outcome", "run_injected", "power_loss_points", "power_loss_failures",
 ]
 
 FILEIO_MODULE = "qcow2engine.host.fileio"
@@ -647,6 +647,16 @@ def power_loss_points(calls: Sequence[Call], flushes: int = 12, others: int = 4,
     rest = [c.index for c in calls if c.index not in set(fl)]
     pick |= set(rng.sample(rest, min(others, len(rest))))
     return sorted(pick | {n})
+
+
+def power_loss_failures(calls: Sequence[Call], run_point: Callable[[int], list],
+                        flushes: int = 12, others: int = 4) -> tuple[list[int], list]:
+    """run_point(i) at every power_loss_points of calls: (the points, all the problems)."""
+    points = power_loss_points(calls, flushes, others)
+    failures: list = []
+    for i in points:
+        failures += run_point(i)
+    return points, failures
 
 
 # --------------------------------------------------------------------------

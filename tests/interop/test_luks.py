@@ -8,21 +8,9 @@ import numpy as np
 import pytest
 
 from tests.helpers.engine import engine
+from tests.helpers.crypto import (PASS, SECRET, opts, ours_raw, qemu_check, qemu_raw,
+                                  qemu_io_secret as qemu_io_luks)
 from tests.helpers.qemu import qemu_img, run
-
-PASS = "abc"
-SECRET = "secret,id=sec0,data=%s" % PASS
-
-
-def opts(path, key="sec0"):
-    return "driver=qcow2,file.filename=%s,encrypt.key-secret=%s" % (path, key)
-
-
-def qemu_io_luks(path, *cmds, secret=SECRET):
-    argv = ["qemu-io", "--object", secret, "--image-opts", opts(path)]
-    for c in cmds:
-        argv += ["-c", c]
-    return run(*argv, check=False)
 
 
 def qemu_make(path, size="4M"):
@@ -35,26 +23,6 @@ def qemu_make(path, size="4M"):
         if "accurate CPU usage" not in err:
             break
     assert rc == 0, err
-
-
-def qemu_raw(path, out):
-    rc, _, err = qemu_img("convert", "-O", "raw", "--object", SECRET, "--image-opts",
-                          opts(path), str(out))
-    assert rc == 0, err
-    return open(out, "rb").read()
-
-
-def ours_raw(path, out):
-    rc, _, err = engine("convert", "-O", "raw", "--object", SECRET, "--image-opts",
-                        opts(path), out)
-    assert rc == 0, err
-    return open(out, "rb").read()
-
-
-def qemu_check(path):
-    rc, out, err = qemu_img("check", "--object", SECRET, "--image-opts", opts(path))
-    assert rc == 0, out + err
-    assert "No errors were found" in out
 
 
 @pytest.fixture(scope="module")

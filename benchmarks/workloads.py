@@ -131,6 +131,21 @@ def build_small(d: Path, p: dict, qemu_img: str) -> None:
                  "img.qcow2"], cwd=d)
 
 
+def build_thin(d: Path, p: dict, qemu_img: str) -> None:
+    """A thin disk of p["size"] with the same 4 MiB of data whatever the size: 1 MiB at 0,
+    1 MiB in the middle, 2 MiB 64 MiB before the end (issue 13's flatness rows)."""
+    size = p["size"]
+    run_checked([qemu_img, "create", "-q", "-f", "qcow2", "img.qcow2", str(size)], cwd=d)
+    run_checked([qemu_io_for(qemu_img), "-f", "qcow2",
+                 "-c", "write -q -P 0x11 0 1M",
+                 "-c", "write -q -P 0x22 %d 1M" % (size // 2),
+                 "-c", "write -q -P 0x33 %d 2M" % (size - 64 * MiB),
+                 "img.qcow2"], cwd=d)
+
+
+THIN_SIZES = (("64g", 64 * GiB), ("1t", 1 * TiB), ("4t", 4 * TiB), ("64t", 64 * TiB))
+
+
 def build_empty(d: Path, p: dict, qemu_img: str) -> None:
     """Empty qcow2 (the starting image of the sequential write workloads)."""
     run_checked([qemu_img, "create", "-q", "-f", "qcow2", "-o",
@@ -228,6 +243,8 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in [
         "full": {"size": 2 * GiB, "cluster_size": 64 * KiB},
         "quick": {"size": 512 * MiB, "cluster_size": 64 * KiB},
     }),
+    *[Artifact("thin-" + tag, build_thin, {"full": {"size": size}, "quick": {"size": size}})
+      for tag, size in THIN_SIZES],
     Artifact("backing-data", build_backing, {
         "full": {"size": 1 * GiB, "cluster_size": 64 * KiB},
         "quick": {"size": 256 * MiB, "cluster_size": 64 * KiB},
@@ -414,6 +431,28 @@ WORKLOADS: list[Workload] = [
              ("convert", "-O", "qcow2", "-c", "{img}", "{out}"),
              Target("ratio", 1.0), chain_equal("out"), outputs=("out",)),
 ]
+
+# Cost follows the data (issue 13): the same 4 MiB on thin disks of 64 GiB .. 64 TiB; the
+# engine's time should not grow with the virtual size.  (A raw target of 64 TiB is past
+# ext4's 16 TiB file limit: convert stops at 4 TiB.)
+for _tag, _size in THIN_SIZES:
+    WORKLOADS += [
+        Workload("thin-%s-check" % _tag, "check, %s virtual, 4 MiB of data" % _tag.upper(),
+                 "thin-" + _tag, ("check", "--output=json", "{img}"),
+                 Target("seconds", 0.15), json_equal()),
+        Workload("thin-%s-map" % _tag, "map --output=json, the same image",
+                 "thin-" + _tag, ("map", "--output=json", "{img}"),
+                 Target("seconds", 0.15), json_equal()),
+        Workload("thin-%s-compare" % _tag, "compare of the image with itself",
+                 "thin-" + _tag, ("compare", "{img}", "{img}"), Target("seconds", 0.15)),
+        Workload("thin-%s-info" % _tag, "info --output=json", "thin-" + _tag,
+                 ("info", "--output=json", "{img}"), Target("seconds", 0.15), json_equal()),
+    ]
+    if _size <= 4 * TiB:
+        WORKLOADS.append(Workload(
+            "thin-%s-convert-raw" % _tag, "convert -O raw of the same image",
+            "thin-" + _tag, ("convert", "-O", "raw", "{img}", "{out}"),
+            Target("ratio", 1.0), files_equal("out"), outputs=("out",)))
 
 # Machine snapshot-tree verbs through the Python API against the qemu-img commands a script
 # would run (benchmarks/tree_bench.py: they run in-process and are timed there).

@@ -140,10 +140,12 @@ class Qcow2Layer(Layer):
         ent = None
         i0 = c0 // per_l2
         i1 = (c1 - 1) // per_l2
-        for i in range(i0, i1 + 1):
-            l2off = (int(l1[i]) if i < len(l1) else 0) & C.L1E_OFFSET_MASK
-            if l2off == 0:
-                continue
+        hi_i = min(i1, len(l1) - 1)
+        present = (np.flatnonzero(np.asarray(l1[i0:hi_i + 1], np.uint64)
+                                  & np.uint64(C.L1E_OFFSET_MASK)) + i0).tolist() \
+            if hi_i >= i0 else []
+        for i in present:                  # only the L1 entries that hold a table
+            l2off = int(l1[i]) & C.L1E_OFFSET_MASK
             if l2off % cs:
                 raise CorruptImageError("L2 table offset %#x unaligned (L1 index: %#x)" % (l2off, i))
             a = max(c0, i * per_l2) - i * per_l2

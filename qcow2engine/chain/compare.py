@@ -63,9 +63,8 @@ def compare_chains(c1, c2, strict: bool = False) -> CompareResult:
     if strict and s1 != s2:
         return CompareResult(False, ["Strict mode: Image size mismatch!"])
     common = min(s1, s2)
-    ws = min(c1.window_size(), c2.window_size())
-    for w in range(0, common, ws):
-        we = min(w + ws, common)
+    from .view import window_bounds
+    for w, we in window_bounds([c1, c2], 0, common):
         a = c1._window(w, we)
         b = c2._window(w, we)
         for c, x in ((c1, a), (c2, b)):

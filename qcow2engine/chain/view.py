@@ -7,6 +7,7 @@ import numpy as np
 
 from ..blockdev.layers import Layer, Qcow2Layer, RawLayer
 from ..errors import CorruptImageError, InvalidImageError, Qcow2Error, SnapshotError
+from ..format import constants as C
 from ..format import entries as E
 
 from ..image.raw import RawFile
@@ -78,8 +79,7 @@ class Chain:
         if end is None:
             end = self.size
         end = min(end, self.size)
-        parts = [self._window(w, min(w + self.window_size(), end))
-                 for w in range(start, end, self.window_size())]
+        parts = list(self.iter_extents(start, end))
         if not parts:
             z = np.zeros(0, np.int64)
             return Extents(z, z, z.astype(np.int32), z.astype(np.uint8), z)
@@ -93,9 +93,34 @@ class Chain:
         if end is None:
             end = self.size
         end = min(end, self.size)
-        ws = self.window_size()
-        for w in range(start, end, ws):
-            yield self._window(w, min(w + ws, end))
+        for w, we in window_bounds([self], start, end):
+            yield self._window(w, we)
+
+    def _l1_spans(self, layer):
+        """(starts, ends) of the guest ranges whose L1 entry holds an L2 table, for a qcow2
+        layer; None for a layer that may hold data anywhere (raw)."""
+        img = getattr(layer, "image", None)
+        l1 = getattr(layer, "l1", None)
+        if img is None or l1 is None or not hasattr(img, "l2_entries"):
+            return None
+        cover = img.l2_entries * img.cluster_size
+        idx = np.flatnonzero(np.asarray(l1, np.uint64) & np.uint64(C.L1E_OFFSET_MASK))
+        starts = idx.astype(np.int64) * cover
+        return starts, starts + cover
+
+    def _next_allocated(self, pos: int, spans) -> int:
+        """The first guest offset >= pos that any layer may hold data at (self.size: none)."""
+        best = self.size
+        for layer, sp in zip(self.layers, spans):
+            if pos >= layer.size:
+                continue
+            if sp is None:
+                return pos
+            starts, ends = sp
+            j = int(np.searchsorted(ends, pos, "right"))
+            if j < len(starts):
+                best = min(best, max(int(starts[j]), pos))
+        return best
 
     def _window(self, w0: int, w1: int) -> Extents:
         us = np.array([w0], np.int64)      # unresolved intervals
@@ -359,6 +384,23 @@ class Chain:
             raise err
         out[s - base:e - base] = 0
         self.salvage(s, e - s, getattr(err, "strerror", None) or str(err))
+
+
+def window_bounds(chains, start: int, end: int):
+    """The windows [w, we) that block status of chains (read side by side, as compare
+    does) walks over [start, end): the window grid, except that a stretch where no layer
+    of any chain has an L2 table is one window however large (an unallocated L1 range
+    costs the same for every size)."""
+    ws = min(c.window_size() for c in chains)
+    spans = [[c._l1_spans(layer) for layer in c.layers] for c in chains]
+    w = start
+    while w < end:
+        we = min(w + ws, end)
+        nxt = min(c._next_allocated(w, sp) for c, sp in zip(chains, spans))
+        if nxt >= we:
+            we = min(end, max(we, nxt // ws * ws))
+        yield w, we
+        w = we
 
 
 def make_chain(files: list, warnings: list, session, *, path: str,

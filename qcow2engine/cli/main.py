@@ -25,6 +25,14 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
+        # qemu-img's getopt wording for an unknown or incomplete option
+        import re
+        m = re.match(r"unrecognized arguments: (-\S*)", message)
+        if m:
+            message = "unrecognized option '%s'" % m.group(1)
+        m = re.match(r"argument (-\S+?)(/\S+)?: expected one argument", message)
+        if m:
+            message = "missing argument for option '%s'" % m.group(1)
         raise UsageError(message)
 
 

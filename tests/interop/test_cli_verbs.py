@@ -159,3 +159,21 @@ def test_help_per_verb(verb):
     assert rc == 0
     syntax = [l for l in out.splitlines() if l.startswith("  %s " % verb)]
     assert syntax, out
+
+
+@pytest.mark.parametrize("argv", [
+    ["rebase", "-c", "-u", "-b", "x", "{src}"], ["info", "--frob", "{src}"],
+    ["convert", "-O"], ["create", "-f"], ["check", "-r"], ["map", "--output"],
+])
+def test_option_errors_in_qemu_img_words(src, argv):
+    """An unknown option or one missing its argument: qemu-img's getopt wording (its first
+    line; qemu-img adds "Try 'qemu-img --help'"), exit 1, nothing changed."""
+    img = src / "d.qcow2"
+    argv = [a.replace("{src}", str(img)) for a in argv]
+    before = file_sha256(img)
+    rc, out, err = engine(*argv, catch_exit=True)
+    r = qemu_img(*argv)
+    assert rc == r.rc == 1, (err, r.err)
+    assert err.count("\n") == 1
+    assert err.split(": ", 1)[1].strip() == r.err.splitlines()[0].split(": ", 1)[1], (err, r.err)
+    assert file_sha256(img) == before

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import CorruptImageError
 from ..format import entries as E
+from .view import window_bounds
 
 CHUNK = 16 << 20
 
@@ -63,14 +65,12 @@ def compare_chains(c1, c2, strict: bool = False) -> CompareResult:
     if strict and s1 != s2:
         return CompareResult(False, ["Strict mode: Image size mismatch!"])
     common = min(s1, s2)
-    from .view import window_bounds
     for w, we in window_bounds([c1, c2], 0, common):
         a = c1._window(w, we)
         b = c2._window(w, we)
         for c, x in ((c1, a), (c2, b)):
             if (x.kinds == E.INVALID).any():
                 # qemu-img compare: block status fails before any data is read (exit 3)
-                from ..errors import CorruptImageError
                 err = CorruptImageError("Sector allocation test failed for %s" % c.top.path)
                 err.exit_code = 3
                 raise err

@@ -341,14 +341,11 @@ class Chain:
                              CorruptImageError(msg))
         for i in np.flatnonzero(kinds == E.NORMAL).tolist():
             s = int(ex.starts[i]); e = int(ex.ends[i])
-            layer = self.layers[int(ex.depth[i])]
-            if self.salvage is None:
-                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]), s)
-                continue
             try:
-                layer.read_data_into(out[s - base:e - base], int(ex.hosts[i]), s)
+                self.layers[int(ex.depth[i])].read_data_into(out[s - base:e - base],
+                                                             int(ex.hosts[i]), s)
             except (OSError, Qcow2Error) as err:
-                self._unreadable(out, base, s, e, err)
+                self._unreadable(out, base, s, e, err)      # raises it unless salvaging
         comp = np.flatnonzero(kinds == E.COMPRESSED)
         if not len(comp):
             return

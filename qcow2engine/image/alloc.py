@@ -43,6 +43,7 @@ class Allocator:
         self.max_ref = (1 << img.refcount_bits) - 1
         self.reftable = img.refcount_table.copy()
         self._rt_version = 0             # bumped at every change of self.reftable
+        self._meta_index: dict = {}      # _metadata_index's cache
         # all refcounts loaded so far, in one flat array in the image's own width
         bits = img.refcount_bits
         self.dtype = np.uint8 if bits <= 8 else np.dtype("u%d" % (bits // 8))
@@ -109,8 +110,9 @@ class Allocator:
         """The metadata ranges merged into arrays sorted by start (starts, ends, rank into
         names, prefix maximum of ends, names), kept until the metadata layout changes: the
         key holds the header fields, the active L1 table's bytes, the refcount table's
-        version (every change of it in this allocator bumps it) and the snapshots' L1 tables (guest writes check each new cluster; rebuilding the ranges per
-        check cost more than the write)."""
+        version (every change of it in this allocator bumps it) and the snapshots' L1
+        tables (guest writes check each new cluster; rebuilding the ranges per check cost
+        more than the write)."""
         img, h = self.img, self.img.header
         snaps = img._snapshots
         key = (ignore, h.l1_table_offset, h.l1_size, h.refcount_table_offset,
@@ -119,7 +121,7 @@ class Allocator:
                img.l1_table.tobytes() if h.l1_size else b"", self._rt_version,
                None if snaps is None else tuple((sn.l1_table_offset, sn.l1_size)
                                                 for sn in snaps))
-        cache = self.__dict__.setdefault("_meta_index", {})
+        cache = self._meta_index
         got = cache.get(key)
         if got is not None:
             return got

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.helpers.engine import engine
-from tests.helpers.crypto import (PASS, SECRET, opts, ours_raw, qemu_check, qemu_raw,
+from tests.helpers.crypto import (PASS, SECRET, encrypted_backing_chain, opts, ours_raw,
+                                  qemu_check, qemu_raw,
                                   qemu_io_secret as qemu_io_luks)
 from tests.helpers.qemu import qemu_img, run
 
@@ -258,17 +259,7 @@ def test_encrypted_backing_file_and_commit(tmp_path):
     base = tmp_path / "base.qcow2"
     qemu_make(base)
     assert qemu_io_luks(base, "write -P 0x5a 0 1M").rc == 0
-    top = tmp_path / "top.qcow2"
-    assert qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", "-u", str(top),
-                    "4M").rc == 0
-    chain = "driver=qcow2,file.filename=%s,backing.encrypt.key-secret=sec0" % top
-    r = run("qemu-io", "--object", SECRET, "--image-opts", chain, "-c", "write -P 0x44 2M 64k",
-            "-c", "write -P 0x45 100k 3k", check=False)
-    assert r.rc == 0, r.err
-    q = qemu_img("convert", "-O", "raw", "--object", SECRET, "--image-opts", chain,
-                 str(tmp_path / "q.raw"))
-    assert q.rc == 0, q.err
-    want = open(tmp_path / "q.raw", "rb").read()
+    top, chain, want = encrypted_backing_chain(base, tmp_path)
     rc, _, err = engine("convert", "-O", "raw", "--object", SECRET, "--image-opts", chain,
                         tmp_path / "o.raw")
     assert rc == 0, err

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.helpers.engine import engine
-from tests.helpers.crypto import (PASS, SECRET, opts, ours_raw, qemu_check, qemu_raw,
+from tests.helpers.crypto import (PASS, SECRET, encrypted_backing_chain, opts, ours_raw,
+                                  qemu_check, qemu_raw,
                                   qemu_io_secret as qemu_io_aes)
 from tests.helpers.qemu import qemu_img, run
 
@@ -239,17 +240,7 @@ def test_convert_to_aes_snapshot_resize_commit(tmp_path):
     assert r.rc == 0 and "failed" not in r.out, r.out + r.err
     qemu_check(dst)
     # an AES backing file: a plain overlay written by qemu, committed by us
-    top = tmp_path / "top.qcow2"
-    assert qemu_img("create", "-f", "qcow2", "-b", str(dst), "-F", "qcow2", "-u", str(top),
-                    "4M").rc == 0
-    chain = "driver=qcow2,file.filename=%s,backing.encrypt.key-secret=sec0" % top
-    r = run("qemu-io", "--object", SECRET, "--image-opts", chain, "-c", "write -P 0x44 2M 64k",
-            "-c", "write -P 0x45 100k 3k", check=False)
-    assert r.rc == 0, r.err
-    q = qemu_img("convert", "-O", "raw", "--object", SECRET, "--image-opts", chain,
-                 str(tmp_path / "q.raw"))
-    assert q.rc == 0, q.err
-    want = open(tmp_path / "q.raw", "rb").read()
+    top, chain, want = encrypted_backing_chain(dst, tmp_path)
     rc, out, err = engine("compare", "--object", SECRET, "--image-opts", chain,
                           "driver=raw,file.filename=%s" % (tmp_path / "q.raw"))
     assert rc == 0, out + err
